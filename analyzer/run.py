@@ -1,0 +1,230 @@
+"""Read side of a recorded run: typed access to everything the recorder committed.
+
+Only what the manifest lists is visible: steps beyond `committed_steps` and table parts the
+manifest does not name (left by a crash) are ignored, so a reader never sees a half-written step.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+from attrib.schemas import format as fmt
+
+
+class Run:
+    """A recorded run directory (format v1). Open with `attrib.open_run(path)`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise fmt.FormatError(f"{self.dir} is not a directory; pass a run directory")
+        self.meta = fmt.read_json(self.dir / fmt.META_FILE)
+        fmt.check_version(self.meta, self.dir / fmt.META_FILE)
+        self.manifest = fmt.read_json(self.dir / fmt.MANIFEST_FILE)
+        try:
+            self.group = zarr.open_group(self.dir / fmt.STORE_DIR, mode="r", zarr_format=3)
+        except Exception as e:
+            raise fmt.FormatError(f"{self.dir}: the Zarr store can't be opened ({e})") from e
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r}, status={self.status!r}, steps={self.n_steps})"
+
+    # -- run-level facts ------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        """Committed optimizer steps: steps 0 … n_steps−1 are complete and readable."""
+        return int(self.manifest["committed_steps"])
+
+    @property
+    def status(self) -> str:
+        """The manifest's status, with `crashed` for a recording whose process has died."""
+        status = self.manifest["status"]
+        if status == fmt.Status.RECORDING.value and self._writer_died():
+            return fmt.Status.CRASHED.value
+        return status
+
+    def _writer_died(self) -> bool:
+        pid = self.manifest.get("pid")
+        if self.manifest.get("host") != platform.node() or not isinstance(pid, int):
+            return False  # can't tell for a run recorded on another machine
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    @property
+    def optimizer(self) -> dict[str, Any]:
+        return self.meta["optimizer"]
+
+    @cached_property
+    def param_names(self) -> list[str]:
+        return self.table("params").column("name").to_pylist()
+
+    @cached_property
+    def _keys(self) -> dict[str, str]:
+        params = self.table("params")
+        return dict(zip(params.column("name").to_pylist(), params.column("key").to_pylist()))
+
+    @cached_property
+    def checkpoint_steps(self) -> list[int]:
+        table = self.table("checkpoints").sort_by("index")
+        steps = table.column("step").to_pylist()
+        return steps[: int(self.manifest["n_checkpoints"])]
+
+    # -- tables ---------------------------------------------------------------------------------
+    def table_files(self, name: str) -> list[Path]:
+        """The committed Parquet parts of a table (validated to lie inside the run)."""
+        if name not in fmt.TABLES:
+            raise KeyError(f"unknown table {name!r}; tables are {', '.join(fmt.TABLES)}")
+        return [fmt.inside(self.dir, p) for p in self.manifest["tables"].get(name, [])]
+
+    def table(self, name: str) -> pa.Table:
+        """A whole table as Arrow, with the schema declared in schemas.format."""
+        schema = fmt.TABLES[name]
+        files = self.table_files(name)
+        if not files:
+            return schema.empty_table()
+        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+
+    @property
+    def steps(self) -> pa.Table:
+        return self.table("steps")
+
+    @property
+    def examples(self) -> pa.Table:
+        return self.table("examples")
+
+    @property
+    def stages(self) -> pa.Table:
+        return self.table("stages")
+
+    @property
+    def params(self) -> pa.Table:
+        return self.table("params")
+
+    # -- dense data -----------------------------------------------------------------------------
+    def _array(self, path: str) -> zarr.Array:
+        try:
+            node = self.group[path]
+        except KeyError:
+            raise KeyError(f"{self.dir}: no array {path!r} in the store") from None
+        if not isinstance(node, zarr.Array):
+            raise fmt.FormatError(f"{self.dir}: {path!r} is a group, expected an array")
+        return node
+
+    def _key(self, param: str) -> str:
+        try:
+            return self._keys[param]
+        except KeyError:
+            raise KeyError(f"no parameter {param!r}; the run has {self.param_names}") from None
+
+    def _step_range(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.n_steps if stop is None else stop
+        if not 0 <= start <= stop <= self.n_steps:
+            raise IndexError(
+                f"steps [{start}, {stop}) are outside the {self.n_steps} committed steps of "
+                f"{self.dir} (status {self.status})"
+            )
+        return start, stop
+
+    def _steps_of(self, path: str, start: int, stop: int | None) -> np.ndarray:
+        start, stop = self._step_range(start, stop)
+        return self._array(path)[start:stop]
+
+    def deltas(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Δθ_s for steps [start, stop) of one parameter: shape (steps, *param_shape)."""
+        return torch.from_numpy(self._steps_of(f"{fmt.DELTAS}/{self._key(param)}", start, stop))
+
+    def grads(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The gradient the optimizer consumed (after clipping) for steps [start, stop)."""
+        if not self.meta.get("record_grads", True):
+            raise KeyError(f"{self.dir} was recorded with record_grads=False")
+        return torch.from_numpy(self._steps_of(f"{fmt.GRADS}/{self._key(param)}", start, stop))
+
+    def state(self, param: str, name: str, start: int = 0, stop: int | None = None):
+        """Per-step optimizer state (e.g. Adam's exp_avg_sq, AMSGrad's running max)."""
+        if name not in self.meta["step_state"]:
+            recorded = self.meta["step_state"]
+            raise KeyError(f"{name!r} is not recorded per step; recorded: {recorded}")
+        return torch.from_numpy(
+            self._steps_of(f"{fmt.STATE}/{self._key(param)}/{name}", start, stop))
+
+    def hparams(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Per-step, per-group hyperparameters: name → array (steps, groups); NaN = n/a."""
+        return {h: self._steps_of(f"{fmt.HPARAMS}/{h}", start, stop)
+                for h in self.meta["hparam_names"]}
+
+    def clip_factors(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._steps_of(fmt.CLIP_FACTOR, start, stop)
+
+    def step_counts(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The optimizer's own step count t_s per (step, parameter index)."""
+        return self._steps_of(fmt.STEP_COUNT, start, stop)
+
+    def active(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Whether each parameter had a gradient at each step, (steps, parameters)."""
+        return self._steps_of(fmt.ACTIVE, start, stop)
+
+    def initial_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer state present before step 0 (the carry-in of a resumed optimizer)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        if fmt.INITIAL_STATE not in self.group:
+            return out
+        for name in self.param_names:
+            key = self._key(name)
+            node = self.group[fmt.INITIAL_STATE].get(key)
+            if node is not None:
+                out[name] = {s: torch.from_numpy(a[...]) for s, a in node.arrays()}
+        return out
+
+    def checkpoint(self, index: int) -> dict[str, torch.Tensor]:
+        """θ at the `index`-th checkpoint (its step is checkpoint_steps[index])."""
+        if not 0 <= index < len(self.checkpoint_steps):
+            raise IndexError(f"checkpoint {index} doesn't exist; the run has "
+                             f"{len(self.checkpoint_steps)} committed checkpoints")
+        return {n: torch.from_numpy(self._array(f"{fmt.CHECKPOINTS}/{self._key(n)}")[index])
+                for n in self.param_names}
+
+    def reconstruct(self, step: int) -> dict[str, torch.Tensor]:
+        """θ_step: the nearest checkpoint at or before `step` plus the recorded deltas.
+
+        The additions repeat the recorder's own float arithmetic in the same order, so the
+        result is the recorder's reconstructed trajectory bit for bit.
+        """
+        self._step_range(0, step)
+        index = int(np.searchsorted(self.checkpoint_steps, step, side="right")) - 1
+        start = self.checkpoint_steps[index]
+        theta = self.checkpoint(index)
+        if start == step:
+            return theta
+        for name in self.param_names:
+            deltas = self.deltas(name, start, step)
+            for delta in deltas:
+                theta[name] += delta
+        return theta
+
+    # -- summary --------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """The numbers `attrib info` prints, as a plain dict."""
+        from attrib.analyzer.summary import run_summary
+
+        return run_summary(self)
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a recorded run for reading."""
+    return Run(path)

@@ -1,0 +1,77 @@
+"""DuckDB SQL over one or many recorded runs: every table of every run is a view."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from attrib.analyzer.run import Run
+from attrib.schemas import format as fmt
+
+
+def resolve_runs(patterns: str | Path | list[str | Path]) -> list[Run]:
+    """Run directories named by paths or glob patterns (`runs/*`), in sorted order."""
+    if isinstance(patterns, (str, Path)):
+        patterns = [patterns]
+    found: list[Path] = []
+    for pattern in map(str, patterns):
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        runs = [Path(m) for m in matches if (Path(m) / fmt.META_FILE).is_file()]
+        if not runs:
+            raise FileNotFoundError(
+                f"{pattern!r} names no attrib run (a directory holding {fmt.META_FILE}); "
+                "pass run directories or a glob such as 'runs/*'"
+            )
+        found += [r for r in runs if r not in found]
+    return [Run(p) for p in found]
+
+
+def _run_names(runs: list[Run]) -> list[str]:
+    names = [r.dir.name for r in runs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(r.dir) for r in runs]
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with one view per table over the given runs.
+
+    With several runs each view gains a leading `run` column (the run directory's name).
+    """
+    con = duckdb.connect()
+    names = _run_names(runs)
+    for table, schema in fmt.TABLES.items():
+        selects = []
+        for name, run in zip(names, runs):
+            files = run.table_files(table)
+            label = f"{_quote(name)} AS run, " if len(runs) > 1 else ""
+            if files:
+                listing = ", ".join(_quote(str(f)) for f in files)
+                selects.append(f"SELECT {label}* FROM read_parquet([{listing}])")
+        if not selects:
+            empty = schema.empty_table()
+            if len(runs) > 1:
+                empty = empty.add_column(0, "run", pa.array([], pa.string()))
+            con.register(f"__empty_{table}", empty)
+            selects.append(f"SELECT * FROM __empty_{table}")
+        con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(selects))
+    return con
+
+
+def sql(runs: str | Path | Run | list, query: str) -> pa.Table:
+    """Answer a DuckDB SQL query over the runs' tables; returns an Arrow table."""
+    if isinstance(runs, Run):
+        runs = [runs]
+    elif not (isinstance(runs, list) and all(isinstance(r, Run) for r in runs)):
+        runs = resolve_runs(runs)
+    con = connect(runs)
+    try:
+        return con.sql(query).to_arrow_table()
+    finally:
+        con.close()

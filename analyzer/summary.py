@@ -1,0 +1,71 @@
+"""The run summary behind `attrib info`: counts, optimizer, sizes and compression."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.compute as pc
+import zarr
+from attrib.schemas import format as fmt
+
+if TYPE_CHECKING:
+    from attrib.analyzer.run import Run
+
+
+def _stored_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _raw_dense_bytes(run: Run) -> int:
+    """Uncompressed bytes of the committed part of every array in the store."""
+    total = 0
+    for path, node in run.group.members(max_depth=None):
+        if not isinstance(node, zarr.Array):
+            continue
+        shape = node.shape
+        if path.startswith(fmt.CHECKPOINTS + "/"):
+            shape = (min(shape[0], len(run.checkpoint_steps)), *shape[1:])
+        elif shape and not path.startswith(fmt.INITIAL_STATE + "/"):
+            shape = (min(shape[0], run.n_steps), *shape[1:])
+        total += math.prod(shape) * np.dtype(node.dtype).itemsize
+    return total
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    params = run.params
+    steps = run.steps
+    examples = run.examples
+    distinct = pc.count_distinct(examples.column("example_id")).as_py()
+    dense_raw = _raw_dense_bytes(run)
+    dense_stored = _stored_bytes(run.dir / fmt.STORE_DIR)
+    table_bytes = sum(f.stat().st_size for t in fmt.TABLES for f in run.table_files(t))
+    hparams = run.hparams(0, min(1, run.n_steps)) if run.n_steps else {}
+    first = {h: [None if np.isnan(v) else float(v) for v in values[0]]
+             for h, values in hparams.items() if len(values)}
+    return {
+        "path": str(run.dir),
+        "status": run.status,
+        "format_version": run.meta["format_version"],
+        "created": run.meta["created"],
+        "attrib_version": run.meta["attrib_version"],
+        "torch_version": run.meta["torch_version"],
+        "steps": run.n_steps,
+        "examples_seen": examples.num_rows,
+        "distinct_examples": distinct,
+        "stages": [{"stage": s["stage"], "start": s["start_step"], "end": s["end_step"],
+                    "steps": s["n_steps"]} for s in run.stages.to_pylist()],
+        "params": params.num_rows,
+        "numel": int(sum(params.column("numel").to_pylist())),
+        "optimizer": run.optimizer,
+        "hparams_at_step_0": {k: v for k, v in first.items() if any(x is not None for x in v)},
+        "checkpoints": len(run.checkpoint_steps),
+        "checkpoint_every": run.meta["checkpoint_every"],
+        "last_loss": steps.column("loss")[-1].as_py() if steps.num_rows else None,
+        "dense_bytes_raw": dense_raw,
+        "dense_bytes_stored": dense_stored,
+        "table_bytes": table_bytes,
+        "compression_ratio": dense_raw / dense_stored if dense_stored else None,
+        "error": run.manifest.get("error"),
+    }

@@ -1,0 +1,1 @@
+"""The `attrib` command line: a thin skin over the Python API."""

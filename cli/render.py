@@ -1,0 +1,84 @@
+"""Text rendering for the CLI: aligned tables and the run summary."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def aligned(table: pa.Table, max_rows: int = 50) -> str:
+    """An aligned plain-text table; numbers right-aligned, at most `max_rows` rows."""
+    names = table.column_names
+    rows = [[_cell(v) for v in row.values()] for row in table.slice(0, max_rows).to_pylist()]
+    numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in table.schema]
+    widths = [max([len(n), *(len(r[i]) for r in rows)]) for i, n in enumerate(names)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w)
+                         for c, w, num in zip(cells, widths, numeric)).rstrip()
+
+    out = [line(names), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    if table.num_rows > max_rows:
+        out.append(f"... {table.num_rows - max_rows} more rows (use --format csv for all)")
+    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})")
+    return "\n".join(out)
+
+
+def csv_text(table: pa.Table) -> str:
+    buffer = io.BytesIO()
+    pacsv.write_csv(table, buffer)
+    return buffer.getvalue().decode()
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def summary(info: dict[str, Any]) -> str:
+    """The `attrib info` text."""
+    opt = info["optimizer"]
+    hp = ", ".join(f"{k}={v if len(v) > 1 else v[0]}" for k, v in info["hparams_at_step_0"].items())
+    stages = "; ".join(f"{s['stage']} [{s['start']}–{s['end']}] ({s['steps']} steps)"
+                       for s in info["stages"]) or "none"
+    ratio = info["compression_ratio"]
+    lines = [
+        f"run          {info['path']}",
+        f"status       {info['status']}",
+        f"format       attrib v{info['format_version']} (written by attrib "
+        f"{info['attrib_version']}, torch {info['torch_version']}, {info['created']})",
+        f"steps        {info['steps']} committed",
+        f"examples     {info['examples_seen']} seen, {info['distinct_examples']} distinct",
+        f"stages       {stages}",
+        f"params       {info['params']} tensors, {info['numel']:,} scalars",
+        f"optimizer    {opt['class']} ({opt['kind']}{', amsgrad' if opt['amsgrad'] else ''})"
+        + (f": {hp}" if hp else ""),
+        f"checkpoints  {info['checkpoints']} (every {info['checkpoint_every']} steps)",
+        f"last loss    {_cell(info['last_loss'])}",
+        f"dense data   {human_bytes(info['dense_bytes_stored'])} on disk, "
+        f"{human_bytes(info['dense_bytes_raw'])} raw"
+        + (f", compression {ratio:.2f}x" if ratio else ""),
+        f"tables       {human_bytes(info['table_bytes'])} Parquet",
+    ]
+    if info["error"]:
+        lines.append(f"error        {info['error']}")
+    return "\n".join(lines)

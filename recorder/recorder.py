@@ -1,0 +1,446 @@
+"""The Recorder: one line around a training loop that records the optimizer's trajectory.
+
+Hooks only (optimizer step pre/post hooks and post-accumulate-grad hooks on parameters): the
+user's loop is not patched. The hot path does a few batched tensor operations per step and
+hands host copies to the background writer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from attrib.recorder import optimizers as optim_info
+from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
+from attrib.recorder.writer import BackgroundWriter, RecordingError, StepRecord
+from attrib.schemas import format as fmt
+
+BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block (bounds writer memory)
+MAX_STEPS_PER_CHUNK = 64
+DEFAULT_STAGE = "default"
+
+
+@dataclass
+class TrackedParam:
+    """A trainable parameter with the names the format stores it under."""
+
+    index: int
+    name: str
+    key: str
+    param: torch.nn.Parameter
+    group: int
+    module: str
+    layer_type: str
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.float64 if self.param.dtype == torch.float64 else torch.float32
+
+
+def _host(t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+    """A host copy that later in-place updates of `t` can't change."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t.to("cpu", non_blocking=True)
+    return t if fresh else t.clone()
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def tracked_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[TrackedParam]:
+    """The optimizer's parameters in group order, named after the model's modules."""
+    owner: dict[int, tuple[str, str, str]] = {}
+    for module_name, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{local}" if module_name else local
+            owner.setdefault(id(p), (full, module_name, type(module).__name__))
+    params: list[TrackedParam] = []
+    for g, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in owner:
+                raise ValueError(
+                    f"optimizer param group {g} holds a parameter of shape {tuple(p.shape)} that "
+                    "is not a parameter of the model given to Recorder; pass the model that owns "
+                    "every parameter the optimizer updates"
+                )
+            name, module, layer_type = owner[id(p)]
+            params.append(TrackedParam(len(params), name, fmt.param_key(name), p, g, module,
+                                       layer_type))
+    keys = [p.key for p in params]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two parameters map to the same storage key; rename the modules")
+    return params
+
+
+class Recorder:
+    """Record an optimizer's trajectory into a run directory (format v1).
+
+    Use as a context manager around the training loop; call `examples(ids)` before each
+    backward, optionally `log(...)`, `stage(name)` and `epoch(n)`. With `strict=False` (the
+    default) a recording failure never stops training: it warns, stops recording and marks the
+    run `incomplete`. With `strict=True` it raises.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        checkpoint_every: int = 100,
+        steps_per_chunk: int | None = None,
+        record_grads: bool = True,
+        codec: Codec | None = None,
+        queue_size: int | None = None,
+        strict: bool = False,
+        overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be ≥ 1, got {checkpoint_every}")
+        self.path = Path(path)
+        self.strict = strict
+        self.spec = optim_info.inspect_optimizer(optimizer)
+        self.optimizer = optimizer
+        self.params = tracked_params(model, optimizer)
+        self.checkpoint_every = checkpoint_every
+        self.record_grads = record_grads
+        self._check_target(overwrite)
+
+        arrays = self._array_specs()
+        per_step = sum(a.step_bytes for a in arrays)
+        if steps_per_chunk is None:
+            steps_per_chunk = max(1, min(MAX_STEPS_PER_CHUNK, BLOCK_TARGET_BYTES // per_step))
+        codec = codec or Codec()
+        meta = self._metadata(steps_per_chunk, codec, metadata or {})
+        store = RunStore(self.path, meta, arrays,
+                         {p.key: (tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch."))
+                          for p in self.params},
+                         steps_per_chunk, codec)
+        store.write_table_part("params", self._params_table(), 0, 0)
+        self._write_carry_in(store)
+        self._writer = BackgroundWriter(store, queue_size or steps_per_chunk)
+
+        self.step = 0  # index of the next optimizer step
+        self._epoch: int | None = None
+        self._stage = DEFAULT_STAGE
+        self._enabled = True
+        self._closed = False
+        self._failure: str | None = None
+        self._pending: StepRecord | None = None  # last step, still accepting log() values
+        self._after_step = False  # True between opt.step() and the next backward/examples()
+        self._upcoming: dict[str, Any] = {"metrics": {}, "loss": None}
+        self._examples: list[np.ndarray] = []
+        self._hook_seconds = 0.0
+        self._started = time.perf_counter()
+        self._theta_hat = [p.param.detach().to(p.storage_dtype).clone() for p in self.params]
+        self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
+        self._writer.add_checkpoint(0, {p.key: _host(t) for p, t in
+                                        zip(self.params, self._theta_hat)})
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+            *(p.param.register_post_accumulate_grad_hook(self._grad_hook(p.index))
+              for p in self.params),
+        ]
+        atexit.register(self._close_at_exit)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _check_target(self, overwrite: bool) -> None:
+        if (self.path / fmt.META_FILE).exists():
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.path} already holds a recorded run; pass overwrite=True to replace "
+                    "it, or choose another directory"
+                )
+            remove_run(self.path)
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise FileExistsError(f"{self.path} is not empty; record into a new directory")
+
+    def _array_specs(self) -> list[ArraySpec]:
+        specs = []
+        for p in self.params:
+            shape, dtype = tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch.")
+            specs.append(ArraySpec(f"{fmt.DELTAS}/{p.key}", shape, dtype))
+            if self.record_grads:
+                specs.append(ArraySpec(f"{fmt.GRADS}/{p.key}", shape, dtype))
+            specs += [ArraySpec(f"{fmt.STATE}/{p.key}/{s}", shape, dtype)
+                      for s in self.spec.step_state]
+        groups, n = (len(self.optimizer.param_groups),), (len(self.params),)
+        specs += [ArraySpec(f"{fmt.HPARAMS}/{h}", groups, "float64", math.nan)
+                  for h in fmt.HPARAM_NAMES]
+        specs += [
+            ArraySpec(fmt.CLIP_FACTOR, (), "float64", math.nan),
+            ArraySpec(fmt.STEP_COUNT, n, "int64", 0),
+            ArraySpec(fmt.ACTIVE, n, "bool", False),
+        ]
+        return specs
+
+    def _metadata(self, steps_per_chunk: int, codec: Codec, user: dict[str, Any]) -> dict:
+        from attrib import __version__
+
+        return {
+            "format": fmt.FORMAT_NAME,
+            "format_version": fmt.FORMAT_VERSION,
+            "created": now_iso(),
+            "attrib_version": __version__,
+            "torch_version": torch.__version__,
+            "optimizer": optim_info.static_config(self.spec, self.optimizer),
+            "n_groups": len(self.optimizer.param_groups),
+            "hparam_names": list(fmt.HPARAM_NAMES),
+            "step_state": list(self.spec.step_state),
+            "record_grads": self.record_grads,
+            "checkpoint_every": self.checkpoint_every,
+            "steps_per_chunk": steps_per_chunk,
+            "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle},
+            "initial_step_count": [optim_info.step_count(self.optimizer.state.get(p.param, {}))
+                                   for p in self.params],
+            "user": user,
+        }
+
+    def _params_table(self):
+        import pyarrow as pa
+
+        rows = [{"index": p.index, "name": p.name, "key": p.key, "shape": list(p.param.shape),
+                 "numel": p.param.numel(), "dtype": str(p.param.dtype).removeprefix("torch."),
+                 "layer_type": p.layer_type, "module": p.module, "group": p.group}
+                for p in self.params]
+        return pa.Table.from_pylist(rows, schema=fmt.PARAMS)
+
+    def _write_carry_in(self, store: RunStore) -> None:
+        """State the optimizer already holds (a resumed run): METHODS.md's carry-in term."""
+        for p in self.params:
+            for name, t in optim_info.carry_in_state(self.optimizer.state.get(p.param, {})).items():
+                value = t.detach().to("cpu", p.storage_dtype).numpy()
+                store.write_initial(f"{fmt.INITIAL_STATE}/{p.key}/{name}", value)
+
+    # -- user API ------------------------------------------------------------------------------
+    def examples(self, ids: Any) -> None:
+        """Declare the example ids of the micro-batch whose loss is backpropagated next."""
+        if not self._enabled:
+            return
+        array = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+        if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+            raise ValueError(
+                f"rec.examples() takes a 1-D sequence of integer example ids, got an array of "
+                f"shape {array.shape} and dtype {array.dtype}"
+            )
+        self._guard(self._begin_next_step)
+        self._examples.append(array.astype(np.int64))
+
+    def log(self, **scalars: Any) -> None:
+        """Attach scalars to the step table: `loss=` fills the loss column, others `metrics`.
+
+        Called after `opt.step()`, values belong to that step; called before it (after the
+        step's backward or `examples()`), to the step about to run.
+        """
+        if not self._enabled:
+            return
+        for name, value in scalars.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"rec.log({name}=...) needs a scalar, got {value.numel()}")
+                value = _host(value.reshape(()))
+            elif not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"rec.log({name}=...) needs a number, got {type(value).__name__}")
+            target = (self._pending.row if self._after_step and self._pending is not None
+                      else self._upcoming)
+            if name == "loss":
+                target["loss"] = value
+            else:
+                target["metrics"][name] = value
+
+    def stage(self, name: str) -> None:
+        """Mark the start of a named training stage at the next optimizer step."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("a stage name must be a non-empty string")
+        self._stage = name
+
+    def epoch(self, epoch: int) -> None:
+        """Set the epoch number stored with the following steps."""
+        self._epoch = int(epoch)
+
+    def close(self, status: fmt.Status | None = None) -> None:
+        """Flush and commit every recorded step, then mark the run's status."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._close_at_exit)
+        for handle in self._handles:
+            handle.remove()
+        if self._enabled:
+            self._guard(self._submit_final)
+        self._writer.close()
+        store = self._writer.store
+        if self._writer.error is not None and self._failure is None:
+            self._failure = f"background writer failed: {self._writer.error!r}"
+        if self._failure is not None:
+            store.manifest["error"] = self._failure
+            if status is not fmt.Status.CRASHED:
+                status = fmt.Status.INCOMPLETE
+        else:
+            for table in ("steps", "examples"):
+                store.compact(table)
+        store.commit(self._writer.committed_steps, status or fmt.Status.COMPLETE)
+        if self.strict and self._writer.error is not None:
+            raise RecordingError(self._failure) from self._writer.error
+
+    def _submit_final(self) -> None:
+        """Hand over the last step and θ_N (as a checkpoint unless one was just taken)."""
+        self._begin_next_step()
+        if self.step % self.checkpoint_every != 0:
+            self._writer.add_checkpoint(
+                self.step, {p.key: _host(p.param.to(p.storage_dtype)) for p in self.params})
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(fmt.Status.CRASHED if exc_type is not None else None)
+
+    def _close_at_exit(self) -> None:
+        warnings.warn(f"attrib: Recorder for {self.path} was never closed; closing it at exit "
+                      "and marking the run incomplete", stacklevel=1)
+        self._failure = self._failure or "Recorder.close() was never called"
+        self.close(fmt.Status.INCOMPLETE)
+
+    # -- failure policy ------------------------------------------------------------------------
+    def _guard(self, fn, *args):
+        """Run recorder work so that its failure never breaks training unless strict."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if self.strict:
+                raise RecordingError(f"attrib recording failed at step {self.step}: {e}") from e
+            self._enabled = False
+            self._failure = f"recording stopped at step {self.step}: {e!r}"
+            warnings.warn(f"attrib: {self._failure}; training continues, the run is marked "
+                          "incomplete (pass strict=True to raise instead)", stacklevel=3)
+            return None
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _grad_hook(self, index: int):
+        def hook(param: torch.Tensor) -> None:
+            # ‖.grad‖ after this backward's accumulation: the last call before step() sees G_s.
+            if self._enabled:
+                self._pre_clip_norms[index] = torch.linalg.vector_norm(param.grad.detach())
+                self._after_step = False
+        return hook
+
+    def _begin_next_step(self) -> None:
+        if self._pending is not None:
+            self._writer.submit(self._pending)
+            self._pending = None
+        self._after_step = False
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if not self._enabled:
+            return
+        started = time.perf_counter()
+        self._guard(self._begin_next_step)
+        self._hook_seconds += time.perf_counter() - started
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if not self._enabled:
+            return
+        started = time.perf_counter()
+        record = self._guard(self._capture_step)
+        if record is not None:
+            self._hook_seconds += time.perf_counter() - started
+            record.row["record_seconds"] = self._hook_seconds
+            self._hook_seconds = 0.0
+            self._pending = record
+            self._after_step = True
+            self.step += 1
+
+    def _capture_step(self) -> StepRecord:
+        """Snapshot everything step `self.step` did; batched tensor ops, no per-element loops."""
+        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
+            raise RecordingError("the optimizer's parameters changed after Recorder was attached;"
+                                 " attach a new Recorder after add_param_group()")
+        live = [p.param.detach() for p in self.params]
+        consumed = [p.param.grad for p in self.params]
+        active = [g is not None for g in consumed]
+        deltas = torch._foreach_sub([t.to(h.dtype) for t, h in zip(live, self._theta_hat)],
+                                    self._theta_hat)
+        torch._foreach_add_(self._theta_hat, deltas)
+
+        used = [g.detach() for g in consumed if g is not None]
+        pre_norms = [n if n is not None else torch.linalg.vector_norm(g.detach())
+                     for n, g in zip(self._pre_clip_norms, consumed) if g is not None]
+        self._pre_clip_norms = [None] * len(self.params)
+        clip_factor, uniform, grad_norm = _clip_factor(used, pre_norms)
+
+        arrays: dict[str, Any] = {}
+        for p, delta, g in zip(self.params, deltas, consumed):
+            arrays[f"{fmt.DELTAS}/{p.key}"] = _host(delta, fresh=True)
+            if self.record_grads:
+                arrays[f"{fmt.GRADS}/{p.key}"] = (_host(g.to(p.storage_dtype)) if g is not None
+                                                  else torch.zeros_like(delta, device="cpu"))
+            state = self.optimizer.state.get(p.param, {})
+            for name in self.spec.step_state:
+                value = optim_info.state_tensor(self.spec, state, name)
+                arrays[f"{fmt.STATE}/{p.key}/{name}"] = (
+                    _host(value.to(p.storage_dtype)) if value is not None
+                    else torch.zeros_like(delta, device="cpu"))
+        hparams = [optim_info.group_hparams(self.spec, g) for g in self.optimizer.param_groups]
+        for name in fmt.HPARAM_NAMES:
+            arrays[f"{fmt.HPARAMS}/{name}"] = np.array([h[name] for h in hparams])
+        arrays[fmt.CLIP_FACTOR] = _host(clip_factor.to(torch.float64))
+        arrays[fmt.STEP_COUNT] = np.array(
+            [optim_info.step_count(self.optimizer.state.get(p.param, {})) for p in self.params],
+            dtype=np.int64)
+        arrays[fmt.ACTIVE] = np.array(active, dtype=bool)
+
+        row = {
+            "step": self.step, "epoch": self._epoch, "stage": self._stage,
+            "lr": [h["lr"] for h in hparams],
+            "loss": self._upcoming["loss"], "metrics": self._upcoming["metrics"],
+            "grad_norm": _host(grad_norm), "clip_factor": _host(clip_factor),
+            "clip_uniform": _host(uniform), "update_norm": _host(_global_norm(deltas)),
+            "n_examples": int(sum(len(e) for e in self._examples)) if self._examples else None,
+            "time": time.perf_counter() - self._started,
+        }
+        record = StepRecord(self.step, arrays, row, self._examples, ready=_cuda_event(live))
+        self._upcoming = {"metrics": {}, "loss": None}
+        self._examples = []
+        if (self.step + 1) % self.checkpoint_every == 0:
+            record.checkpoint = {p.key: _host(t.to(p.storage_dtype))
+                                 for p, t in zip(self.params, live)}
+            for hat, t in zip(self._theta_hat, live):
+                hat.copy_(t)  # deltas restart from the stored checkpoint, bit for bit
+        return record
+
+
+
+def _clip_factor(consumed: list[torch.Tensor], pre_norms: list[torch.Tensor]):
+    """α = ‖G̃‖/‖G‖ and whether .grad was a uniform rescale of G (per-tensor norm ratios)."""
+    if not consumed:
+        one = torch.ones((), dtype=torch.float64)
+        return one, torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.float64)
+    after = torch.stack(torch._foreach_norm(consumed)).double()
+    before = torch.stack(pre_norms).double().to(after.device)
+    grad_norm = torch.linalg.vector_norm(before)
+    factor = torch.where(grad_norm > 0, torch.linalg.vector_norm(after) / grad_norm,
+                         torch.ones_like(grad_norm))
+    uniform = ((after - factor * before).abs() <= 1e-4 * after.abs() + 1e-30).all()
+    return factor, uniform, grad_norm
+
+
+def _cuda_event(tensors: list[torch.Tensor]):
+    if tensors and tensors[0].is_cuda:
+        event = torch.cuda.Event()
+        event.record()
+        return event
+    return None

@@ -1,0 +1,211 @@
+"""Creating and appending to a run directory (format v1): Zarr arrays, Parquet parts, manifest.
+
+Every write here is followed, not preceded, by the manifest commit that makes it visible: a
+reader only trusts `committed_steps` and the table parts the manifest lists, so a process that
+dies between two commits leaves at worst unreferenced files behind, never a half-visible step.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from attrib.schemas import format as fmt
+from zarr.codecs import BloscCodec, BloscShuffle
+
+CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk; splits big tensors along dim 0
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Lossless Blosc settings for every dense array (zstd + bit shuffle by default)."""
+
+    cname: str = "zstd"
+    clevel: int = 3
+    shuffle: str = "bitshuffle"
+
+    def compressor(self) -> BloscCodec:
+        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=BloscShuffle[self.shuffle])
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """A step-indexed array: one value of `step_shape` per recorded step."""
+
+    path: str
+    step_shape: tuple[int, ...]
+    dtype: str
+    fill_value: Any = 0
+
+    @property
+    def step_bytes(self) -> int:
+        return math.prod(self.step_shape) * np.dtype(self.dtype).itemsize
+
+
+def inner_chunks(shape: tuple[int, ...], itemsize: int, depth: int) -> tuple[int, ...]:
+    """Chunk shape for `depth` stacked values of `shape`, split along dim 0 to stay small."""
+    if not shape:
+        return ()
+    row_bytes = math.prod(shape[1:]) * itemsize * depth
+    rows = max(1, min(shape[0], CHUNK_TARGET_BYTES // max(1, row_bytes)))
+    return (rows, *shape[1:])
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunStore:
+    """Write side of one run directory. Not thread-safe: one writer thread owns it."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        meta: dict[str, Any],
+        step_arrays: list[ArraySpec],
+        params: dict[str, tuple[tuple[int, ...], str]],
+        steps_per_chunk: int,
+        codec: Codec,
+    ) -> None:
+        self.dir = run_dir
+        self.steps_per_chunk = steps_per_chunk
+        self._codec = codec
+        self._sequence = 0
+        self._pending_checkpoints = 0  # appended since the last commit
+        self._obsolete: list[str] = []  # parts to delete once a commit no longer lists them
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fmt.write_json_atomic(run_dir / fmt.META_FILE, meta)
+        self.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="w", zarr_format=3)
+        self.step_arrays = {
+            spec.path: self._create(spec.path, (0, *spec.step_shape), spec.dtype,
+                                    steps_per_chunk, spec.fill_value)
+            for spec in step_arrays
+        }
+        self.checkpoint_arrays = {
+            key: self._create(f"{fmt.CHECKPOINTS}/{key}", (0, *shape), dtype, 1, 0.0)
+            for key, (shape, dtype) in params.items()
+        }
+        self.manifest: dict[str, Any] = {
+            "status": fmt.Status.RECORDING.value,
+            "committed_steps": 0,
+            "n_checkpoints": 0,
+            "tables": {name: [] for name in fmt.TABLES},
+            "pid": os.getpid(),
+            "host": platform.node(),
+            "updated": now_iso(),
+            "error": None,
+            "warnings": [],
+        }
+
+    def _create(self, path: str, shape: tuple[int, ...], dtype: str, depth: int, fill: Any):
+        itemsize = np.dtype(dtype).itemsize
+        chunks = (depth, *inner_chunks(shape[1:], itemsize, depth))
+        return self.group.create_array(
+            path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+            compressors=self._codec.compressor(),
+        )
+
+    # -- dense data -------------------------------------------------------------------------
+    def write_initial(self, path: str, value: np.ndarray) -> None:
+        """A tensor written once (carry-in optimizer state); no step axis."""
+        array = self.group.create_array(
+            path, shape=value.shape, chunks=inner_chunks(value.shape, value.itemsize, 1),
+            dtype=value.dtype, fill_value=0, compressors=self._codec.compressor(),
+        )
+        array[...] = value
+
+    def append_steps(self, first_step: int, values: dict[str, np.ndarray]) -> None:
+        """Write a block of consecutive steps for every step-indexed array."""
+        n = next(iter(values.values())).shape[0]
+        for path, array in self.step_arrays.items():
+            array.resize((first_step + n, *array.shape[1:]))
+            array[first_step : first_step + n] = values[path]
+
+    def append_checkpoint(self, params: dict[str, np.ndarray]) -> int:
+        """Append θ at a checkpoint step; returns its checkpoint index."""
+        index = self.manifest["n_checkpoints"] + self._pending_checkpoints
+        for key, array in self.checkpoint_arrays.items():
+            array.resize((index + 1, *array.shape[1:]))
+            array[index] = params[key]
+        self._pending_checkpoints += 1
+        return index
+
+    def block_bytes(self, first_step: int) -> int:
+        """Compressed bytes of the chunks that hold the block starting at `first_step`."""
+        chunk = str(first_step // self.steps_per_chunk)
+        total = 0
+        for array in self.step_arrays.values():
+            total += _tree_bytes(self.dir / fmt.STORE_DIR / array.path / "c" / chunk)
+        return total
+
+    # -- tables -----------------------------------------------------------------------------
+    def write_table_part(self, table: str, data: pa.Table, first: int, last: int) -> int:
+        """Write an immutable Parquet part (listed in the manifest at the next commit)."""
+        self._sequence += 1
+        relative = fmt.table_part_name(table, first, last, self._sequence)
+        path = self.dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(data.cast(fmt.TABLES[table]), path, compression="zstd")
+        self.manifest["tables"][table].append(relative)
+        return path.stat().st_size
+
+    def replace_table(self, table: str, data: pa.Table) -> None:
+        """Swap a small table whole: new part now, the old parts are deleted after commit."""
+        old = list(self.manifest["tables"][table])
+        self.manifest["tables"][table] = []
+        self.write_table_part(table, data, 0, 0)
+        self._obsolete.extend(old)
+
+    # -- commits ----------------------------------------------------------------------------
+    def commit(self, committed_steps: int, status: fmt.Status | None = None) -> None:
+        """Make everything written so far visible to readers, atomically."""
+        self.manifest["committed_steps"] = committed_steps
+        self.manifest["n_checkpoints"] += self._pending_checkpoints
+        self._pending_checkpoints = 0
+        if status is not None:
+            self.manifest["status"] = status.value
+        self.manifest["updated"] = now_iso()
+        fmt.write_json_atomic(self.dir / fmt.MANIFEST_FILE, self.manifest)
+        for relative in self._obsolete:
+            (self.dir / relative).unlink(missing_ok=True)
+        self._obsolete = []
+
+    def compact(self, table: str) -> None:
+        """Merge a table's parts into one file so queries open one file, not hundreds."""
+        parts = self.manifest["tables"][table]
+        if len(parts) <= 1:
+            return
+        merged = pa.concat_tables([pq.read_table(self.dir / p) for p in parts])
+        first, last = int(merged["step"][0].as_py()), int(merged["step"][-1].as_py())
+        self.manifest["tables"][table] = []
+        self.write_table_part(table, merged, first, last)
+        self._obsolete.extend(parts)
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0  # zarr skips chunks equal to the fill value
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a previous run in `run_dir` (only when the user asked to overwrite)."""
+    if (run_dir / fmt.META_FILE).exists():
+        shutil.rmtree(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"{run_dir} exists and is not an attrib run; refusing to delete it. "
+            "Pick an empty or new directory."
+        )

@@ -1,0 +1,1 @@
+"""The on-disk format shared by recorder and analyzer (versioned; see FORMAT.md)."""

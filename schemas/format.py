@@ -1,0 +1,184 @@
+"""On-disk format v1 of a recorded run: names, Arrow schemas and metadata documents.
+
+This module is the single contract between the recorder (writer) and the analyzer (reader):
+both import every path, array name and table schema from here, so the two can't drift.
+See FORMAT.md beside this file for the prose description.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+FORMAT_NAME = "attrib-run"
+FORMAT_VERSION = 1
+
+# Files and folders inside a run directory.
+META_FILE = "attrib.json"  # static metadata, written once at creation
+MANIFEST_FILE = "manifest.json"  # commit record, atomically replaced at every commit
+STORE_DIR = "store.zarr"  # Zarr v3 group with every dense tensor
+TABLES_DIR = "tables"  # Parquet parts, one folder per table
+
+
+class Status(str, enum.Enum):
+    """Life cycle of a run, as stored in the manifest."""
+
+    RECORDING = "recording"  # a recorder is (or was, if its process died) writing
+    COMPLETE = "complete"  # closed normally: every step is committed
+    CRASHED = "crashed"  # training raised or the process died; committed steps are intact
+    INCOMPLETE = "incomplete"  # recording stopped early (write error, recorder never closed)
+
+
+# Zarr node names. Step-indexed arrays have shape (steps, *param_shape).
+CHECKPOINTS = "checkpoints"  # checkpoints/<key>: (n_checkpoints, *shape), θ at checkpoint steps
+DELTAS = "deltas"  # deltas/<key>: (steps, *shape), Δθ_s against the reconstructed trajectory
+GRADS = "grads"  # grads/<key>: (steps, *shape), the gradient the optimizer consumed (G̃_s)
+STATE = "state"  # state/<key>/<state_name>: (steps, *shape), optimizer state after step s
+INITIAL_STATE = "initial_state"  # initial_state/<key>/<state_name>: (*shape), carry-in state
+HPARAMS = "hparams"  # hparams/<name>: (steps, n_groups) float64, NaN where not applicable
+CLIP_FACTOR = "clip_factor"  # (steps,) float64, α_s = ‖G̃_s‖ / ‖G_s‖ (G_s: .grad before clipping)
+STEP_COUNT = "step_count"  # (steps, n_params) int64, optimizer's own step count t_s (0: none)
+ACTIVE = "active"  # (steps, n_params) bool, whether the parameter had a gradient at step s
+
+# Per-step, per-group optimizer hyperparameters stored under hparams/.
+HPARAM_NAMES = ("lr", "weight_decay", "momentum", "dampening", "beta1", "beta2", "eps")
+
+# Optimizer kinds and the per-step state each one needs (METHODS.md §1).
+OPTIMIZER_KINDS = ("sgd", "adam", "adamw")
+STEP_STATE = {"sgd": (), "adam": ("exp_avg_sq",), "adamw": ("exp_avg_sq",)}
+
+STEPS = pa.schema(
+    [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("epoch", pa.int64()),
+        pa.field("stage", pa.string()),
+        pa.field("lr", pa.list_(pa.float64())),  # one entry per param group
+        pa.field("loss", pa.float64()),
+        pa.field("metrics", pa.map_(pa.string(), pa.float64())),  # user scalars from rec.log
+        pa.field("grad_norm", pa.float64()),  # ‖G_s‖ before clipping
+        pa.field("clip_factor", pa.float64()),
+        pa.field("clip_uniform", pa.bool_()),  # False: .grad was not a uniform rescale of G_s
+        pa.field("update_norm", pa.float64()),  # ‖Δθ_s‖
+        pa.field("n_examples", pa.int64()),
+        pa.field("time", pa.float64()),  # seconds since the recorder started, at step end
+        pa.field("record_seconds", pa.float64()),  # time the training thread spent in hooks
+        pa.field("bytes_written", pa.int64()),  # compressed bytes of this step's block / steps
+    ]
+)
+
+EXAMPLES = pa.schema(
+    [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("micro_batch", pa.int32(), nullable=False),
+        pa.field("slot", pa.int32(), nullable=False),  # row within the micro-batch
+        pa.field("example_id", pa.int64(), nullable=False),
+    ]
+)
+
+STAGES = pa.schema(
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("start_step", pa.int64(), nullable=False),
+        pa.field("end_step", pa.int64()),  # inclusive; null while the stage has no step yet
+        pa.field("n_steps", pa.int64(), nullable=False),
+    ]
+)
+
+PARAMS = pa.schema(
+    [
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),  # model.named_parameters() name
+        pa.field("key", pa.string(), nullable=False),  # its Zarr node name
+        pa.field("shape", pa.list_(pa.int64()), nullable=False),
+        pa.field("numel", pa.int64(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("layer_type", pa.string(), nullable=False),  # owning module's class name
+        pa.field("module", pa.string(), nullable=False),  # owning module's path
+        pa.field("group", pa.int32(), nullable=False),  # optimizer param group
+    ]
+)
+
+CHECKPOINTS_TABLE = pa.schema(
+    [
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "steps": STEPS,
+    "examples": EXAMPLES,
+    "stages": STAGES,
+    "params": PARAMS,
+    "checkpoints": CHECKPOINTS_TABLE,
+}
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class FormatError(ValueError):
+    """A run directory that is missing, damaged, or of a format this version can't read."""
+
+
+def param_key(name: str) -> str:
+    """Zarr node name for a parameter name: the name itself when it is a safe path segment."""
+    if _SAFE_KEY.match(name) and not set(name) <= {"."} and not name.startswith("__"):
+        return name
+    return "p_" + name.encode().hex()
+
+
+def table_part_name(table: str, first_step: int, last_step: int, sequence: int) -> str:
+    """Relative path of one immutable Parquet part of a table."""
+    return f"{TABLES_DIR}/{table}/part-{sequence:06d}-{first_step:09d}-{last_step:09d}.parquet"
+
+
+def inside(run_dir: Path, relative: str) -> Path:
+    """Resolve a path stored in a run's metadata, refusing any that escapes the run directory."""
+    root = run_dir.resolve()
+    target = (root / relative).resolve()
+    if root != target and root not in target.parents:
+        raise FormatError(f"{run_dir}: stored path {relative!r} points outside the run directory")
+    return target
+
+
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write JSON so that readers see either the old or the new document, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{path} is missing: is {path.parent} an attrib run directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON ({e}); the run metadata is damaged") from None
+    if not isinstance(document, dict):
+        raise FormatError(f"{path} must hold a JSON object, found {type(document).__name__}")
+    return document
+
+
+def check_version(meta: dict[str, Any], path: Path) -> None:
+    """Refuse runs of another format, or of a newer version than this code understands."""
+    if meta.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path} is not an attrib run (format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise FormatError(f"{path}: format_version is missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{path} was written in attrib format v{version}, newer than this attrib "
+            f"(reads up to v{FORMAT_VERSION}); upgrade attrib to read it"
+        )

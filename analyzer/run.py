@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import zarr
+
 from attrib.schemas import format as fmt
 
 

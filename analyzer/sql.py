@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+
 from attrib.analyzer.run import Run
 from attrib.schemas import format as fmt
 

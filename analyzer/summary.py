@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.compute as pc
 import zarr
+
 from attrib.schemas import format as fmt
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import pyarrow.parquet as pq
+
 from attrib.cli import render
 from attrib.schemas.format import FormatError
 
@@ -52,6 +53,7 @@ def sql_command(runs: tuple[str, ...], query: str, out_format: str, output: str 
     column. Example: attrib sql runs/exp1 "SELECT stage, count(*) FROM steps GROUP BY 1"
     """
     import duckdb
+
     from attrib.analyzer.sql import sql
 
     try:

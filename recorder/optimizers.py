@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from attrib.schemas import format as fmt
 
 SUPPORTED = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}

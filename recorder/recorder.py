@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
 from attrib.recorder.writer import BackgroundWriter, RecordingError, StepRecord

@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from attrib.schemas import format as fmt
 from zarr.codecs import BloscCodec, BloscShuffle
+
+from attrib.schemas import format as fmt
 
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk; splits big tensors along dim 0
 

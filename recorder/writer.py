@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+
 from attrib.recorder.store import RunStore
 from attrib.schemas import format as fmt
 

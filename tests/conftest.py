@@ -1,0 +1,99 @@
+"""Shared models, data and a recorded training loop for the tests (seeded, CPU, seconds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import attrib
+
+N_TRAIN, N_FEATURES, N_CLASSES = 256, 10, 3
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True,
+                                              weight_decay=0.01),
+    "sgd_dampening": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.3,
+                                               weight_decay=0.01),
+    "adam_l2": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, betas=(0.9, 0.98)),
+    "adamw_amsgrad": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, amsgrad=True),
+}
+
+
+def data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N_TRAIN, N_FEATURES, generator=g), torch.randint(0, N_CLASSES, (N_TRAIN,),
+                                                                          generator=g)
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, N_CLASSES)).to(dtype)
+
+
+class TinyTransformer(torch.nn.Module):
+    """Embedding + one encoder layer (attention, LayerNorm) + linear head over token sequences."""
+
+    def __init__(self, vocab: int = 12, d: int = 16, seq: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.encoder = torch.nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32,
+                                                        dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(d * seq, N_CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).flatten(1))
+
+
+@dataclass
+class Trained:
+    """What the live training loop saw, to compare with what the run recorded."""
+
+    path: Path
+    thetas: list[dict[str, torch.Tensor]] = field(default_factory=list)  # θ_0 … θ_N
+    pre_clip_norms: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def train(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 37,
+          inputs: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+          clip: float | None = 0.5, schedule: bool = True, micro_batches: int = 1,
+          batch: int = 32, **recorder_kwargs) -> Trained:
+    """A standard loop with the recorder attached; keeps the live θ after every step."""
+    if inputs is None:
+        inputs, labels = data()
+    out = Trained(path)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 7, 0.5) if schedule else None
+    g = torch.Generator().manual_seed(3)
+    recorder_kwargs.setdefault("checkpoint_every", 10)
+    recorder_kwargs.setdefault("steps_per_chunk", 8)
+    with attrib.Recorder(path, model, opt, **recorder_kwargs) as rec:
+        out.thetas.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        for _ in range(steps):
+            for _ in range(micro_batches):
+                ids = torch.randint(0, len(inputs), (batch,), generator=g)
+                rec.examples(ids)
+                loss = torch.nn.functional.cross_entropy(model(inputs[ids]), labels[ids])
+                (loss / micro_batches).backward()
+            if clip is not None:
+                out.pre_clip_norms.append(
+                    float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+            opt.step()
+            opt.zero_grad()
+            if sched is not None:
+                sched.step()
+            rec.log(loss=loss)
+            out.losses.append(loss.item())
+            out.thetas.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    return out
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"

@@ -1,0 +1,114 @@
+"""The recorded trajectory equals the live one, and holds what METHODS.md §1 needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import OPTIMIZERS, TinyTransformer, mlp, train
+
+import attrib
+from attrib.analyzer.dynamics import update_split_error
+from attrib.analyzer.stream import iter_steps
+
+FLOAT32_ROUNDOFF = 4 * torch.finfo(torch.float32).eps  # relative to the tensor's max |θ|
+
+
+def assert_matches_live(run: attrib.Run, thetas: list[dict[str, torch.Tensor]], rel: float):
+    assert run.n_steps == len(thetas) - 1
+    for step, live in enumerate(thetas):
+        rebuilt = run.reconstruct(step)
+        for name, value in live.items():
+            scale = float(value.abs().max())
+            torch.testing.assert_close(rebuilt[name], value, rtol=0, atol=rel * scale)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_reconstruct_equals_live_params(run_dir, name):
+    model = mlp()
+    trained = train(run_dir, model, OPTIMIZERS[name](model.parameters()))
+    assert_matches_live(attrib.open_run(run_dir), trained.thetas, FLOAT32_ROUNDOFF)
+
+
+def test_reconstruct_exact_in_float64(run_dir):
+    model = mlp(torch.float64)
+    trained = train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()),
+                    inputs=torch.randn(256, 10, dtype=torch.float64),
+                    labels=torch.randint(0, 3, (256,)))
+    assert_matches_live(attrib.open_run(run_dir), trained.thetas,
+                        4 * torch.finfo(torch.float64).eps)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_update_split_reproduces_every_step_float32(run_dir, name):
+    """METHODS.md §1 from recorded G̃, hyperparameters and state, ≤ 1e-5 beyond round-off."""
+    model = mlp()
+    train(run_dir, model, OPTIMIZERS[name](model.parameters()))
+    assert update_split_error(attrib.open_run(run_dir)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["sgd_dampening", "adam_l2", "adamw_amsgrad"])
+def test_update_split_float64_is_exact(run_dir, name):
+    model = mlp(torch.float64)
+    train(run_dir, model, OPTIMIZERS[name](model.parameters()),
+          inputs=torch.randn(256, 10, dtype=torch.float64), labels=torch.randint(0, 3, (256,)))
+    assert update_split_error(attrib.open_run(run_dir)) <= 1e-10
+
+
+def test_transformer_with_adamw_schedule_and_clipping(run_dir):
+    model = TinyTransformer()
+    tokens = torch.randint(0, 12, (256, 6), generator=torch.Generator().manual_seed(5))
+    labels = tokens[:, 0] % 3
+    trained = train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), inputs=tokens,
+                    labels=labels, steps=23)
+    run = attrib.open_run(run_dir)
+    assert_matches_live(run, trained.thetas, FLOAT32_ROUNDOFF)
+    assert update_split_error(run) <= 1e-5
+    assert set(run.params.column("layer_type").to_pylist()) >= {"Embedding", "LayerNorm",
+                                                                 "Linear", "MultiheadAttention"}
+
+
+def test_clip_factor_and_grad_norm_match_torch(run_dir):
+    model = mlp()
+    trained = train(run_dir, model, OPTIMIZERS["sgd"](model.parameters()), clip=0.5)
+    steps = attrib.open_run(run_dir).steps
+    norms = torch.tensor(trained.pre_clip_norms, dtype=torch.float64)
+    expected = torch.clamp(0.5 / (norms + 1e-6), max=1.0)  # clip_grad_norm_'s own rule
+    torch.testing.assert_close(torch.tensor(steps["grad_norm"].to_pylist(), dtype=torch.float64),
+                               norms, rtol=1e-5,
+                               atol=0)
+    torch.testing.assert_close(torch.tensor(steps["clip_factor"].to_pylist(), dtype=torch.float64),
+                               expected,
+                               rtol=1e-5, atol=0)
+    assert (expected < 1).any(), "the test must exercise clipping"
+    assert all(steps["clip_uniform"].to_pylist())
+
+
+def test_gradient_accumulation_records_the_summed_grad(run_dir):
+    model = mlp()
+    trained = train(run_dir, model, OPTIMIZERS["sgd"](model.parameters()), micro_batches=3,
+                    clip=None, schedule=False, steps=9)
+    run = attrib.open_run(run_dir)
+    # plain SGD: Δθ = −lr · G̃ exactly what the optimizer consumed
+    for step in range(run.n_steps):
+        for name in run.param_names:
+            delta = trained.thetas[step + 1][name] - trained.thetas[step][name]
+            torch.testing.assert_close(-0.1 * run.grads(name, step, step + 1)[0], delta,
+                                       rtol=1e-4, atol=1e-7)
+    micro = run.examples.column("micro_batch").to_pylist()
+    assert set(micro) == {0, 1, 2}
+    assert run.steps.column("n_examples").to_pylist() == [96] * 9
+
+
+def test_stream_yields_reconstructed_thetas(run_dir):
+    model = mlp()
+    train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), steps=21)
+    run = attrib.open_run(run_dir)
+    seen = 0
+    for view in iter_steps(run, 3, 19, fields=("grads", "state:exp_avg_sq")):
+        expected = run.reconstruct(view.step)
+        for name in run.param_names:
+            assert torch.equal(view.theta[name], expected[name])
+            assert torch.equal(view.values["grads"][name],
+                               run.grads(name, view.step, view.step + 1)[0])
+        seen += 1
+    assert seen == 16

@@ -15,8 +15,16 @@ if TYPE_CHECKING:
     from attrib.analyzer.run import Run
 
 
-def _stored_bytes(path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _stored_bytes(path) -> tuple[int, int]:
+    """(chunk bytes, metadata bytes) on disk: zarr chunks live under each array's c/ folder."""
+    chunks = metadata = 0
+    for f in path.rglob("*"):
+        if f.is_file():
+            if "c" in f.relative_to(path).parts[:-1]:
+                chunks += f.stat().st_size
+            else:
+                metadata += f.stat().st_size
+    return chunks, metadata
 
 
 def _raw_dense_bytes(run: Run) -> int:
@@ -40,7 +48,7 @@ def run_summary(run: Run) -> dict[str, Any]:
     examples = run.examples
     distinct = pc.count_distinct(examples.column("example_id")).as_py()
     dense_raw = _raw_dense_bytes(run)
-    dense_stored = _stored_bytes(run.dir / fmt.STORE_DIR)
+    dense_stored, dense_metadata = _stored_bytes(run.dir / fmt.STORE_DIR)
     table_bytes = sum(f.stat().st_size for t in fmt.TABLES for f in run.table_files(t))
     hparams = run.hparams(0, min(1, run.n_steps)) if run.n_steps else {}
     first = {h: [None if np.isnan(v) else float(v) for v in values[0]]
@@ -66,6 +74,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "last_loss": steps.column("loss")[-1].as_py() if steps.num_rows else None,
         "dense_bytes_raw": dense_raw,
         "dense_bytes_stored": dense_stored,
+        "dense_metadata_bytes": dense_metadata,
         "table_bytes": table_bytes,
         "compression_ratio": dense_raw / dense_stored if dense_stored else None,
         "error": run.manifest.get("error"),

@@ -57,7 +57,8 @@ def human_bytes(n: float | None) -> str:
 def summary(info: dict[str, Any]) -> str:
     """The `attrib info` text."""
     opt = info["optimizer"]
-    hp = ", ".join(f"{k}={v if len(v) > 1 else v[0]}" for k, v in info["hparams_at_step_0"].items())
+    hp = ", ".join(f"{k}={'/'.join(_cell(x) for x in v)}"
+                   for k, v in info["hparams_at_step_0"].items())
     stages = "; ".join(f"{s['stage']} [{s['start']}–{s['end']}] ({s['steps']} steps)"
                        for s in info["stages"]) or "none"
     ratio = info["compression_ratio"]
@@ -74,9 +75,10 @@ def summary(info: dict[str, Any]) -> str:
         + (f": {hp}" if hp else ""),
         f"checkpoints  {info['checkpoints']} (every {info['checkpoint_every']} steps)",
         f"last loss    {_cell(info['last_loss'])}",
-        f"dense data   {human_bytes(info['dense_bytes_stored'])} on disk, "
+        f"dense data   {human_bytes(info['dense_bytes_stored'])} in chunks for "
         f"{human_bytes(info['dense_bytes_raw'])} raw"
-        + (f", compression {ratio:.2f}x" if ratio else ""),
+        + (f" (compression {ratio:.2f}x)" if ratio else "")
+        + f", {human_bytes(info['dense_metadata_bytes'])} Zarr metadata",
         f"tables       {human_bytes(info['table_bytes'])} Parquet",
     ]
     if info["error"]:

@@ -1,0 +1,74 @@
+"""Crash safety: committed steps survive an exception in training and a kill -9."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import OPTIMIZERS, data, mlp
+
+import attrib
+
+
+def test_exception_in_training_marks_crashed_and_keeps_steps(run_dir):
+    model = mlp()
+    opt = OPTIMIZERS["sgd_nesterov"](model.parameters())
+    x, y = data()
+    thetas = []
+    with (pytest.raises(RuntimeError, match="diverged"),
+          attrib.Recorder(run_dir, model, opt, checkpoint_every=5, steps_per_chunk=8) as rec):
+        for step in range(100):
+            thetas.append({k: v.detach().clone() for k, v in model.named_parameters()})
+            if step == 19:
+                raise RuntimeError("loss diverged")
+            rec.examples(torch.arange(32))
+            torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(run_dir)
+    assert run.status == "crashed"
+    assert run.n_steps == 19  # the partial block was flushed on the way out
+    for step in (0, 7, 19):
+        for name, value in thetas[step].items():
+            torch.testing.assert_close(run.reconstruct(step)[name], value, rtol=0, atol=1e-6)
+
+
+KILLED_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    import attrib
+    from conftest import data, mlp
+    model = mlp(); opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = data()
+    rec = attrib.Recorder({path!r}, model, opt, checkpoint_every=5, steps_per_chunk=8)
+    for step in range(100):
+        torch.save({{k: v.detach().clone() for k, v in model.named_parameters()}},
+                   {path!r} + f"-live-{{step}}.pt")
+        if step == 29:
+            os.kill(os.getpid(), signal.SIGKILL)
+        rec.examples(torch.arange(32))
+        torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+        opt.step(); opt.zero_grad()
+""")
+
+
+def test_kill_9_keeps_every_committed_block(tmp_path):
+    path = str(tmp_path / "run")
+    script = KILLED_SCRIPT.format(path=path, tests=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -9, result.stderr.decode()
+    run = attrib.open_run(path)
+    assert run.status == "crashed"  # manifest says recording, but its process is gone
+    # steps 0…28 ran; blocks of 8 commit in the background, so 16 or 24 are visible
+    assert run.n_steps in (16, 24)
+    assert run.steps.num_rows == run.n_steps
+    assert attrib.sql(path, "SELECT max(step) FROM steps").column(0)[0].as_py() == run.n_steps - 1
+    for step in range(run.n_steps + 1):
+        live = torch.load(f"{path}-live-{step}.pt", weights_only=True)
+        rebuilt = run.reconstruct(step)
+        for name, value in live.items():
+            torch.testing.assert_close(rebuilt[name], value, rtol=0, atol=1e-6)

@@ -1,0 +1,120 @@
+"""Bad input gets a clear error up front; a recording failure mid-run never stops training
+unless strict=True, and the run says what happened."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import OPTIMIZERS, data, mlp
+
+import attrib
+from attrib.recorder.optimizers import UnsupportedOptimizerError
+
+
+def test_unsupported_optimizer_names_the_supported_ones(run_dir):
+    model = mlp()
+    with pytest.raises(UnsupportedOptimizerError, match=r"RMSprop.*torch\.optim\.SGD.*Adam"):
+        attrib.Recorder(run_dir, model, torch.optim.RMSprop(model.parameters()))
+    assert not run_dir.exists()
+
+
+def test_maximize_is_refused(run_dir):
+    model = mlp()
+    with pytest.raises(UnsupportedOptimizerError, match="maximize=True"):
+        attrib.Recorder(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1,
+                                                        maximize=True))
+
+
+def test_optimizer_param_outside_the_model(run_dir):
+    model, other = mlp(), torch.nn.Linear(3, 3)
+    opt = torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1)
+    with pytest.raises(ValueError, match="not a parameter of the model given to Recorder"):
+        attrib.Recorder(run_dir, model, opt)
+
+
+def test_existing_run_needs_overwrite(run_dir):
+    model = mlp()
+    attrib.Recorder(run_dir, model, OPTIMIZERS["sgd"](model.parameters())).close()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        attrib.Recorder(run_dir, model, OPTIMIZERS["sgd"](model.parameters()))
+    attrib.Recorder(run_dir, model, OPTIMIZERS["sgd"](model.parameters()), overwrite=True).close()
+    assert attrib.open_run(run_dir).status == "complete"
+
+
+def test_foreign_directory_is_never_deleted(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    model = mlp()
+    with pytest.raises(FileExistsError, match="not empty"):
+        attrib.Recorder(tmp_path, model, OPTIMIZERS["sgd"](model.parameters()), overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("ids", [torch.zeros(2, 3, dtype=torch.long), [0.5, 1.5], "abc"])
+def test_bad_example_ids(run_dir, ids):
+    model = mlp()
+    with (attrib.Recorder(run_dir, model, OPTIMIZERS["sgd"](model.parameters())) as rec,
+          pytest.raises(ValueError, match="1-D sequence of integer example ids")):
+        rec.examples(ids)
+
+
+def _train_with_new_group(run_dir, strict: bool) -> int:
+    """Add a param group mid-run, which the recorder can't follow; returns steps trained."""
+    model, extra = mlp(), torch.nn.Linear(2, 2)
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    steps = 0
+    with attrib.Recorder(run_dir, model, opt, steps_per_chunk=4, strict=strict) as rec:
+        for step in range(12):
+            if step == 6:
+                opt.add_param_group({"params": extra.parameters()})
+            rec.examples(torch.arange(16))
+            torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+            opt.step()
+            opt.zero_grad()
+            steps += 1
+    return steps
+
+
+def test_non_strict_failure_keeps_training_and_marks_incomplete(run_dir):
+    with pytest.warns(UserWarning, match="training continues.*incomplete"):
+        assert _train_with_new_group(run_dir, strict=False) == 12
+    run = attrib.open_run(run_dir)
+    assert run.status == "incomplete"
+    assert run.n_steps == 6  # everything before the failure is committed
+    assert "parameters changed" in run.manifest["error"]
+    assert run.reconstruct(6)  # readable
+
+
+def test_strict_failure_raises(run_dir):
+    with pytest.raises(attrib.RecordingError, match="parameters changed"):
+        _train_with_new_group(run_dir, strict=True)
+    run = attrib.open_run(run_dir)
+    assert run.status == "crashed" and run.n_steps == 6
+
+
+def test_log_attaches_to_the_right_step_and_stages_table(run_dir):
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    with attrib.Recorder(run_dir, model, opt, steps_per_chunk=4) as rec:
+        for step in range(10):
+            if step in (3, 6):
+                rec.stage("warmup" if step == 3 else "finetune")
+            rec.epoch(step // 5)
+            rec.examples(torch.arange(8))
+            loss = torch.nn.functional.cross_entropy(model(x[:8]), y[:8])
+            loss.backward()
+            rec.log(before=float(step))  # after backward, before step: this step
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=loss, after=torch.tensor(step + 0.5))  # after step: this step
+    steps = attrib.open_run(run_dir).steps.to_pylist()
+    assert [dict(s["metrics"]) for s in steps] == [
+        {"before": float(i), "after": i + 0.5} for i in range(10)]
+    assert [s["epoch"] for s in steps] == [0] * 5 + [1] * 5
+    stages = attrib.open_run(run_dir).stages.to_pylist()
+    assert stages == [
+        {"stage": "default", "start_step": 0, "end_step": 2, "n_steps": 3},
+        {"stage": "warmup", "start_step": 3, "end_step": 5, "n_steps": 3},
+        {"stage": "finetune", "start_step": 6, "end_step": 9, "n_steps": 4},
+    ]

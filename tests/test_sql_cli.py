@@ -1,0 +1,85 @@
+"""`attrib sql` / `attrib.sql` over one or many runs, `attrib info`, and `attrib demo`."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from conftest import OPTIMIZERS, mlp, train
+
+import attrib
+from attrib.cli.main import main
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    for name, steps, opt in (("exp1", 12, "sgd_nesterov"), ("exp2", 9, "adamw")):
+        model = mlp()
+        train(tmp_path / "runs" / name, model, OPTIMIZERS[opt](model.parameters()), steps=steps)
+    return tmp_path / "runs"
+
+
+def test_sql_over_two_runs_adds_run_column(two_runs):
+    table = attrib.sql(str(two_runs / "*"), "SELECT run, count(*) AS n FROM steps GROUP BY run "
+                                            "ORDER BY run")
+    assert table.to_pylist() == [{"run": "exp1", "n": 12}, {"run": "exp2", "n": 9}]
+    joined = attrib.sql([two_runs / "exp1", two_runs / "exp2"],
+                        "SELECT p.run, count(*) FROM params p JOIN steps s USING (run) "
+                        "GROUP BY 1 ORDER BY 1")
+    assert joined.column(1).to_pylist() == [12 * 4, 9 * 4]
+
+
+def test_sql_single_run_has_no_run_column(two_runs):
+    table = attrib.sql(two_runs / "exp1", "SELECT * FROM steps LIMIT 1")
+    assert "run" not in table.column_names and "loss" in table.column_names
+
+
+def test_cli_sql_table_and_formats(two_runs, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["sql", str(two_runs / "exp1"),
+                                  "SELECT stage, count(*) AS n FROM steps GROUP BY 1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].split() == ["stage", "n"]
+    assert "default" in result.output and "12" in result.output
+    result = runner.invoke(main, ["sql", str(two_runs / "*"), "SELECT run, max(step) AS m "
+                                  "FROM steps GROUP BY 1 ORDER BY 1", "--format", "json"])
+    assert json.loads(result.output) == [{"run": "exp1", "m": 11}, {"run": "exp2", "m": 8}]
+    result = runner.invoke(main, ["sql", str(two_runs / "exp2"), "SELECT step FROM steps",
+                                  "--format", "csv"])
+    assert result.output.split() == ['"step"', *map(str, range(9))]
+    out = tmp_path / "steps.parquet"
+    result = runner.invoke(main, ["sql", str(two_runs / "exp2"), "SELECT * FROM examples",
+                                  "--format", "parquet", "-o", str(out)])
+    assert result.exit_code == 0 and pq.read_table(out).num_rows == 9 * 32
+
+
+def test_cli_sql_errors_are_clear(two_runs, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["sql", str(tmp_path / "nothing*"), "SELECT 1"])
+    assert result.exit_code != 0 and "names no attrib run" in result.output
+    result = runner.invoke(main, ["sql", str(two_runs / "exp1"), "SELECT nope FROM steps"])
+    assert result.exit_code != 0 and "SQL error" in result.output
+
+
+def test_cli_info(two_runs):
+    result = CliRunner().invoke(main, ["info", str(two_runs / "exp2")])
+    assert result.exit_code == 0, result.output
+    for expected in ("status       complete", "steps        9 committed", "AdamW (adamw)",
+                     "4 tensors, 227 scalars", "compression", "checkpoints  2"):
+        assert expected in result.output
+    info = json.loads(CliRunner().invoke(main, ["info", "--json", str(two_runs / "exp2")]).output)
+    # 9 steps × 227 float32 × (delta, grad, exp_avg_sq) + checkpoints θ_0, θ_9 + per step:
+    # 7 float64 hparams, float64 clip factor, int64 step count and bool active per tensor
+    assert info["dense_bytes_raw"] == 9 * 227 * 4 * 3 + 2 * 227 * 4 + 9 * (7 * 8 + 8 + 4 * 9)
+    assert info["dense_bytes_stored"] > 0 and info["dense_metadata_bytes"] > 0
+
+
+def test_demo_quick(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--quick", "--quiet", "--out",
+                                       str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert "status       complete" in result.output
+    assert "warmup" in result.output and "train" in result.output
+    assert attrib.open_run(tmp_path / "demo").n_steps == 96

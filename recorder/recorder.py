@@ -20,11 +20,12 @@ import torch
 
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
-from attrib.recorder.writer import BackgroundWriter, RecordingError, StepRecord
+from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
 
-BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block (bounds writer memory)
+BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
 MAX_STEPS_PER_CHUNK = 64
+BLOCK_BUFFERS = 3  # one being filled, up to two being written: bounds host memory
 DEFAULT_STAGE = "default"
 
 
@@ -45,12 +46,17 @@ class TrackedParam:
         return torch.float64 if self.param.dtype == torch.float64 else torch.float32
 
 
-def _host(t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
-    """A host copy that later in-place updates of `t` can't change."""
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a scalar that later in-place updates of `t` can't change; on a GPU it
+    completes before the block's event, which the writer waits for."""
     t = t.detach()
-    if t.device.type != "cpu":
-        return t.to("cpu", non_blocking=True)
-    return t if fresh else t.clone()
+    return t.to("cpu", non_blocking=True) if t.device.type != "cpu" else t.clone()
+
+
+def _snapshot(params: list[TrackedParam], tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ for a checkpoint: a blocking host copy in the storage dtype (rare, off the step path)."""
+    return {p.key: t.detach().to("cpu", p.storage_dtype, copy=True)
+            for p, t in zip(params, tensors)}
 
 
 def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -91,6 +97,9 @@ class Recorder:
     backward, optionally `log(...)`, `stage(name)` and `epoch(n)`. With `strict=False` (the
     default) a recording failure never stops training: it warns, stops recording and marks the
     run `incomplete`. With `strict=True` it raises.
+
+    Memory: the recorder holds `buffers` blocks of `steps_per_chunk` steps on the host (pinned
+    when the model is on a GPU); when the disk falls behind, training waits for a free block.
     """
 
     def __init__(
@@ -103,7 +112,7 @@ class Recorder:
         steps_per_chunk: int | None = None,
         record_grads: bool = True,
         codec: Codec | None = None,
-        queue_size: int | None = None,
+        buffers: int = BLOCK_BUFFERS,
         strict: bool = False,
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
@@ -131,7 +140,11 @@ class Recorder:
                          steps_per_chunk, codec)
         store.write_table_part("params", self._params_table(), 0, 0)
         self._write_carry_in(store)
-        self._writer = BackgroundWriter(store, queue_size or steps_per_chunk)
+        on_gpu = any(p.param.is_cuda for p in self.params)
+        self._writer = BackgroundWriter(store, arrays, buffers, pin_memory=on_gpu)
+        self._block: Block = self._writer.acquire()
+        self._scratch = ([torch.empty_like(p.param, dtype=p.storage_dtype) for p in self.params]
+                         if on_gpu else None)  # device-side deltas before their async copy
 
         self.step = 0  # index of the next optimizer step
         self._epoch: int | None = None
@@ -147,8 +160,7 @@ class Recorder:
         self._started = time.perf_counter()
         self._theta_hat = [p.param.detach().to(p.storage_dtype).clone() for p in self.params]
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
-        self._writer.add_checkpoint(0, {p.key: _host(t) for p, t in
-                                        zip(self.params, self._theta_hat)})
+        self._writer.add_checkpoint(0, _snapshot(self.params, self._theta_hat))
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -282,6 +294,9 @@ class Recorder:
             handle.remove()
         if self._enabled:
             self._guard(self._submit_final)
+        elif self._writer.error is None:
+            # keep the steps recorded before the failure; θ has moved on, so no final checkpoint
+            self._guard(self._writer.submit, self._block)
         self._writer.close()
         store = self._writer.store
         if self._writer.error is not None and self._failure is None:
@@ -298,11 +313,12 @@ class Recorder:
             raise RecordingError(self._failure) from self._writer.error
 
     def _submit_final(self) -> None:
-        """Hand over the last step and θ_N (as a checkpoint unless one was just taken)."""
+        """Hand over the last (partial) block and θ_N, as a checkpoint unless one was taken."""
         self._begin_next_step()
+        self._writer.submit(self._block)
         if self.step % self.checkpoint_every != 0:
-            self._writer.add_checkpoint(
-                self.step, {p.key: _host(p.param.to(p.storage_dtype)) for p in self.params})
+            self._writer.add_checkpoint(self.step, _snapshot(self.params,
+                                                             [p.param for p in self.params]))
 
     def __enter__(self) -> Recorder:
         return self
@@ -340,10 +356,12 @@ class Recorder:
         return hook
 
     def _begin_next_step(self) -> None:
-        if self._pending is not None:
-            self._writer.submit(self._pending)
-            self._pending = None
+        """The last step's row is final: a full block can go to the writer."""
+        self._pending = None
         self._after_step = False
+        if self._block.full:
+            self._writer.submit(self._block)
+            self._block = self._writer.acquire()
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self._enabled:
@@ -366,16 +384,28 @@ class Recorder:
             self.step += 1
 
     def _capture_step(self) -> StepRecord:
-        """Snapshot everything step `self.step` did; batched tensor ops, no per-element loops."""
+        """Write step `self.step` into the next row of the block buffers.
+
+        Batched tensor ops and copies into preallocated memory; loops run over parameter
+        tensors only, never over examples or coordinates.
+        """
         if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
             raise RecordingError("the optimizer's parameters changed after Recorder was attached;"
                                  " attach a new Recorder after add_param_group()")
+        row_index = len(self._block.records)
+        rows = {path: buffer[row_index] for path, buffer in self._block.buffers.items()}
         live = [p.param.detach() for p in self.params]
         consumed = [p.param.grad for p in self.params]
-        active = [g is not None for g in consumed]
-        deltas = torch._foreach_sub([t.to(h.dtype) for t, h in zip(live, self._theta_hat)],
-                                    self._theta_hat)
-        torch._foreach_add_(self._theta_hat, deltas)
+
+        deltas = []
+        for p, value, hat in zip(self.params, live, self._theta_hat):
+            target = rows[f"{fmt.DELTAS}/{p.key}"]
+            delta = self._scratch[p.index] if self._scratch is not None else target
+            torch.sub(value, hat, out=delta)
+            hat.add_(delta)
+            if delta is not target:
+                target.copy_(delta, non_blocking=True)
+            deltas.append(delta)
 
         used = [g.detach() for g in consumed if g is not None]
         pre_norms = [n if n is not None else torch.linalg.vector_norm(g.detach())
@@ -383,26 +413,25 @@ class Recorder:
         self._pre_clip_norms = [None] * len(self.params)
         clip_factor, uniform, grad_norm = _clip_factor(used, pre_norms)
 
-        arrays: dict[str, Any] = {}
-        for p, delta, g in zip(self.params, deltas, consumed):
-            arrays[f"{fmt.DELTAS}/{p.key}"] = _host(delta, fresh=True)
-            if self.record_grads:
-                arrays[f"{fmt.GRADS}/{p.key}"] = (_host(g.to(p.storage_dtype)) if g is not None
-                                                  else torch.zeros_like(delta, device="cpu"))
+        for p, g in zip(self.params, consumed):
             state = self.optimizer.state.get(p.param, {})
-            for name in self.spec.step_state:
-                value = optim_info.state_tensor(self.spec, state, name)
-                arrays[f"{fmt.STATE}/{p.key}/{name}"] = (
-                    _host(value.to(p.storage_dtype)) if value is not None
-                    else torch.zeros_like(delta, device="cpu"))
+            copies = [(f"{fmt.GRADS}/{p.key}", g)] if self.record_grads else []
+            copies += [(f"{fmt.STATE}/{p.key}/{name}",
+                        optim_info.state_tensor(self.spec, state, name))
+                       for name in self.spec.step_state]
+            for path, value in copies:
+                if value is None:
+                    rows[path].zero_()
+                else:
+                    rows[path].copy_(value.detach(), non_blocking=True)
         hparams = [optim_info.group_hparams(self.spec, g) for g in self.optimizer.param_groups]
         for name in fmt.HPARAM_NAMES:
-            arrays[f"{fmt.HPARAMS}/{name}"] = np.array([h[name] for h in hparams])
-        arrays[fmt.CLIP_FACTOR] = _host(clip_factor.to(torch.float64))
-        arrays[fmt.STEP_COUNT] = np.array(
-            [optim_info.step_count(self.optimizer.state.get(p.param, {})) for p in self.params],
-            dtype=np.int64)
-        arrays[fmt.ACTIVE] = np.array(active, dtype=bool)
+            rows[f"{fmt.HPARAMS}/{name}"].copy_(torch.tensor([h[name] for h in hparams],
+                                                             dtype=torch.float64))
+        rows[fmt.CLIP_FACTOR].copy_(clip_factor, non_blocking=True)
+        rows[fmt.STEP_COUNT].copy_(torch.tensor(
+            [optim_info.step_count(self.optimizer.state.get(p.param, {})) for p in self.params]))
+        rows[fmt.ACTIVE].copy_(torch.tensor([g is not None for g in consumed]))
 
         row = {
             "step": self.step, "epoch": self._epoch, "stage": self._stage,
@@ -413,16 +442,15 @@ class Recorder:
             "n_examples": int(sum(len(e) for e in self._examples)) if self._examples else None,
             "time": time.perf_counter() - self._started,
         }
-        record = StepRecord(self.step, arrays, row, self._examples, ready=_cuda_event(live))
+        record = StepRecord(self.step, row, self._examples)
         self._upcoming = {"metrics": {}, "loss": None}
         self._examples = []
         if (self.step + 1) % self.checkpoint_every == 0:
-            record.checkpoint = {p.key: _host(t.to(p.storage_dtype))
-                                 for p, t in zip(self.params, live)}
-            for hat, t in zip(self._theta_hat, live):
-                hat.copy_(t)  # deltas restart from the stored checkpoint, bit for bit
+            record.checkpoint = _snapshot(self.params, live)
+            for hat, value in zip(self._theta_hat, live):
+                hat.copy_(value)  # deltas restart from the stored checkpoint, bit for bit
+        self._block.records.append(record)
         return record
-
 
 
 def _clip_factor(consumed: list[torch.Tensor], pre_norms: list[torch.Tensor]):
@@ -437,11 +465,3 @@ def _clip_factor(consumed: list[torch.Tensor], pre_norms: list[torch.Tensor]):
                          torch.ones_like(grad_norm))
     uniform = ((after - factor * before).abs() <= 1e-4 * after.abs() + 1e-30).all()
     return factor, uniform, grad_norm
-
-
-def _cuda_event(tensors: list[torch.Tensor]):
-    if tensors and tensors[0].is_cuda:
-        event = torch.cuda.Event()
-        event.record()
-        return event
-    return None

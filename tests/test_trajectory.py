@@ -112,3 +112,24 @@ def test_stream_yields_reconstructed_thetas(run_dir):
                                run.grads(name, view.step, view.step + 1)[0])
         seen += 1
     assert seen == 16
+
+
+@pytest.mark.parametrize("name", ["sgd_nesterov", "adamw"])
+def test_resumed_optimizer_state_is_recorded_as_carry_in(run_dir, name):
+    """An optimizer that already took steps: its buffers are the carry-in of METHODS.md §1."""
+    model = mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    for _ in range(5):  # unrecorded warm start
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    train(run_dir, model, opt, steps=12)
+    run = attrib.open_run(run_dir)
+    carry = run.initial_state()
+    key = "momentum_buffer" if name.startswith("sgd") else "exp_avg"
+    assert set(carry) == set(run.param_names) and all(key in c for c in carry.values())
+    if name == "adamw":
+        assert run.meta["initial_step_count"] == [5] * 4
+        assert run.step_counts()[0].tolist() == [6] * 4  # bias correction continues from t=5
+    assert update_split_error(run) <= 1e-5

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 import zarr
@@ -100,6 +101,14 @@ class Run:
         if not files:
             return schema.empty_table()
         return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+
+    def table_where(self, name: str, step: int) -> pa.Table:
+        """The rows of a step-keyed table for one step (Parquet statistics skip the rest)."""
+        files = self.table_files(name)
+        if not files:
+            return fmt.TABLES[name].empty_table()
+        dataset = ds.dataset([str(f) for f in files], schema=fmt.TABLES[name], format="parquet")
+        return dataset.to_table(filter=ds.field("step") == step)
 
     @property
     def steps(self) -> pa.Table:
@@ -191,6 +200,38 @@ class Run:
             if node is not None:
                 out[name] = {s: torch.from_numpy(a[...]) for s, a in node.arrays()}
         return out
+
+    @property
+    def capture(self) -> dict[str, dict]:
+        """Per parameter name, what was captured per example: full / project / topk settings."""
+        return self.meta.get("capture", {})
+
+    def contributions(self, step: int, param: str | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-example contributions c_{s,i} of one step: (example ids, {param: rows}).
+
+        Rows follow the examples in the order they were declared (micro-batch, then slot):
+        the parameter's shape for Full capture, k values for Project capture.
+        """
+        self._step_range(step, step + 1)
+        examples = self.table_where("examples", step).sort_by("row")
+        ids = torch.tensor(examples.column("example_id").to_numpy())
+        names = [param] if param is not None else [n for n, c in self.capture.items()
+                                                      if "full" in c or "project" in c]
+        out = {}
+        for name in names:
+            kind = self.capture.get(name, {})
+            group = fmt.CONTRIB if "full" in kind else fmt.PROJ if "project" in kind else None
+            if group is None:
+                raise KeyError(f"{name!r} has no stored per-example contributions "
+                               f"(capture: {kind or 'none'})")
+            array = self._array(f"{group}/{self._key(name)}")
+            out[name] = torch.from_numpy(array[step, : len(ids)])
+        return ids, out
+
+    def residual_norms(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """‖G_s − Σ_i c_{s,i}‖ / ‖G_s‖ per (step, parameter); NaN where nothing is captured."""
+        return self._steps_of(fmt.RESIDUAL_NORM, start, stop)
 
     def checkpoint(self, index: int) -> dict[str, torch.Tensor]:
         """θ at the `index`-th checkpoint (its step is checkpoint_steps[index])."""

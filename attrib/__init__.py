@@ -5,5 +5,8 @@ __version__ = "0.1.0"
 from attrib.analyzer.run import Run, open_run
 from attrib.analyzer.sql import sql
 from attrib.recorder import Codec, Recorder, RecordingError
+from attrib.recorder.policies import Full, Project, TopK
+from attrib.schemas.projection import project
 
-__all__ = ["Codec", "Recorder", "RecordingError", "Run", "__version__", "open_run", "sql"]
+__all__ = ["Codec", "Full", "Project", "Recorder", "RecordingError", "Run", "TopK",
+           "__version__", "open_run", "project", "sql"]

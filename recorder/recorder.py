@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from attrib.recorder import optimizers as optim_info
+from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
+from attrib.recorder.policies import Policy, TensorCapture, default_policies, resolve
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
 from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
@@ -113,6 +115,8 @@ class Recorder:
         record_grads: bool = True,
         codec: Codec | None = None,
         buffers: int = BLOCK_BUFFERS,
+        capture: Policy | list[Policy] | bool | None = None,
+        examples_per_step: int | None = None,
         strict: bool = False,
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
@@ -127,24 +131,27 @@ class Recorder:
         self.checkpoint_every = checkpoint_every
         self.record_grads = record_grads
         self._check_target(overwrite)
+        self.captures = self._resolve_capture(capture)
+        self._steps_per_chunk = steps_per_chunk
+        self._examples_per_step = examples_per_step
+        self._buffers = buffers
+        self._on_gpu = any(p.param.is_cuda for p in self.params)
+        self._capture = (ExampleCapture(model, [p.name for p in self.params],
+                                        [tuple(p.param.shape) for p in self.params],
+                                        self.captures, strict)
+                         if any(c.any for c in self.captures) else None)
 
-        arrays = self._array_specs()
-        per_step = sum(a.step_bytes for a in arrays)
-        if steps_per_chunk is None:
-            steps_per_chunk = max(1, min(MAX_STEPS_PER_CHUNK, BLOCK_TARGET_BYTES // per_step))
         codec = codec or Codec()
-        meta = self._metadata(steps_per_chunk, codec, metadata or {})
-        store = RunStore(self.path, meta, arrays,
+        store = RunStore(self.path, self._metadata(codec, metadata or {}),
                          {p.key: (tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch."))
                           for p in self.params},
-                         steps_per_chunk, codec)
+                         codec)
         store.write_table_part("params", self._params_table(), 0, 0)
         self._write_carry_in(store)
-        on_gpu = any(p.param.is_cuda for p in self.params)
-        self._writer = BackgroundWriter(store, arrays, buffers, pin_memory=on_gpu)
-        self._block: Block = self._writer.acquire()
+        self._writer = BackgroundWriter(store)
+        self._block: Block | None = None  # created at the first step, when sizes are known
         self._scratch = ([torch.empty_like(p.param, dtype=p.storage_dtype) for p in self.params]
-                         if on_gpu else None)  # device-side deltas before their async copy
+                         if self._on_gpu else None)  # device-side deltas before their async copy
 
         self.step = 0  # index of the next optimizer step
         self._epoch: int | None = None
@@ -181,15 +188,31 @@ class Recorder:
         elif self.path.exists() and any(self.path.iterdir()):
             raise FileExistsError(f"{self.path} is not empty; record into a new directory")
 
-    def _array_specs(self) -> list[ArraySpec]:
+    def _resolve_capture(self, capture) -> list[TensorCapture]:
+        if capture is False:
+            policies: list[Policy] = []
+        elif capture is None or capture is True:
+            policies = default_policies(sum(p.param.numel() for p in self.params))
+        else:
+            policies = list(capture) if isinstance(capture, (list, tuple)) else [capture]
+        return resolve(policies, [p.name for p in self.params],
+                       [tuple(p.param.shape) for p in self.params])
+
+    def _array_specs(self, examples: int) -> list[ArraySpec]:
         specs = []
-        for p in self.params:
+        for p, capture in zip(self.params, self.captures):
             shape, dtype = tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch.")
             specs.append(ArraySpec(f"{fmt.DELTAS}/{p.key}", shape, dtype))
             if self.record_grads:
                 specs.append(ArraySpec(f"{fmt.GRADS}/{p.key}", shape, dtype))
             specs += [ArraySpec(f"{fmt.STATE}/{p.key}/{s}", shape, dtype)
                       for s in self.spec.step_state]
+            if capture.full is not None:
+                specs.append(ArraySpec(f"{fmt.CONTRIB}/{p.key}", (examples, *shape),
+                                       capture.full.dtype))
+            if capture.project is not None:
+                specs.append(ArraySpec(f"{fmt.PROJ}/{p.key}", (examples, capture.project.k),
+                                       "float32"))
         groups, n = (len(self.optimizer.param_groups),), (len(self.params),)
         specs += [ArraySpec(f"{fmt.HPARAMS}/{h}", groups, "float64", math.nan)
                   for h in fmt.HPARAM_NAMES]
@@ -198,9 +221,22 @@ class Recorder:
             ArraySpec(fmt.STEP_COUNT, n, "int64", 0),
             ArraySpec(fmt.ACTIVE, n, "bool", False),
         ]
+        if self._capture is not None:
+            specs.append(ArraySpec(fmt.RESIDUAL_NORM, n, "float64", math.nan))
         return specs
 
-    def _metadata(self, steps_per_chunk: int, codec: Codec, user: dict[str, Any]) -> dict:
+    def _initialize_storage(self, examples: int) -> None:
+        """Create the step arrays and block buffers, sized by what step 0 showed."""
+        specs = self._array_specs(examples)
+        per_step = sum(a.step_bytes for a in specs)
+        depth = self._steps_per_chunk or max(1, min(MAX_STEPS_PER_CHUNK,
+                                                    BLOCK_TARGET_BYTES // per_step))
+        self._writer.store.create_step_arrays(
+            specs, depth, {"steps_per_chunk": depth, "examples_per_step": examples})
+        self._writer.start_pool(specs, self._buffers, pin_memory=self._on_gpu)
+        self._block = self._writer.acquire()
+
+    def _metadata(self, codec: Codec, user: dict[str, Any]) -> dict:
         from attrib import __version__
 
         return {
@@ -215,7 +251,12 @@ class Recorder:
             "step_state": list(self.spec.step_state),
             "record_grads": self.record_grads,
             "checkpoint_every": self.checkpoint_every,
-            "steps_per_chunk": steps_per_chunk,
+            "steps_per_chunk": None,  # set at the first step
+            "examples_per_step": None,
+            "capture": {p.name: c.describe() for p, c in zip(self.params, self.captures)
+                        if c.any},
+            "residual_params": ([self.params[i].name for i in self._capture.unsupported]
+                                if self._capture is not None else []),
             "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle},
             "initial_step_count": [optim_info.step_count(self.optimizer.state.get(p.param, {}))
                                    for p in self.params],
@@ -251,6 +292,8 @@ class Recorder:
             )
         self._guard(self._begin_next_step)
         self._examples.append(array.astype(np.int64))
+        if self._capture is not None:
+            self._capture.begin_micro_batch(len(array))
 
     def log(self, **scalars: Any) -> None:
         """Attach scalars to the step table: `loss=` fills the loss column, others `metrics`.
@@ -292,9 +335,11 @@ class Recorder:
         atexit.unregister(self._close_at_exit)
         for handle in self._handles:
             handle.remove()
+        if self._capture is not None:
+            self._capture.remove()
         if self._enabled:
             self._guard(self._submit_final)
-        elif self._writer.error is None:
+        elif self._writer.error is None and self._block is not None:
             # keep the steps recorded before the failure; θ has moved on, so no final checkpoint
             self._guard(self._writer.submit, self._block)
         self._writer.close()
@@ -315,7 +360,8 @@ class Recorder:
     def _submit_final(self) -> None:
         """Hand over the last (partial) block and θ_N, as a checkpoint unless one was taken."""
         self._begin_next_step()
-        self._writer.submit(self._block)
+        if self._block is not None:
+            self._writer.submit(self._block)
         if self.step % self.checkpoint_every != 0:
             self._writer.add_checkpoint(self.step, _snapshot(self.params,
                                                              [p.param for p in self.params]))
@@ -359,7 +405,7 @@ class Recorder:
         """The last step's row is final: a full block can go to the writer."""
         self._pending = None
         self._after_step = False
-        if self._block.full:
+        if self._block is not None and self._block.full:
             self._writer.submit(self._block)
             self._block = self._writer.acquire()
 
@@ -392,6 +438,9 @@ class Recorder:
         if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
             raise RecordingError("the optimizer's parameters changed after Recorder was attached;"
                                  " attach a new Recorder after add_param_group()")
+        data = self._capture.end_step() if self._capture is not None else None
+        if self._block is None:
+            self._initialize_storage(self._examples_per_step or (data.rows if data else 0))
         row_index = len(self._block.records)
         rows = {path: buffer[row_index] for path, buffer in self._block.buffers.items()}
         live = [p.param.detach() for p in self.params]
@@ -432,6 +481,8 @@ class Recorder:
         rows[fmt.STEP_COUNT].copy_(torch.tensor(
             [optim_info.step_count(self.optimizer.state.get(p.param, {})) for p in self.params]))
         rows[fmt.ACTIVE].copy_(torch.tensor([g is not None for g in consumed]))
+        if data is not None:
+            self._store_examples(data, rows, consumed, clip_factor)
 
         row = {
             "step": self.step, "epoch": self._epoch, "stage": self._stage,
@@ -442,6 +493,8 @@ class Recorder:
             "n_examples": int(sum(len(e) for e in self._examples)) if self._examples else None,
             "time": time.perf_counter() - self._started,
         }
+        if data is not None:
+            self._hook_seconds += data.seconds
         record = StepRecord(self.step, row, self._examples)
         self._upcoming = {"metrics": {}, "loss": None}
         self._examples = []
@@ -451,6 +504,32 @@ class Recorder:
                 hat.copy_(value)  # deltas restart from the stored checkpoint, bit for bit
         self._block.records.append(record)
         return record
+
+    def _store_examples(self, data: StepData, rows: dict[str, torch.Tensor],
+                        consumed: list[torch.Tensor | None], clip_factor: torch.Tensor) -> None:
+        """Per-example rows of this step, and the invariant Σ_i c_i = G checked per tensor."""
+        capacity = self._writer.store.meta["examples_per_step"]
+        if data.rows > capacity:
+            raise RecordingError(
+                f"step {self.step} declared {data.rows} examples, but the per-example arrays "
+                f"hold {capacity} per step (the first step's count); pass "
+                f"examples_per_step={data.rows} (or more) to Recorder")
+        residual = []
+        for p, capture, g in zip(self.params, self.captures, consumed):
+            if capture.full is not None:
+                scatter_rows(data.full.get(p.index, []), rows[f"{fmt.CONTRIB}/{p.key}"])
+            if capture.project is not None:
+                scatter_rows(data.projected.get(p.index, []), rows[f"{fmt.PROJ}/{p.key}"])
+            if not capture.any or g is None:
+                residual.append(torch.tensor(math.nan if not capture.any else 0.0))
+                continue
+            before_clip = g.detach().double() / clip_factor
+            total = data.sums.get(p.index)
+            gap = before_clip if total is None else before_clip - total.double()
+            residual.append(torch.linalg.vector_norm(gap)
+                            / torch.linalg.vector_norm(before_clip).clamp_min(1e-300))
+        rows[fmt.RESIDUAL_NORM].copy_(torch.stack([r.to(clip_factor.device).double()
+                                                   for r in residual]), non_blocking=True)
 
 
 def _clip_factor(consumed: list[torch.Tensor], pre_norms: list[torch.Tensor]):

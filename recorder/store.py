@@ -71,17 +71,12 @@ def now_iso() -> str:
 class RunStore:
     """Write side of one run directory. Not thread-safe: one writer thread owns it."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        meta: dict[str, Any],
-        step_arrays: list[ArraySpec],
-        params: dict[str, tuple[tuple[int, ...], str]],
-        steps_per_chunk: int,
-        codec: Codec,
-    ) -> None:
+    def __init__(self, run_dir: Path, meta: dict[str, Any],
+                 params: dict[str, tuple[tuple[int, ...], str]], codec: Codec) -> None:
         self.dir = run_dir
-        self.steps_per_chunk = steps_per_chunk
+        self.meta = meta
+        self.steps_per_chunk = 0  # set with the step arrays, at the first step
+        self.step_arrays: dict[str, zarr.Array] = {}
         self._codec = codec
         self._sequence = 0
         self._pending_checkpoints = 0  # appended since the last commit
@@ -89,11 +84,6 @@ class RunStore:
         run_dir.mkdir(parents=True, exist_ok=True)
         fmt.write_json_atomic(run_dir / fmt.META_FILE, meta)
         self.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="w", zarr_format=3)
-        self.step_arrays = {
-            spec.path: self._create(spec.path, (0, *spec.step_shape), spec.dtype,
-                                    steps_per_chunk, spec.fill_value)
-            for spec in step_arrays
-        }
         self.checkpoint_arrays = {
             key: self._create(f"{fmt.CHECKPOINTS}/{key}", (0, *shape), dtype, 1, 0.0)
             for key, (shape, dtype) in params.items()
@@ -109,6 +99,18 @@ class RunStore:
             "error": None,
             "warnings": [],
         }
+
+    def create_step_arrays(self, specs: list[ArraySpec], steps_per_chunk: int,
+                           meta: dict[str, Any]) -> None:
+        """Create the step-indexed arrays once the first step has shown their sizes."""
+        self.steps_per_chunk = steps_per_chunk
+        self.step_arrays = {
+            spec.path: self._create(spec.path, (0, *spec.step_shape), spec.dtype,
+                                    steps_per_chunk, spec.fill_value)
+            for spec in specs
+        }
+        self.meta.update(meta)
+        fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)
 
     def _create(self, path: str, shape: tuple[int, ...], dtype: str, depth: int, fill: Any):
         itemsize = np.dtype(dtype).itemsize

@@ -66,25 +66,27 @@ class BackgroundWriter:
     """Owns the RunStore once started; the training thread talks to it through
     `acquire`/`submit`/`add_checkpoint`/`close`."""
 
-    def __init__(self, store: RunStore, specs: list[ArraySpec], n_buffers: int,
-                 pin_memory: bool = False) -> None:
+    def __init__(self, store: RunStore) -> None:
         self.store = store
         self.error: BaseException | None = None
         self.error_trace: str | None = None
         self.committed_steps = 0
         self._queue: queue.Queue = queue.Queue()  # bounded by the pool: ≤ n_buffers blocks
         self._free: queue.Queue = queue.Queue()
-        depth = store.steps_per_chunk
-        for _ in range(max(1, n_buffers)):
-            self._free.put({s.path: torch.zeros((depth, *s.step_shape), pin_memory=pin_memory,
-                                                dtype=getattr(torch, s.dtype))
-                            for s in specs})
         self._checkpoints: list[tuple[int, int]] = []  # (index, step)
         self._stage_runs: list[list[Any]] = []  # [stage, start, end, n_steps]
         self._thread = threading.Thread(target=self._loop, name="attrib-writer", daemon=True)
         self._thread.start()
 
     # -- training-thread side ----------------------------------------------------------------
+    def start_pool(self, specs: list[ArraySpec], n_buffers: int, pin_memory: bool) -> None:
+        """Allocate the block buffers (zeroed, so their pages are touched once, here)."""
+        depth = self.store.steps_per_chunk
+        for _ in range(max(1, n_buffers)):
+            self._free.put({s.path: torch.zeros((depth, *s.step_shape), pin_memory=pin_memory,
+                                                dtype=getattr(torch, s.dtype))
+                            for s in specs})
+
     def _check(self) -> None:
         if self.error is not None:
             raise RecordingError(f"the background writer failed: {self.error!r}")
@@ -191,11 +193,14 @@ def _examples_table(records: list[StepRecord]) -> pa.Table:
     """Long table (step, micro_batch, slot, example_id) built with array ops, not row loops."""
     columns: dict[str, list[np.ndarray]] = {name: [] for name in fmt.EXAMPLES.names}
     for record in records:
+        offset = 0
         for micro_batch, ids in enumerate(record.examples):
             columns["step"].append(np.full(len(ids), record.step, dtype=np.int64))
             columns["micro_batch"].append(np.full(len(ids), micro_batch, dtype=np.int32))
             columns["slot"].append(np.arange(len(ids), dtype=np.int32))
+            columns["row"].append(np.arange(offset, offset + len(ids), dtype=np.int32))
             columns["example_id"].append(ids.astype(np.int64, copy=False))
+            offset += len(ids)
     return pa.table(
         {name: np.concatenate(parts) if parts else np.array([], dtype=f.type.to_pandas_dtype())
          for (name, parts), f in zip(columns.items(), fmt.EXAMPLES)},

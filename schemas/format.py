@@ -45,6 +45,9 @@ HPARAMS = "hparams"  # hparams/<name>: (steps, n_groups) float64, NaN where not 
 CLIP_FACTOR = "clip_factor"  # (steps,) float64, α_s = ‖G̃_s‖ / ‖G_s‖ (G_s: .grad before clipping)
 STEP_COUNT = "step_count"  # (steps, n_params) int64, optimizer's own step count t_s (0: none)
 ACTIVE = "active"  # (steps, n_params) bool, whether the parameter had a gradient at step s
+CONTRIB = "contrib"  # contrib/<key>: (steps, examples_per_step, *shape), Full capture c_{s,i}
+PROJ = "proj"  # proj/<key>: (steps, examples_per_step, k), Project capture R c_{s,i}
+RESIDUAL_NORM = "residual_norm"  # (steps, n_params) float64, ‖G_s − Σ_i c_{s,i}‖ / ‖G_s‖
 
 # Per-step, per-group optimizer hyperparameters stored under hparams/.
 HPARAM_NAMES = ("lr", "weight_decay", "momentum", "dampening", "beta1", "beta2", "eps")
@@ -78,6 +81,7 @@ EXAMPLES = pa.schema(
         pa.field("step", pa.int64(), nullable=False),
         pa.field("micro_batch", pa.int32(), nullable=False),
         pa.field("slot", pa.int32(), nullable=False),  # row within the micro-batch
+        pa.field("row", pa.int32(), nullable=False),  # row within the step (per-example arrays)
         pa.field("example_id", pa.int64(), nullable=False),
     ]
 )

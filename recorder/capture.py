@@ -1,0 +1,196 @@
+"""Per-example capture engine: module hooks that turn each backward into per-example data.
+
+A forward hook remembers a module call's inputs and puts a hook on its output; when backward
+reaches that output, the call's per-example contributions are computed (recorder/per_example.py)
+and transformed by each parameter's policy (full rows, a projection, or kept for TopK) into the
+rows of the examples that micro-batch declared with `rec.examples(ids)`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from attrib.recorder import per_example as pe
+from attrib.recorder.policies import TensorCapture
+
+NO_PER_EXAMPLE_GRADIENT = (nn.modules.batchnorm._BatchNorm,)  # batch statistics couple examples
+
+
+class UnsupportedModuleError(TypeError):
+    pass
+
+
+@dataclass
+class ModuleGroup:
+    """A module whose calls produce contributions for some tracked parameters."""
+
+    module: nn.Module
+    path: str
+    params: dict[str, int]  # module-relative parameter name → tracked parameter index
+    rule: pe.Rule | None  # None: generic vmap fallback
+
+
+@dataclass
+class StepData:
+    """What one step's backward passes produced, per tracked parameter index."""
+
+    rows: int  # examples declared this step
+    full: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    projected: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    dense: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # for TopK
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # Σ_i c_i per parameter
+    skipped_calls: int = 0  # module calls whose batch didn't match the declared examples
+    seconds: float = 0.0  # time spent computing contributions during backward
+
+
+def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapture],
+                   strict: bool) -> tuple[list[ModuleGroup], list[int]]:
+    """Which module computes each captured parameter's contributions.
+
+    Returns the groups and the indices of parameters no path can handle (their gradient is the
+    run's residual); in strict mode those raise instead.
+    """
+    index = {n: i for i, n in enumerate(names) if captures[i].any}
+    claimed: dict[int, ModuleGroup] = {}
+    groups: list[ModuleGroup] = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):  # out_proj is called functionally inside
+            own = {local: index[f"{path}.{local}" if path else local]
+                   for local, _ in module.named_parameters()
+                   if (f"{path}.{local}" if path else local) in index}
+            if own:
+                group = ModuleGroup(module, path, own, None)
+                groups.append(group)
+                claimed.update(dict.fromkeys(own.values(), group))
+    unsupported: list[int] = []
+    by_module: dict[str, ModuleGroup] = {}
+    for path, module in model.named_modules():
+        for local, _ in module.named_parameters(recurse=False):
+            full = f"{path}.{local}" if path else local
+            i = index.get(full)
+            if i is None or i in claimed:
+                continue
+            if isinstance(module, NO_PER_EXAMPLE_GRADIENT):
+                message = (f"{full} belongs to {type(module).__name__}, whose batch statistics "
+                           "make per-example gradients undefined; freeze it, use LayerNorm/"
+                           "GroupNorm, or exclude it from capture (its gradient is then "
+                           "recorded as residual)")
+                if strict:
+                    raise UnsupportedModuleError(message)
+                warnings.warn(f"attrib: {message}", stacklevel=3)
+                unsupported.append(i)
+                continue
+            group = by_module.get(path)
+            if group is None:
+                group = ModuleGroup(module, path, {}, pe.closed_form_rule(module))
+                by_module[path] = group
+                groups.append(group)
+            group.params[local] = i
+            claimed[i] = group
+    return groups, unsupported
+
+
+class ExampleCapture:
+    """Hooks on the model that collect per-example contributions between optimizer steps."""
+
+    def __init__(self, model: nn.Module, names: list[str], shapes: list[tuple[int, ...]],
+                 captures: list[TensorCapture], strict: bool) -> None:
+        self.names, self.shapes, self.captures = names, shapes, captures
+        self.groups, self.unsupported = assign_modules(model, names, captures, strict)
+        self.enabled = True
+        self._recomputing = False
+        self._batch: int | None = None
+        self._offset = 0
+        self._data = StepData(rows=0)
+        self._handles = [g.module.register_forward_hook(self._forward_hook(g), with_kwargs=True)
+                         for g in self.groups]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def begin_micro_batch(self, n: int) -> None:
+        """The next forward/backward carries the `n` examples just declared."""
+        self._batch = n
+        self._offset = self._data.rows
+        self._data.rows += n
+
+    def end_step(self) -> StepData:
+        """Hand over this step's data and start collecting the next step's."""
+        data, self._data = self._data, StepData(rows=0)
+        self._batch = None
+        return data
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _forward_hook(self, group: ModuleGroup):
+        def hook(module, args, kwargs, output):
+            if not self.enabled or self._recomputing or not torch.is_grad_enabled():
+                return
+            out = output[0] if isinstance(output, tuple) else output
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return
+            bdim = pe.batch_dim(module)
+            if self._batch is None or out.dim() <= bdim or out.shape[bdim] != self._batch:
+                self._data.skipped_calls += 1  # not a declared training micro-batch
+                return
+            data, offset, batch = self._data, self._offset, self._batch
+            out.register_hook(lambda g: self._on_output_grad(group, args, kwargs, g, data,
+                                                             offset, batch))
+        return hook
+
+    def _on_output_grad(self, group, args, kwargs, g, data: StepData, offset, batch) -> None:
+        if not self.enabled:
+            return
+        started = time.perf_counter()
+        self._contribute(group, args, kwargs, g.detach(), data, offset, batch)
+        data.seconds += time.perf_counter() - started
+
+    def _contribute(self, group, args, kwargs, g, data: StepData, offset, batch) -> None:
+        if group.rule is not None:
+            per = group.rule(group.module, args, kwargs, g)
+        else:
+            self._recomputing = True
+            try:
+                per = pe.generic_contributions(group.module, list(group.params), args, kwargs,
+                                               g, batch)
+            finally:
+                self._recomputing = False
+        for local, contribution in per.items():
+            if local in group.params:
+                self._consume(group.params[local], contribution, data, offset)
+
+    def _consume(self, index: int, c: pe.PerExample, data: StepData, offset: int) -> None:
+        capture = self.captures[index]
+        total = c.total()
+        data.sums[index] = data.sums[index] + total if index in data.sums else total
+        dense = c.dense() if capture.full is not None or capture.topk is not None else None
+        if capture.full is not None:
+            data.full.setdefault(index, []).append(
+                (offset, dense.to(getattr(torch, capture.full.dtype))))
+        if capture.project is not None:
+            p = capture.project
+            data.projected.setdefault(index, []).append(
+                (offset, pe.project(c, self.shapes[index], p.kind, p.k, p.seed,
+                                    self.names[index]).float()))
+        if capture.topk is not None:
+            data.dense.setdefault(index, []).append((offset, dense))
+
+
+def scatter_rows(parts: list[tuple[int, torch.Tensor]], target: torch.Tensor) -> None:
+    """Write micro-batch parts into their example rows of `target` (repeat calls add up)."""
+    target.zero_()
+    for offset, values in parts:
+        target[offset: offset + values.shape[0]] += values
+
+
+def merged_rows(parts: list[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor:
+    first = parts[0][1]
+    out = first.new_zeros((rows, *first.shape[1:]))
+    scatter_rows(parts, out)
+    return out
+

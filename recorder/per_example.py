@@ -1,0 +1,217 @@
+"""Per-example gradient contributions of one module call, from its inputs and output gradient.
+
+Given the output gradient g = ∂L/∂y of the loss that was actually backpropagated, each example's
+share of a parameter's .grad follows in closed form for the common layers (so loss reduction,
+scaling and accumulation come out right by construction). Weight matrices stay factored as
+c_i = Σ_t left_t ⊗ right_t, so projections never need the full per-example gradient.
+Other modules fall back to torch.func: vmap over examples of the gradient of ⟨module(x_i), g_i⟩.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from attrib.schemas import projection
+
+
+@dataclass
+class Dense:
+    """Per-example contributions given in full: values (B, *shape)."""
+
+    values: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.values
+
+    def total(self) -> torch.Tensor:
+        return self.values.sum(0)
+
+    def kron(self, r_l: torch.Tensor, r_r: torch.Tensor) -> torch.Tensor:
+        b = self.values.shape[0]
+        c = self.values.reshape(b, r_l.shape[1], r_r.shape[1])
+        return (r_l @ c @ r_r.T).reshape(b, -1)
+
+
+@dataclass
+class Outer:
+    """c_i = Σ_t left[i, t] ⊗ right[i, t], reshaped to `shape`.
+
+    left is (B, T, m), or with `ids` (B, T) the one-hot rows of an (m = vocabulary) identity.
+    """
+
+    left: torch.Tensor | None
+    right: torch.Tensor  # (B, T, n)
+    shape: tuple[int, ...]
+    ids: torch.Tensor | None = None
+    vocab: int = 0
+
+    def dense(self) -> torch.Tensor:
+        b, _, n = self.right.shape
+        if self.ids is None:
+            out = self.left.transpose(1, 2) @ self.right
+        else:
+            out = self.right.new_zeros(b, self.vocab, n)
+            out.scatter_add_(1, self.ids.unsqueeze(-1).expand(-1, -1, n), self.right)
+        return out.reshape(b, *self.shape)
+
+    def total(self) -> torch.Tensor:
+        n = self.right.shape[-1]
+        right = self.right.reshape(-1, n)
+        if self.ids is None:
+            return (self.left.reshape(-1, self.left.shape[-1]).T @ right).reshape(self.shape)
+        out = right.new_zeros(self.vocab, n)
+        return out.index_add_(0, self.ids.reshape(-1), right).reshape(self.shape)
+
+    def kron(self, r_l: torch.Tensor, r_r: torch.Tensor) -> torch.Tensor:
+        left = r_l.T[self.ids] if self.ids is not None else self.left @ r_l.T  # (B, T, k_l)
+        return (left.transpose(1, 2) @ (self.right @ r_r.T)).reshape(self.right.shape[0], -1)
+
+
+PerExample = Dense | Outer
+
+
+def project(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int, name: str
+            ) -> torch.Tensor:
+    """(B, k) projection of the contributions, by the contract in schemas/projection.py."""
+    view = projection.matrix_view(shape)
+    if kind == "kron" and view is not None:
+        r_l, r_r = projection.kron_factors(seed, name, k, *view)
+        dtype = c.right.dtype if isinstance(c, Outer) else c.values.dtype
+        device = c.right.device if isinstance(c, Outer) else c.values.device
+        return c.kron(r_l.to(device, dtype), r_r.to(device, dtype))
+    return projection.project(c.dense(), shape, "dense", k, seed, name)
+
+
+# -- closed-form rules ------------------------------------------------------------------------
+# A rule takes (module, args, kwargs, grad_output) for one call whose batch is dim 0 and returns
+# {local parameter name: PerExample}.
+
+Rule = Callable[[nn.Module, tuple, dict, torch.Tensor], dict[str, PerExample]]
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, *, n) → (B, T, n): leading non-batch dims are summed over like tokens."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def linear_rule(module: nn.Linear, args, kwargs, g):
+    a, g3 = _tokens(args[0].detach()), _tokens(g)
+    out: dict[str, PerExample] = {"weight": Outer(g3, a, tuple(module.weight.shape))}
+    if module.bias is not None:
+        out["bias"] = Dense(g3.sum(1))
+    return out
+
+
+def embedding_rule(module: nn.Embedding, args, kwargs, g):
+    ids = args[0].reshape(args[0].shape[0], -1)
+    g3 = _tokens(g)
+    if module.padding_idx is not None:  # torch gives the padding row no gradient
+        g3 = g3 * (ids != module.padding_idx).unsqueeze(-1)
+    return {"weight": Outer(None, g3, tuple(module.weight.shape), ids=ids,
+                            vocab=module.num_embeddings)}
+
+
+def layer_norm_rule(module: nn.LayerNorm, args, kwargs, g):
+    x = args[0].detach()
+    dims = len(module.normalized_shape)
+    normalized = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    batch_dims = tuple(range(1, x.dim() - dims))
+    out: dict[str, PerExample] = {}
+    if module.weight is not None:
+        out["weight"] = Dense((g * normalized).sum(batch_dims) if batch_dims else g * normalized)
+    if module.bias is not None:
+        out["bias"] = Dense(g.sum(batch_dims) if batch_dims else g)
+    return out
+
+
+def conv_rule(module: nn.Conv1d | nn.Conv2d, args, kwargs, g):
+    x = args[0].detach()
+    if isinstance(module, nn.Conv1d):
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, dilation, padding, stride = ((1, *module.kernel_size), (1, *module.dilation),
+                                             (0, *module.padding), (1, *module.stride))
+    else:
+        kernel, dilation, padding, stride = (module.kernel_size, module.dilation, module.padding,
+                                             module.stride)
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C·k, L)
+    g3 = g.reshape(g.shape[0], g.shape[1], -1)  # (B, C_out, L)
+    out: dict[str, PerExample] = {
+        "weight": Outer(g3.transpose(1, 2), patches.transpose(1, 2), tuple(module.weight.shape))}
+    if module.bias is not None:
+        out["bias"] = Dense(g3.sum(2))
+    return out
+
+
+def _conv_supported(module: nn.Module) -> bool:
+    return (module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+RULES: dict[type, Rule] = {nn.Linear: linear_rule, nn.Embedding: embedding_rule,
+                           nn.LayerNorm: layer_norm_rule, nn.Conv1d: conv_rule,
+                           nn.Conv2d: conv_rule}
+
+
+def closed_form_rule(module: nn.Module) -> Rule | None:
+    """The closed-form rule for a module, or None when it needs the generic path."""
+    rule = RULES.get(type(module))
+    if rule is None and isinstance(module, nn.Linear):  # subclasses that keep F.linear
+        rule = linear_rule
+    if rule is conv_rule and not _conv_supported(module):
+        return None
+    if rule is embedding_rule and (module.sparse or module.scale_grad_by_freq
+                                   or module.max_norm is not None):
+        return None
+    return rule
+
+
+# -- generic fallback --------------------------------------------------------------------------
+UNBATCHED_KWARGS = frozenset({"attn_mask", "mask", "src_mask", "tgt_mask", "memory_mask"})
+
+
+def batch_dim(module: nn.Module) -> int:
+    """Where the examples are in a module's inputs and outputs (MultiheadAttention may be 1)."""
+    return 1 if isinstance(module, nn.MultiheadAttention) and not module.batch_first else 0
+
+
+def generic_contributions(module: nn.Module, names: list[str], args: tuple, kwargs: dict,
+                          g: torch.Tensor, batch: int) -> dict[str, PerExample]:
+    """Per-example gradients of `names` (module-relative) by vmap over examples of
+    ∇_θ ⟨module(x_i), g_i⟩. Tensor inputs with `batch` rows in the batch dim are split per
+    example; the rest (masks, flags) are shared."""
+    bdim = batch_dim(module)
+    params = {n: module.get_parameter(n).detach() for n in names}
+
+    def batched(name: str | None, value: Any) -> bool:
+        if not isinstance(value, torch.Tensor) or name in UNBATCHED_KWARGS:
+            return False
+        dim = 0 if name is not None else bdim  # key_padding_mask-style kwargs are batch-first
+        return value.dim() > dim and value.shape[dim] == batch
+
+    arg_dims = tuple(bdim if batched(None, a) else None for a in args)
+    kw_names = [k for k, v in kwargs.items() if batched(k, v)]
+    fixed_kwargs = {k: v for k, v in kwargs.items() if k not in kw_names}
+
+    def inner(theta, one_args, one_kwargs, one_g):
+        full_args = [a.unsqueeze(d) if d is not None else a for a, d in zip(one_args, arg_dims)]
+        full_kwargs = {**fixed_kwargs, **{k: v.unsqueeze(0) for k, v in one_kwargs.items()}}
+        out = functional_call(module, theta, tuple(full_args), full_kwargs, strict=False)
+        out = out[0] if isinstance(out, tuple) else out
+        return (out.squeeze(bdim) * one_g).sum()
+
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    per = vmap(grad(inner), in_dims=(None, arg_dims, dict.fromkeys(kw_names, 0), bdim))(
+        params, detached, {k: kwargs[k].detach() for k in kw_names}, g)
+    return {n: Dense(v) for n, v in per.items()}
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)

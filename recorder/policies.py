@@ -1,0 +1,130 @@
+"""Capture policies: what to store of each parameter's per-example contributions.
+
+`Full` stores them exactly, `Project` stores a random projection (schemas/projection.py), `TopK`
+keeps only the largest per-example update coordinates in the `shifts` table. Policies compose:
+`capture=[TopK(64), Project(4096)]` applies both, each to the parameters its `params` globs match.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+from attrib.schemas import projection
+
+FULL_BUDGET = 1 << 20  # default policy: exact contributions up to this many scalars per step…
+DEFAULT_PROJECTION = 4096  # …else a kron projection of this size
+
+
+@dataclass(frozen=True)
+class Full:
+    """Exact per-example contributions, one row per example: (examples, *param_shape)."""
+
+    params: tuple[str, ...] = ("*",)
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ValueError(f"Full(dtype={self.dtype!r}): use float32, float64, bfloat16 "
+                             "or float16")
+
+
+@dataclass(frozen=True)
+class Project:
+    """R c with R regenerated from (seed, parameter name): k floats per example and tensor.
+
+    Tensors with at most k scalars are stored in full (a projection could only be larger).
+    """
+
+    k: int
+    seed: int = 0
+    kind: str = "kron"
+    params: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"Project(k={self.k}): k must be ≥ 1")
+        if self.kind not in projection.KINDS:
+            raise ValueError(f"Project(kind={self.kind!r}): use one of {projection.KINDS}")
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k largest |per-example update| coordinates per step, into the `shifts` table.
+
+    scope="step": k over all matched tensors together; "tensor": k per tensor. Parameters
+    whose name matches `exclude` (default: biases, norms, embeddings) are left out.
+    """
+
+    k: int
+    scope: str = "step"
+    params: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = field(default=("*bias", "*norm*", "*embed*"))
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"TopK(k={self.k}): k must be ≥ 1")
+        if self.scope not in ("step", "tensor"):
+            raise ValueError(f"TopK(scope={self.scope!r}): use 'step' or 'tensor'")
+
+
+Policy = Full | Project | TopK
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass
+class TensorCapture:
+    """The resolved policy for one parameter tensor."""
+
+    full: Full | None = None
+    project: Project | None = None
+    topk: TopK | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.full is not None or self.project is not None or self.topk is not None
+
+    def describe(self) -> dict:
+        out: dict = {}
+        if self.full is not None:
+            out["full"] = {"dtype": self.full.dtype}
+        if self.project is not None:
+            p = self.project
+            out["project"] = {"k": p.k, "seed": p.seed, "kind": p.kind}
+        if self.topk is not None:
+            out["topk"] = {"k": self.topk.k, "scope": self.topk.scope}
+        return out
+
+
+def default_policies(total_numel: int) -> list[Policy]:
+    """Exact when the model is small, else a kron projection (documented in the README)."""
+    if total_numel <= FULL_BUDGET:
+        return [Full()]
+    return [Project(DEFAULT_PROJECTION)]
+
+
+def resolve(policies: list[Policy], names: list[str], shapes: list[tuple[int, ...]]
+            ) -> list[TensorCapture]:
+    """Per tensor, the policies whose globs match it (the first match of each type wins)."""
+    out = []
+    for name, shape in zip(names, shapes):
+        capture = TensorCapture()
+        for policy in policies:
+            if not _matches(name, policy.params):
+                continue
+            if isinstance(policy, Full) and capture.full is None:
+                capture.full = policy
+            elif isinstance(policy, Project) and capture.project is None:
+                if math.prod(shape) <= policy.k:  # storing it exactly is smaller
+                    capture.full = capture.full or Full(params=(name,))
+                else:
+                    capture.project = policy
+            elif (isinstance(policy, TopK) and capture.topk is None
+                  and not _matches(name, policy.exclude)):
+                capture.topk = policy
+        out.append(capture)
+    return out

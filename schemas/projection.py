@@ -1,0 +1,75 @@
+"""Random projections of per-example gradients: part of the format contract.
+
+A projected run stores R c instead of c. R is never stored: it is regenerated from the run's
+seed and the parameter's name, on the CPU (so every machine draws the same numbers), by the
+recorder for training gradients and by the analyzer for test gradients. Entries are N(0, 1/k),
+so E[RᵀR] = I and ⟨R c, R c'⟩ is an unbiased estimate of c · c'.
+
+Two kinds (METHODS.md §2, projected mode):
+- dense: R ∈ R^{k×numel}, applied to the flattened gradient.
+- kron: for a tensor viewed as a matrix (m, n), R = R_l ⊗ R_r with R_l ∈ R^{k_l×m},
+  R_r ∈ R^{k_r×n}, k = k_l·k_r, entries N(0, 1/k_l) and N(0, 1/k_r); then R vec(C) =
+  vec(R_l C R_rᵀ), which a layer's factored gradient Σ_t g_t ⊗ a_t reaches without forming C.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import lru_cache
+
+import torch
+
+KINDS = ("dense", "kron")
+
+
+def _generator(seed: int, name: str, tag: str) -> torch.Generator:
+    digest = hashlib.sha256(f"attrib-projection/{seed}/{name}/{tag}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@lru_cache(maxsize=256)
+def gaussian(seed: int, name: str, tag: str, rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) float32 matrix with N(0, 1/rows) entries, reproducible from its key."""
+    g = _generator(seed, name, tag)
+    return torch.randn(rows, cols, generator=g) / math.sqrt(rows)
+
+
+def kron_split(k: int) -> tuple[int, int]:
+    """k = k_l · k_r with k_l the largest divisor of k not above √k (32 × 32 for 1024)."""
+    k_l = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
+    return k_l, k // k_l
+
+
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """How a tensor is seen as a matrix for kron: (dim 0, the rest); None for 0-d/1-d."""
+    if len(shape) < 2:
+        return None
+    return shape[0], math.prod(shape[1:])
+
+
+def dense_matrix(seed: int, name: str, k: int, numel: int) -> torch.Tensor:
+    return gaussian(seed, name, "dense", k, numel)
+
+
+def kron_factors(seed: int, name: str, k: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k_l, k_r = kron_split(k)
+    return gaussian(seed, name, "left", k_l, m), gaussian(seed, name, "right", k_r, n)
+
+
+def project(vectors: torch.Tensor, shape: tuple[int, ...], kind: str, k: int, seed: int,
+            name: str) -> torch.Tensor:
+    """Project a batch of full gradients (B, *shape) of parameter `name` to (B, k).
+
+    `kind="kron"` on a tensor without a matrix view (a bias) is a dense projection.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown projection kind {kind!r}; use one of {KINDS}")
+    batch = vectors.shape[0]
+    view = matrix_view(shape)
+    if kind == "kron" and view is not None:
+        r_l, r_r = kron_factors(seed, name, k, *view)
+        c = vectors.reshape(batch, *view)
+        return (r_l.to(c) @ c @ r_r.to(c).T).reshape(batch, k)
+    r = dense_matrix(seed, name, k, math.prod(shape))
+    return vectors.reshape(batch, -1) @ r.to(vectors).T

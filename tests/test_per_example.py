@@ -1,0 +1,188 @@
+"""Per-example contributions c_{s,i} against torch.func per-sample gradients (float64).
+
+The reference differentiates each example's share of the loss that was actually backpropagated
+(its loss / batch size for a mean, / number of micro-batches when accumulating) at the θ_s the
+run reconstructs: independent of the recorder's hooks and closed forms.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyTransformer
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import attrib
+
+F64 = torch.float64
+
+
+class CNN2d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 3, 3, stride=2, bias=False)
+        self.head = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x)))).flatten(1))
+
+
+class CNN1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv1d(2, 4, 3, padding=2, dilation=2)
+        self.head = nn.Linear(4 * 8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+class Scaled(nn.Module):
+    """A module with a raw parameter: only the generic (torch.func) path can handle it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.scale = nn.Parameter(torch.rand(10) + 0.5)
+        self.body = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.body(x * self.scale)
+
+
+def mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def tokens_data(n=96):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 12, (n, 6), generator=g)
+    return x, x[:, 0] % 3
+
+
+CASES = {
+    "mlp": (mlp, lambda: (torch.randn(96, 10, generator=torch.Generator().manual_seed(0)),
+                          torch.randint(0, 3, (96,)))),
+    "cnn2d": (CNN2d, lambda: (torch.randn(96, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                              torch.randint(0, 3, (96,)))),
+    "cnn1d": (CNN1d, lambda: (torch.randn(96, 2, 8, generator=torch.Generator().manual_seed(0)),
+                              torch.randint(0, 3, (96,)))),
+    "transformer": (TinyTransformer, tokens_data),
+    "generic": (Scaled, lambda: (torch.randn(96, 10, generator=torch.Generator().manual_seed(0)),
+                                 torch.randint(0, 3, (96,)))),
+}
+
+
+def record(run_dir, make, data, reduction="mean", micro=1, clip=None, steps=3, batch=8,
+           capture=None, dtype=F64):
+    model = make().to(dtype)
+    x, y = data()
+    x = x.to(dtype) if x.is_floating_point() else x
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(7)
+    capture = capture or attrib.Full(dtype="float64" if dtype == F64 else "float32")
+    with attrib.Recorder(run_dir, model, opt, capture=capture, strict=True) as rec:
+        for _ in range(steps):
+            for _ in range(micro):
+                ids = torch.randperm(len(x), generator=g)[:batch]
+                rec.examples(ids)
+                loss = F.cross_entropy(model(x[ids]), y[ids], reduction=reduction)
+                (loss / micro).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
+    return attrib.open_run(run_dir), x, y
+
+
+def reference(run, make, x, y, step, reduction, micro, dtype=F64):
+    """torch.func per-sample gradients of each example's share of the backpropagated loss."""
+    model = make().to(dtype)
+    theta = {k: v.to(dtype) for k, v in run.reconstruct(step).items()}
+    examples = run.table_where("examples", step).sort_by("row").to_pylist()
+    ids = torch.tensor([e["example_id"] for e in examples])
+    sizes = torch.tensor([sum(e2["micro_batch"] == e["micro_batch"] for e2 in examples)
+                          for e in examples], dtype=dtype)
+
+    def share(params, xi, yi, size):
+        loss = F.cross_entropy(functional_call(model, params, (xi[None],)), yi[None])
+        return loss / micro / (size if reduction == "mean" else 1)
+
+    return ids, vmap(grad(share), in_dims=(None, 0, 0, 0))(theta, x[ids], y[ids], sizes)
+
+
+def assert_contributions_match(run, make, x, y, reduction="mean", micro=1, rel=1e-5):
+    for step in range(run.n_steps):
+        ids, got = run.contributions(step)
+        ref_ids, expected = reference(run, make, x, y, step, reduction, micro)
+        assert torch.equal(ids, ref_ids)
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            scale = float(value.abs().max())
+            torch.testing.assert_close(got[name].to(value.dtype), value, rtol=0,
+                                       atol=rel * scale, msg=f"{name} at step {step}")
+    assert float(torch.tensor(run.residual_norms()).nan_to_num(0).max()) <= rel
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_contributions_equal_per_sample_grads(run_dir, case):
+    make, data = CASES[case]
+    run, x, y = record(run_dir, make, data)
+    assert_contributions_match(run, make, x, y)
+
+
+@pytest.mark.parametrize("case", ["mlp", "transformer"])
+def test_sum_reduction_accumulation_and_clipping(run_dir, case):
+    make, data = CASES[case]
+    run, x, y = record(run_dir, make, data, reduction="sum", micro=3, clip=0.1)
+    assert (run.clip_factors() < 1).all(), "the test must exercise clipping"
+    assert_contributions_match(run, make, x, y, reduction="sum", micro=3)
+    ids, rows = run.contributions(0)
+    assert len(ids) == 24 and next(iter(rows.values())).shape[0] == 24
+
+
+def test_float32_model_within_tolerance(run_dir):
+    make, data = CASES["cnn2d"]
+    run, x, y = record(run_dir, make, data, micro=3, clip=0.5, dtype=torch.float32)
+    assert_contributions_match(run, make, x.double(), y, micro=3, rel=1e-5)
+
+
+def test_contributions_sum_to_the_consumed_gradient(run_dir):
+    """Σ_i α c_i equals what the optimizer consumed (the recorded G̃), per tensor."""
+    make, data = CASES["transformer"]
+    run, _, _ = record(run_dir, make, data, micro=2, clip=0.2)
+    alpha = run.clip_factors()
+    for step in range(run.n_steps):
+        _, rows = run.contributions(step)
+        for name, c in rows.items():
+            consumed = run.grads(name, step, step + 1)[0]
+            torch.testing.assert_close(alpha[step] * c.sum(0), consumed, rtol=1e-8, atol=1e-12)
+
+
+def test_batchnorm_is_refused_or_residual(run_dir, tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    model = make()
+    with pytest.raises(attrib.recorder.capture.UnsupportedModuleError, match="BatchNorm1d"):
+        attrib.Recorder(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        capture=attrib.Full(), strict=True)
+    x, y = CASES["mlp"][1]()
+    with pytest.warns(UserWarning, match="batch statistics"):
+        rec = attrib.Recorder(tmp_path / "lenient", model,
+                              torch.optim.SGD(model.parameters(), lr=0.1), capture=attrib.Full())
+    with rec:
+        rec.examples(torch.arange(8))
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+        rec.optimizer.step()
+    run = attrib.open_run(tmp_path / "lenient")
+    assert run.meta["residual_params"] == ["1.weight", "1.bias"]
+    norms = run.residual_norms()[0]  # BatchNorm's whole gradient is residual: norm 1
+    assert norms[0] < 1e-5 and norms[2] == norms[3] == 1.0 and norms[4] < 1e-5

@@ -1,0 +1,87 @@
+"""Random projections: the kron structure, the 1/√k error law, and recorder == analyzer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TinyTransformer
+from test_per_example import CASES, record, reference
+
+import attrib
+from attrib.schemas import projection
+
+
+def test_kron_equals_dense_projection_with_kronecker_matrix():
+    shape = (6, 10)
+    c = torch.randn(5, *shape, dtype=torch.float64)
+    got = projection.project(c, shape, "kron", 12, seed=3, name="w")
+    r_l, r_r = projection.kron_factors(3, "w", 12, *shape)
+    explicit = c.reshape(5, -1) @ torch.kron(r_l.double(), r_r.double()).T
+    torch.testing.assert_close(got, explicit, rtol=1e-12, atol=1e-12)
+
+
+def test_projection_is_reproducible_from_seed_and_name():
+    c = torch.randn(4, 300)
+    a = projection.project(c, (300,), "dense", 64, seed=7, name="layer.weight")
+    projection.gaussian.cache_clear()
+    b = projection.project(c, (300,), "dense", 64, seed=7, name="layer.weight")
+    other = projection.project(c, (300,), "dense", 64, seed=8, name="layer.weight")
+    assert torch.equal(a, b) and not torch.allclose(a, other)
+
+
+@pytest.mark.parametrize("kind", ["dense", "kron"])
+def test_inner_product_error_shrinks_like_one_over_sqrt_k(kind):
+    """Mean |⟨Rc, Rc'⟩ − c·c'| / (|c||c'|) over fixed random pairs, at k and 16k: ≈ 4× apart."""
+    g = torch.Generator().manual_seed(0)
+    shape = (64, 64)
+    c = torch.randn(40, *shape, generator=g, dtype=torch.float64)
+    exact = c.reshape(40, -1) @ c.reshape(40, -1).T
+    norms = exact.diagonal().sqrt()
+    pairs = torch.triu_indices(40, 40, 1)
+
+    def error(k: int) -> float:
+        errors = []
+        for seed in range(4):
+            p = projection.project(c, shape, kind, k, seed=seed, name="w")
+            approx = p @ p.T
+            rel = (approx - exact).abs() / (norms[:, None] * norms[None, :])
+            errors.append(rel[pairs[0], pairs[1]].mean())
+        return float(torch.stack(errors).mean())
+
+    small, large = error(64), error(1024)
+    assert small < 0.2  # ≈ √(2/π)/√64 for Gaussian R
+    assert 2.8 < small / large < 5.7, (small, large)  # √16 = 4
+
+
+@pytest.mark.parametrize("kind", ["kron", "dense"])
+def test_recorded_projection_equals_analysis_side_projection(run_dir, kind):
+    """The recorder's factored path stores exactly what attrib.project gives the analyzer."""
+    make, data = CASES["transformer"]
+    policy = attrib.Project(64, seed=11, kind=kind)
+    run, x, y = record(run_dir, make, data, capture=policy, micro=2)
+    shapes = dict(zip(run.param_names, map(tuple, run.params.column("shape").to_pylist())))
+    for step in (0, 2):
+        ids, got = run.contributions(step)
+        ref_ids, full = reference(run, make, x, y, step, "mean", 2)
+        assert torch.equal(ids, ref_ids)
+        for name, value in full.items():
+            if "project" in run.capture[name]:
+                expected = attrib.project(value, shapes[name], kind, 64, 11, name)
+                torch.testing.assert_close(got[name].double(), expected, rtol=0,
+                                           atol=1e-5 * float(expected.abs().max()))
+            else:  # at most 64 scalars: stored exactly
+                assert math.prod(shapes[name]) <= 64 and "full" in run.capture[name]
+                torch.testing.assert_close(got[name].double(), value, rtol=0, atol=1e-6)
+
+
+def test_projection_policy_sizes(run_dir):
+    model = TinyTransformer()
+    rec = attrib.Recorder(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          capture=[attrib.Project(256, params=("encoder.*",))])
+    rec.close()
+    capture = attrib.open_run(run_dir).capture
+    assert "embed.weight" not in capture and "head.weight" not in capture
+    assert capture["encoder.linear1.weight"] == {"project": {"k": 256, "seed": 0, "kind": "kron"}}
+    assert capture["encoder.norm1.weight"] == {"full": {"dtype": "float32"}}  # 16 ≤ 256

@@ -16,11 +16,7 @@ import torch
 
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
-
-
-def adam_denominator(v: torch.Tensor, beta2: float, eps: float, t: int) -> torch.Tensor:
-    """D_s = sqrt(v_s / (1 − β2^t)) + ε, with ε outside the square root as torch does."""
-    return (v / (1.0 - beta2**t)).sqrt() + eps
+from attrib.recorder.optimizers import adam_denominator
 
 
 @dataclass

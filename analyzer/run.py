@@ -126,6 +126,12 @@ class Run:
     def params(self) -> pa.Table:
         return self.table("params")
 
+    @property
+    def shifts(self) -> pa.Table:
+        """TopK outlier shifts: (step, epoch, example_id, param, flat_index, row, col, shift,
+        grad); see schemas/FORMAT.md."""
+        return self.table("shifts")
+
     # -- dense data -----------------------------------------------------------------------------
     def _array(self, path: str) -> zarr.Array:
         try:

@@ -104,6 +104,33 @@ def step_count(state: dict) -> int:
     return 0 if step is None else int(_as_float(step))
 
 
+def adam_denominator(v: torch.Tensor, beta2: float, eps: float, t: int) -> torch.Tensor:
+    """D_s = sqrt(v_s / (1 − β2^t)) + ε, with ε outside the square root as torch does."""
+    return (v / (1.0 - beta2**t)).sqrt() + eps
+
+
+def immediate_coefficient(spec: OptimizerSpec, hparams: dict[str, float], nesterov: bool,
+                          state: dict, first_momentum_step: bool) -> float | torch.Tensor:
+    """K_{s,s}: how step s's update scales the gradient it consumed at step s (METHODS.md §1).
+
+    SGD: −η (plain), −η·(1−τ) into the momentum buffer (−η on the buffer's first step),
+    Nesterov adds the direct term; Adam/AdamW: κ_s / D_s elementwise. Decay is data-free and
+    not part of it.
+    """
+    lr = hparams["lr"]
+    if spec.kind == "sgd":
+        mu = hparams["momentum"]
+        if mu == 0:
+            return -lr
+        into_buffer = 1.0 if first_momentum_step else 1.0 - hparams["dampening"]
+        return -lr * (1.0 + mu * into_buffer if nesterov else into_buffer)
+    t = step_count(state)
+    beta1 = hparams["beta1"]
+    v = state_tensor(spec, state, "exp_avg_sq")
+    kappa = -lr * (1.0 - beta1) / (1.0 - beta1**t)
+    return kappa / adam_denominator(v, hparams["beta2"], hparams["eps"], t)
+
+
 def carry_in_state(state: dict) -> dict[str, torch.Tensor]:
     """State present before the first recorded step (a resumed optimizer): METHODS.md carry-in."""
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0}

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from attrib.recorder import optimizers as optim_info
-from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
-from attrib.recorder.policies import Policy, TensorCapture, default_policies, resolve
+from attrib.recorder.capture import ExampleCapture, StepData, merged_rows, scatter_rows
+from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
+from attrib.recorder.shifts import ShiftInput, top_shifts
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
 from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
@@ -167,6 +169,7 @@ class Recorder:
         self._started = time.perf_counter()
         self._theta_hat = [p.param.detach().to(p.storage_dtype).clone() for p in self.params]
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
+        self._had_buffer = [False] * len(self.params)
         self._writer.add_checkpoint(0, _snapshot(self.params, self._theta_hat))
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -351,7 +354,7 @@ class Recorder:
             if status is not fmt.Status.CRASHED:
                 status = fmt.Status.INCOMPLETE
         else:
-            for table in ("steps", "examples"):
+            for table in ("steps", "examples", "shifts"):
                 store.compact(table)
         store.commit(self._writer.committed_steps, status or fmt.Status.COMPLETE)
         if self.strict and self._writer.error is not None:
@@ -414,6 +417,9 @@ class Recorder:
             return
         started = time.perf_counter()
         self._guard(self._begin_next_step)
+        if self.spec.kind == "sgd":  # SGD's first momentum step skips dampening (K_{s,s})
+            self._had_buffer = [self.optimizer.state.get(p.param, {}).get("momentum_buffer")
+                                is not None for p in self.params]
         self._hook_seconds += time.perf_counter() - started
 
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -481,8 +487,8 @@ class Recorder:
         rows[fmt.STEP_COUNT].copy_(torch.tensor(
             [optim_info.step_count(self.optimizer.state.get(p.param, {})) for p in self.params]))
         rows[fmt.ACTIVE].copy_(torch.tensor([g is not None for g in consumed]))
-        if data is not None:
-            self._store_examples(data, rows, consumed, clip_factor)
+        shifts = (self._store_examples(data, rows, consumed, clip_factor, hparams)
+                  if data is not None else None)
 
         row = {
             "step": self.step, "epoch": self._epoch, "stage": self._stage,
@@ -495,7 +501,7 @@ class Recorder:
         }
         if data is not None:
             self._hook_seconds += data.seconds
-        record = StepRecord(self.step, row, self._examples)
+        record = StepRecord(self.step, row, self._examples, shifts=shifts)
         self._upcoming = {"metrics": {}, "loss": None}
         self._examples = []
         if (self.step + 1) % self.checkpoint_every == 0:
@@ -506,8 +512,10 @@ class Recorder:
         return record
 
     def _store_examples(self, data: StepData, rows: dict[str, torch.Tensor],
-                        consumed: list[torch.Tensor | None], clip_factor: torch.Tensor) -> None:
-        """Per-example rows of this step, and the invariant Σ_i c_i = G checked per tensor."""
+                        consumed: list[torch.Tensor | None], clip_factor: torch.Tensor,
+                        hparams: list[dict[str, float]]):
+        """Per-example rows of this step, the invariant Σ_i c_i = G checked per tensor, and
+        the step's TopK shifts table (None without a TopK policy)."""
         capacity = self._writer.store.meta["examples_per_step"]
         if data.rows > capacity:
             raise RecordingError(
@@ -530,6 +538,27 @@ class Recorder:
                             / torch.linalg.vector_norm(before_clip).clamp_min(1e-300))
         rows[fmt.RESIDUAL_NORM].copy_(torch.stack([r.to(clip_factor.device).double()
                                                    for r in residual]), non_blocking=True)
+        return self._top_shifts(data, clip_factor, hparams)
+
+    def _top_shifts(self, data: StepData, clip_factor: torch.Tensor,
+                    hparams: list[dict[str, float]]):
+        groups: dict[TopK, list[ShiftInput]] = {}
+        for p, capture in zip(self.params, self.captures):
+            if capture.topk is None or p.index not in data.dense:
+                continue
+            group = self.optimizer.param_groups[p.group]
+            coefficient = optim_info.immediate_coefficient(
+                self.spec, hparams[p.group], bool(group.get("nesterov", False)),
+                self.optimizer.state.get(p.param, {}), not self._had_buffer[p.index])
+            groups.setdefault(capture.topk, []).append(ShiftInput(
+                p.name, tuple(p.param.shape), merged_rows(data.dense[p.index], data.rows),
+                coefficient, capture.topk.k))
+        if not groups:
+            return None
+        ids = np.concatenate(self._examples) if self._examples else np.zeros(0, np.int64)
+        tables = [top_shifts(items, policy.scope, policy.k, clip_factor, self.step,
+                             self._epoch, ids) for policy, items in groups.items()]
+        return pa.concat_tables(tables)
 
 
 def _clip_factor(consumed: list[torch.Tensor], pre_norms: list[torch.Tensor]):

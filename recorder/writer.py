@@ -36,6 +36,7 @@ class StepRecord:
     row: dict[str, Any]  # steps-table row; tensor values are converted off the hot path
     examples: list[np.ndarray] = field(default_factory=list)  # example ids per micro-batch
     checkpoint: dict[str, torch.Tensor] | None = None  # θ_{step+1} when a checkpoint follows
+    shifts: pa.Table | None = None  # TopK rows of this step
 
 
 @dataclass
@@ -159,6 +160,9 @@ class BackgroundWriter:
         for row in rows:
             self._track_stage(row)
         self.store.write_table_part("examples", _examples_table(records), first, first + n - 1)
+        shifts = [r.shifts for r in records if r.shifts is not None and r.shifts.num_rows]
+        if shifts:
+            self.store.write_table_part("shifts", pa.concat_tables(shifts), first, first + n - 1)
         per_step = round(self.store.block_bytes(first) / n)
         seconds = (time.perf_counter() - started) / n  # the Parquet write below is not counted
         for row in rows:

@@ -116,12 +116,27 @@ CHECKPOINTS_TABLE = pa.schema(
     ]
 )
 
+SHIFTS = pa.schema(
+    [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("epoch", pa.int64()),
+        pa.field("example_id", pa.int64(), nullable=False),
+        pa.field("param", pa.string(), nullable=False),
+        pa.field("flat_index", pa.int64(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),  # output neuron (dim 0) of the tensor
+        pa.field("col", pa.int64()),  # input feature (the flattened rest); null for 1-D tensors
+        pa.field("shift", pa.float32(), nullable=False),  # K_{s,s} ⊙ α_s c_{s,i} at this entry
+        pa.field("grad", pa.float32(), nullable=False),  # c_{s,i} at this entry (before clipping)
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "steps": STEPS,
     "examples": EXAMPLES,
     "stages": STAGES,
     "params": PARAMS,
     "checkpoints": CHECKPOINTS_TABLE,
+    "shifts": SHIFTS,
 }
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -1,0 +1,93 @@
+"""TopK outlier shifts against an independent computation: torch.func per-sample gradients
+times the optimizer's immediate coefficient (written out here per optimizer) times α."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_per_example import CASES, reference
+
+import attrib
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "nesterov_dampening": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=False,
+                                                    dampening=0.3),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+}
+
+
+def coefficient(run, name, step, kind):
+    h = {k: float(v[step, 0]) for k, v in run.hparams().items()}
+    if kind == "sgd":
+        return -h["lr"]
+    if kind == "nesterov_dampening":
+        return -h["lr"] * (1.0 if step == 0 else 1 - h["dampening"])
+    if kind == "nesterov":
+        return -h["lr"] * (1 + h["momentum"])  # dampening 0: the buffer takes d_s whole
+    index = run.param_names.index(name)
+    t = int(run.step_counts()[step, index])
+    v = run.state(name, "exp_avg_sq", step, step + 1)[0].double()
+    denominator = (v / (1 - h["beta2"] ** t)).sqrt() + h["eps"]
+    return -h["lr"] * (1 - h["beta1"]) / (1 - h["beta1"] ** t) / denominator
+
+
+def run_with_topk(run_dir, kind, policy, steps=3):
+    make, data = CASES["mlp"]
+    model = make().double()
+    x, y = data()
+    x = x.double()
+    opt = OPTIMIZERS[kind](model.parameters())
+    g = torch.Generator().manual_seed(9)
+    with attrib.Recorder(run_dir, model, opt, capture=[policy], strict=True) as rec:
+        for step in range(steps):
+            rec.epoch(step // 2)
+            ids = torch.randperm(len(x), generator=g)[:8]
+            rec.examples(ids)
+            F.cross_entropy(model(x[ids]), y[ids]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+            opt.step()
+            opt.zero_grad()
+    return attrib.open_run(run_dir), make, x, y
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_topk_shifts_match_independent_computation(run_dir, kind):
+    k = 12
+    run, make, x, y = run_with_topk(run_dir, kind, attrib.TopK(k))
+    shifts = run.shifts.to_pylist()
+    alpha = run.clip_factors()
+    assert (alpha < 1).any(), "the test must exercise clipping"
+    for step in range(run.n_steps):
+        ids, grads = reference(run, make, x, y, step, "mean", 1)
+        candidates = []
+        for name, c in grads.items():
+            if name.endswith("bias"):  # excluded by default
+                continue
+            u = (c * coefficient(run, name, step, kind) * alpha[step]).reshape(len(ids), -1)
+            for row, flat in zip(*torch.nonzero(torch.ones_like(u), as_tuple=True)):
+                candidates.append((abs(float(u[row, flat])), int(ids[row]), name, int(flat),
+                                   float(u[row, flat]), float(c.reshape(len(ids), -1)[row, flat])))
+        expected = sorted(candidates, reverse=True)[:k]
+        got = sorted((r for r in shifts if r["step"] == step), key=lambda r: -abs(r["shift"]))
+        assert [(r["example_id"], r["param"], r["flat_index"]) for r in got] == [
+            (e[1], e[2], e[3]) for e in expected]
+        for r, e in zip(got, expected):
+            assert r["shift"] == pytest.approx(e[4], rel=1e-5)
+            assert r["grad"] == pytest.approx(e[5], rel=1e-5)
+            width = 10 if r["param"] == "0.weight" else 16
+            assert (r["row"], r["col"]) == divmod(r["flat_index"], width)
+            assert r["epoch"] == step // 2
+
+
+def test_topk_per_tensor_scope_and_sql(run_dir):
+    run, *_ = run_with_topk(run_dir, "sgd", attrib.TopK(5, scope="tensor", exclude=()))
+    counts = attrib.sql(run, "SELECT step, param, count(*) AS n FROM shifts GROUP BY ALL "
+                             "ORDER BY ALL").to_pylist()
+    assert {(c["param"], c["n"]) for c in counts} == {
+        ("0.weight", 5), ("0.bias", 5), ("2.weight", 5), ("2.bias", 5)}
+    assert len(counts) == 4 * run.n_steps
+    biases = attrib.sql(run, "SELECT count(*) FROM shifts WHERE col IS NULL").column(0)[0]
+    assert biases.as_py() == 10 * run.n_steps

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import zarr
 
 from attrib.schemas import format as fmt
@@ -42,6 +43,24 @@ def _raw_dense_bytes(run: Run) -> int:
     return total
 
 
+def _capture_summary(run: Run) -> dict[str, Any]:
+    """How many tensors each capture policy covers, and the largest residual seen."""
+    counts: dict[str, int] = {}
+    for policies in run.capture.values():
+        for kind, settings in policies.items():
+            label = {"full": f"Full({settings.get('dtype')})",
+                     "project": f"Project({settings.get('kind')}, k={settings.get('k')})",
+                     "topk": f"TopK({settings.get('k')}, {settings.get('scope')})"}[kind]
+            counts[label] = counts.get(label, 0) + 1
+    residual = None
+    if counts and run.n_steps:
+        norms = run.residual_norms()
+        residual = float(np.nanmax(norms)) if not np.isnan(norms).all() else None
+    return {"policies": counts, "residual_max": residual,
+            "residual_params": run.meta.get("residual_params", []),
+            "shift_rows": sum(pq.read_metadata(f).num_rows for f in run.table_files("shifts"))}
+
+
 def run_summary(run: Run) -> dict[str, Any]:
     params = run.params
     steps = run.steps
@@ -69,6 +88,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "numel": int(sum(params.column("numel").to_pylist())),
         "optimizer": run.optimizer,
         "hparams_at_step_0": {k: v for k, v in first.items() if any(x is not None for x in v)},
+        "per_example": _capture_summary(run),
         "checkpoints": len(run.checkpoint_steps),
         "checkpoint_every": run.meta["checkpoint_every"],
         "last_loss": steps.column("loss")[-1].as_py() if steps.num_rows else None,

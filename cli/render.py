@@ -54,6 +54,20 @@ def human_bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
+def _per_example(capture: dict[str, Any]) -> str:
+    if not capture["policies"]:
+        return "not captured"
+    text = "; ".join(f"{label} on {n} tensor{'s' if n > 1 else ''}"
+                     for label, n in capture["policies"].items())
+    if capture["residual_max"] is not None:
+        text += f"; max residual ‖G − Σc‖/‖G‖ {capture['residual_max']:.1e}"
+    if capture["residual_params"]:
+        text += f"; not separable (residual): {', '.join(capture['residual_params'])}"
+    if capture["shift_rows"]:
+        text += f"; {capture['shift_rows']:,} shift rows"
+    return text
+
+
 def summary(info: dict[str, Any]) -> str:
     """The `attrib info` text."""
     opt = info["optimizer"]
@@ -73,6 +87,7 @@ def summary(info: dict[str, Any]) -> str:
         f"params       {info['params']} tensors, {info['numel']:,} scalars",
         f"optimizer    {opt['class']} ({opt['kind']}{', amsgrad' if opt['amsgrad'] else ''})"
         + (f", at step 0: {hp}" if hp else ""),
+        f"per example  {_per_example(info['per_example'])}",
         f"checkpoints  {info['checkpoints']} (every {info['checkpoint_every']} steps)",
         f"last loss    {_cell(info['last_loss'])}",
         f"dense data   {human_bytes(info['dense_bytes_stored'])} in chunks for "

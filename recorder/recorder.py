@@ -165,6 +165,7 @@ class Recorder:
         self._after_step = False  # True between opt.step() and the next backward/examples()
         self._upcoming: dict[str, Any] = {"metrics": {}, "loss": None}
         self._examples: list[np.ndarray] = []
+        self._example_values: list[dict[str, torch.Tensor]] = []
         self._hook_seconds = 0.0
         self._started = time.perf_counter()
         self._theta_hat = [p.param.detach().to(p.storage_dtype).clone() for p in self.params]
@@ -295,6 +296,7 @@ class Recorder:
             )
         self._guard(self._begin_next_step)
         self._examples.append(array.astype(np.int64))
+        self._example_values.append({})
         if self._capture is not None:
             self._capture.begin_micro_batch(len(array))
 
@@ -319,6 +321,23 @@ class Recorder:
                 target["loss"] = value
             else:
                 target["metrics"][name] = value
+
+    def log_examples(self, **values: Any) -> None:
+        """Per-example values (`loss=`, `f=`) of the micro-batch declared last, one per id,
+        for the examples table (e.g. `F.cross_entropy(logits, y, reduction="none")`)."""
+        if not self._enabled:
+            return
+        if not self._examples:
+            raise RuntimeError("rec.log_examples() needs a micro-batch: call rec.examples(ids) "
+                               "first")
+        for name, value in values.items():
+            if name not in fmt.EXAMPLE_VALUES:
+                raise ValueError(f"rec.log_examples() takes {fmt.EXAMPLE_VALUES}, got {name!r}")
+            tensor = torch.as_tensor(value).detach().reshape(-1)
+            if len(tensor) != len(self._examples[-1]):
+                raise ValueError(f"rec.log_examples({name}=...) has {len(tensor)} values for a "
+                                 f"micro-batch of {len(self._examples[-1])} examples")
+            self._example_values[-1][name] = _host(tensor)
 
     def stage(self, name: str) -> None:
         """Mark the start of a named training stage at the next optimizer step."""
@@ -501,9 +520,10 @@ class Recorder:
         }
         if data is not None:
             self._hook_seconds += data.seconds
-        record = StepRecord(self.step, row, self._examples, shifts=shifts)
+        record = StepRecord(self.step, row, self._examples, self._example_values, shifts=shifts)
         self._upcoming = {"metrics": {}, "loss": None}
         self._examples = []
+        self._example_values = []
         if (self.step + 1) % self.checkpoint_every == 0:
             record.checkpoint = _snapshot(self.params, live)
             for hat, value in zip(self._theta_hat, live):

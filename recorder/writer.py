@@ -35,6 +35,7 @@ class StepRecord:
     step: int
     row: dict[str, Any]  # steps-table row; tensor values are converted off the hot path
     examples: list[np.ndarray] = field(default_factory=list)  # example ids per micro-batch
+    example_values: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per micro-batch
     checkpoint: dict[str, torch.Tensor] | None = None  # θ_{step+1} when a checkpoint follows
     shifts: pa.Table | None = None  # TopK rows of this step
 
@@ -194,19 +195,26 @@ class BackgroundWriter:
 
 
 def _examples_table(records: list[StepRecord]) -> pa.Table:
-    """Long table (step, micro_batch, slot, example_id) built with array ops, not row loops."""
+    """Long table (step, micro_batch, slot, row, example_id, loss, f), built with array ops."""
     columns: dict[str, list[np.ndarray]] = {name: [] for name in fmt.EXAMPLES.names}
+    present: dict[str, list[np.ndarray]] = {name: [] for name in fmt.EXAMPLE_VALUES}
     for record in records:
         offset = 0
         for micro_batch, ids in enumerate(record.examples):
+            values = record.example_values[micro_batch]
+            for name in fmt.EXAMPLE_VALUES:
+                value = values.get(name)
+                columns[name].append(np.zeros(len(ids)) if value is None
+                                     else value.double().numpy())
+                present[name].append(np.full(len(ids), value is not None))
             columns["step"].append(np.full(len(ids), record.step, dtype=np.int64))
             columns["micro_batch"].append(np.full(len(ids), micro_batch, dtype=np.int32))
             columns["slot"].append(np.arange(len(ids), dtype=np.int32))
             columns["row"].append(np.arange(offset, offset + len(ids), dtype=np.int32))
             columns["example_id"].append(ids.astype(np.int64, copy=False))
             offset += len(ids)
-    return pa.table(
-        {name: np.concatenate(parts) if parts else np.array([], dtype=f.type.to_pandas_dtype())
-         for (name, parts), f in zip(columns.items(), fmt.EXAMPLES)},
-        schema=fmt.EXAMPLES,
-    )
+    arrays = {name: np.concatenate(parts) if parts else np.array([], f.type.to_pandas_dtype())
+              for (name, parts), f in zip(columns.items(), fmt.EXAMPLES)}
+    masks = {name: ~np.concatenate(parts) if parts else None for name, parts in present.items()}
+    return pa.table({name: pa.array(values, mask=masks.get(name))
+                     for name, values in arrays.items()}, schema=fmt.EXAMPLES)

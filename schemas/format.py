@@ -83,8 +83,12 @@ EXAMPLES = pa.schema(
         pa.field("slot", pa.int32(), nullable=False),  # row within the micro-batch
         pa.field("row", pa.int32(), nullable=False),  # row within the step (per-example arrays)
         pa.field("example_id", pa.int64(), nullable=False),
+        pa.field("loss", pa.float64()),  # per-example loss, from rec.log_examples(loss=...)
+        pa.field("f", pa.float64()),  # the user's per-example f, from rec.log_examples(f=...)
     ]
 )
+
+EXAMPLE_VALUES = ("loss", "f")
 
 STAGES = pa.schema(
     [

@@ -186,3 +186,61 @@ def test_batchnorm_is_refused_or_residual(run_dir, tmp_path):
     assert run.meta["residual_params"] == ["1.weight", "1.bias"]
     norms = run.residual_norms()[0]  # BatchNorm's whole gradient is residual: norm 1
     assert norms[0] < 1e-5 and norms[2] == norms[3] == 1.0 and norms[4] < 1e-5
+
+
+def test_per_example_losses_go_to_the_examples_table(run_dir):
+    make, data = CASES["mlp"]
+    model = make()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attrib.Recorder(run_dir, model, opt) as rec:
+        for step in range(3):
+            for micro in range(2):
+                ids = torch.arange(step * 16 + micro * 8, step * 16 + micro * 8 + 8)
+                rec.examples(ids)
+                losses = F.cross_entropy(model(x[ids]), y[ids], reduction="none")
+                if micro == 0:
+                    rec.log_examples(loss=losses, f=-losses)
+                losses.mean().backward()
+            with pytest.raises(ValueError, match="has 3 values for a micro-batch of 8"):
+                rec.log_examples(loss=torch.ones(3))
+            opt.step()
+            opt.zero_grad()
+    table = attrib.sql(run_dir, "SELECT micro_batch, count(loss) AS with_loss, "
+                                "max(abs(loss + f)) AS gap, min(loss) > 0 AS positive "
+                                "FROM examples GROUP BY 1 ORDER BY 1").to_pylist()
+    assert table == [{"micro_batch": 0, "with_loss": 24, "gap": 0.0, "positive": True},
+                     {"micro_batch": 1, "with_loss": 0, "gap": None, "positive": None}]
+
+
+def test_amp_loss_scaling_is_absorbed_by_the_clip_factor(run_dir):
+    """GradScaler scales the loss (so the contributions) and unscales .grad before the step:
+    α = clip coefficient / scale, and α c_i is each example's share of what was consumed."""
+    make, data = CASES["mlp"]
+    model = make()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    clip_coefficients = []
+    with attrib.Recorder(run_dir, model, opt, capture=attrib.Full(), strict=True) as rec:
+        for step in range(3):
+            ids = torch.arange(step * 8, step * 8 + 8)
+            rec.examples(ids)
+            scaler.scale(F.cross_entropy(model(x[ids]), y[ids])).backward()
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
+            clip_coefficients.append(min(1.0, 0.2 / (float(norm) + 1e-6)))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    run = attrib.open_run(run_dir)
+    assert float(torch.tensor(run.residual_norms()).max()) < 1e-5
+    for step in range(3):
+        assert run.clip_factors()[step] == pytest.approx(clip_coefficients[step] / 1024.0,
+                                                         rel=1e-5)
+        _, rows = run.contributions(step)
+        _, expected = reference(run, make, x.double(), y, step, "mean", 1)
+        for name, c in rows.items():
+            share = run.clip_factors()[step] * c.double()
+            torch.testing.assert_close(share, clip_coefficients[step] * expected[name],
+                                       rtol=0, atol=1e-5 * float(expected[name].abs().max()))

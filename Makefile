@@ -26,3 +26,4 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/record_overhead.py
+	$(BIN)/python benchmarks/capture_overhead.py

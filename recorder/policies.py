@@ -15,6 +15,7 @@ from attrib.schemas import projection
 
 FULL_BUDGET = 1 << 20  # default policy: exact contributions up to this many scalars per step…
 DEFAULT_PROJECTION = 4096  # …else a kron projection of this size
+DENSE_BUDGET_BYTES = 1 << 30  # dense projection matrices kept in memory, all tensors together
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,22 @@ def default_policies(total_numel: int) -> list[Policy]:
     return [Project(DEFAULT_PROJECTION)]
 
 
+def check_dense_budget(captures: list[TensorCapture], names: list[str],
+                       shapes: list[tuple[int, ...]]) -> None:
+    """Dense R is k × numel floats per tensor: refuse early rather than run out of memory."""
+    sizes = {name: capture.project.k * math.prod(shape) * 4
+             for capture, name, shape in zip(captures, names, shapes)
+             if capture.project is not None and (capture.project.kind == "dense"
+                                                 or projection.matrix_view(shape) is None)}
+    if sum(sizes.values()) > DENSE_BUDGET_BYTES:
+        largest = max(sizes, key=sizes.get)
+        raise ValueError(
+            f"dense projection needs {sum(sizes.values()) / 2**30:.1f} GiB of projection "
+            f"matrices ({largest!r} alone {sizes[largest] / 2**20:.0f} MiB), over the "
+            f"{DENSE_BUDGET_BYTES / 2**30:.0f} GiB limit; use Project(kind='kron') (the fast "
+            "path), a smaller k, or restrict dense projection to some tensors with params=[...]")
+
+
 def resolve(policies: list[Policy], names: list[str], shapes: list[tuple[int, ...]]
             ) -> list[TensorCapture]:
     """Per tensor, the policies whose globs match it (the first match of each type wins)."""
@@ -127,4 +144,5 @@ def resolve(policies: list[Policy], names: list[str], shapes: list[tuple[int, ..
                   and not _matches(name, policy.exclude)):
                 capture.topk = policy
         out.append(capture)
+    check_dense_budget(out, names, shapes)
     return out

@@ -31,13 +31,16 @@ CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk; splits big tensors
 
 @dataclass(frozen=True)
 class Codec:
-    """Lossless Blosc settings for every dense array (zstd + bit shuffle by default)."""
+    """Lossless Blosc settings for every dense array (zstd + bit shuffle by default);
+    cname="none" stores chunks uncompressed."""
 
     cname: str = "zstd"
     clevel: int = 3
     shuffle: str = "bitshuffle"
 
-    def compressor(self) -> BloscCodec:
+    def compressor(self) -> BloscCodec | None:
+        if self.cname == "none":
+            return None
         return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=BloscShuffle[self.shuffle])
 
 
@@ -77,7 +80,7 @@ class RunStore:
         self.meta = meta
         self.steps_per_chunk = 0  # set with the step arrays, at the first step
         self.step_arrays: dict[str, zarr.Array] = {}
-        self._codec = codec
+        self.compressor = codec.compressor()
         self._sequence = 0
         self._pending_checkpoints = 0  # appended since the last commit
         self._obsolete: list[str] = []  # parts to delete once a commit no longer lists them
@@ -117,7 +120,7 @@ class RunStore:
         chunks = (depth, *inner_chunks(shape[1:], itemsize, depth))
         return self.group.create_array(
             path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-            compressors=self._codec.compressor(),
+            compressors=self.compressor,
         )
 
     # -- dense data -------------------------------------------------------------------------
@@ -125,7 +128,7 @@ class RunStore:
         """A tensor written once (carry-in optimizer state); no step axis."""
         array = self.group.create_array(
             path, shape=value.shape, chunks=inner_chunks(value.shape, value.itemsize, 1),
-            dtype=value.dtype, fill_value=0, compressors=self._codec.compressor(),
+            dtype=value.dtype, fill_value=0, compressors=self.compressor,
         )
         array[...] = value
 

@@ -85,3 +85,10 @@ def test_projection_policy_sizes(run_dir):
     assert "embed.weight" not in capture and "head.weight" not in capture
     assert capture["encoder.linear1.weight"] == {"project": {"k": 256, "seed": 0, "kind": "kron"}}
     assert capture["encoder.norm1.weight"] == {"full": {"dtype": "float32"}}  # 16 ≤ 256
+
+
+def test_dense_projection_over_budget_names_the_fix(run_dir):
+    model = torch.nn.Linear(784, 2048)
+    with pytest.raises(ValueError, match=r"over the 1 GiB limit; use Project\(kind='kron'\)"):
+        attrib.Recorder(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        capture=attrib.Project(1024, kind="dense"))

@@ -1,0 +1,22 @@
+"""Per-example capture policies: step time with the recorder on / off, side by side.
+
+Each row records the aggregate trajectory plus one capture policy: none, Full (exact
+contributions), Project(1024) dense and kron, TopK(64). Columns as in record_overhead.py.
+Dense projection needs a k × numel matrix per tensor; where that exceeds the recorder's budget
+the row says so instead of a time. Run: `python benchmarks/capture_overhead.py [--quick]`.
+"""
+
+from harness import main
+
+import attrib
+
+SETTINGS = {
+    "aggregate only": {"capture": False},
+    "Full": {"capture": attrib.Full()},
+    "Project(1024, dense)": {"capture": attrib.Project(1024, kind="dense")},
+    "Project(1024, kron)": {"capture": attrib.Project(1024, kind="kron")},
+    "TopK(64)": {"capture": attrib.TopK(64)},
+}
+
+if __name__ == "__main__":
+    main(__doc__, SETTINGS)

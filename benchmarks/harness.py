@@ -1,0 +1,182 @@
+"""Shared benchmark harness: workloads and side-by-side recorder on/off measurement.
+
+Each (workload, setting) runs in its own subprocess, so its peak RSS is its own. Inside it,
+plain and recorded blocks of steps alternate (noise and drift hit both alike); the recorded time
+includes `close()`, so the background writer's backlog is paid for. A script defines SETTINGS
+(name → Recorder keyword arguments) and calls `main(__doc__, SETTINGS)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+import attrib
+from attrib.cli.render import aligned, human_bytes
+
+
+@dataclass
+class Workload:
+    name: str
+    model: Callable[[], torch.nn.Module]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    steps: int  # per timed block (full run)
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(),
+                               torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                               torch.nn.Linear(256, 10))
+
+
+def cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 32, 3, stride=2), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(32 * 12 * 12, 10))
+
+
+class TransformerLM(torch.nn.Module):
+    """2-layer causal transformer LM: d 256, 4 heads, feed-forward 1024, context 64."""
+
+    def __init__(self, vocab: int = 512, d: int = 256, context: int = 64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.position = torch.nn.Embedding(context, d)
+        layer = torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+        self.body = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(d, vocab)
+        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(context))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        h = self.embed(tokens) + self.position(positions)
+        return self.head(self.body(h, mask=self.mask, is_causal=True)).flatten(0, 1)
+
+
+def mlp_batch(g: torch.Generator):
+    return torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
+
+
+def cnn_batch(g: torch.Generator):
+    return torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+
+
+def lm_batch(g: torch.Generator):
+    tokens = torch.randint(0, 512, (16, 64), generator=g)
+    return tokens, torch.roll(tokens, -1, 1).flatten()
+
+
+WORKLOADS = {
+    "mlp": Workload("mlp 784-256-256-10, batch 128", mlp, mlp_batch, 32),
+    "cnn": Workload("cnn 2 conv + linear, 28x28, batch 64", cnn, cnn_batch, 32),
+    "transformer": Workload("transformer LM d256 x2, seq 64, batch 16", TransformerLM, lm_batch,
+                            16),
+}
+
+
+def run_block(work: Workload, steps: int, settings: dict | None, out_dir: str | None) -> float:
+    """Seconds per step over `steps` AdamW steps with clipping (+ close() when recording)."""
+    model = work.model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(1)
+    batches = [work.batch(g) for _ in range(steps + 2)]
+
+    def step(rec, x, y, i):
+        if rec is not None:
+            rec.examples(torch.arange(i * len(x), (i + 1) * len(x)))
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if rec is not None:
+            rec.log(loss=loss)
+
+    for i, (x, y) in enumerate(batches[:2]):  # warm-up, untimed
+        step(None, x, y, i)
+    rec = (attrib.Recorder(out_dir, model, opt, checkpoint_every=1000, strict=True, **settings)
+           if out_dir else None)
+    started = time.perf_counter()
+    for i, (x, y) in enumerate(batches[2:]):
+        step(rec, x, y, i)
+    if rec is not None:
+        rec.close()
+    return (time.perf_counter() - started) / steps
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_here(work: Workload, setting: str, settings: dict, steps: int, repeats: int) -> dict:
+    row = {"workload": work.name, "recording": setting}
+    plain, recorded, writer = [run_block(work, steps, None, None)], [], []
+    baseline_rss = _peak_rss_mib()
+    info: dict = {}
+    try:
+        for r in range(repeats):
+            if r:
+                plain.append(run_block(work, steps, None, None))
+            with tempfile.TemporaryDirectory() as tmp:
+                recorded.append(run_block(work, steps, settings, f"{tmp}/run"))
+                run = attrib.open_run(f"{tmp}/run")
+                info = run.info()
+                writer.append(sum(run.steps.column("write_seconds").to_pylist()) / steps)
+    except ValueError as e:  # a setting the recorder refuses for this model (with the reason)
+        return {**row, "note": str(e).split(";")[0]}
+    off, on, write = (statistics.median(v) for v in (plain, recorded, writer))
+    return {
+        **row,
+        "params": info["numel"],
+        "off_ms": round(off * 1e3, 2),
+        "on_ms": round(on * 1e3, 2),
+        "ratio": round(on / off, 2),
+        "raw_per_step": human_bytes(info["dense_bytes_raw"] / steps),
+        "compression": round(info["compression_ratio"], 2),
+        "writer_ms": round(write * 1e3, 2),
+        "floor_ratio": round((off + write) / off, 2),
+        "extra_peak_rss": f"{_peak_rss_mib() - baseline_rss:.0f} MiB",
+    }
+
+
+def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps (smoke test)")
+    parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "SETTING"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    repeats = 1 if args.quick else 2
+    if args.one:
+        work = WORKLOADS[args.one[0]]
+        steps = 4 if args.quick else work.steps
+        print(json.dumps(measure_here(work, args.one[1], settings[args.one[1]], steps, repeats)))
+        return
+    rows = []
+    for name in workloads or list(WORKLOADS):
+        for setting in settings:
+            command = [sys.executable, sys.argv[0], "--one", name, setting]
+            out = subprocess.run(command + (["--quick"] if args.quick else []), check=True,
+                                 capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"# {os.path.basename(sys.argv[0])}: {time.strftime('%Y-%m-%d')}, {platform.node()}, "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
+          f"{torch.__version__}; {repeats} interleaved repeats per row, AdamW + clipping")
+    columns = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
+                     if k in rows[0] else len(rows[0]))
+    print(aligned(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]),
+                  max_rows=100))

@@ -33,6 +33,7 @@ class ModuleGroup:
     path: str
     params: dict[str, int]  # module-relative parameter name → tracked parameter index
     rule: pe.Rule | None  # None: generic vmap fallback
+    failed: str | None = None  # why capture stopped for this module (its gradient is residual)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class ExampleCapture:
         self.names, self.shapes, self.captures = names, shapes, captures
         self.groups, self.unsupported = assign_modules(model, names, captures, strict)
         self.enabled = True
+        self.strict = strict
         self._recomputing = False
         self._batch: int | None = None
         self._offset = 0
@@ -129,7 +131,8 @@ class ExampleCapture:
     # -- hooks ---------------------------------------------------------------------------------
     def _forward_hook(self, group: ModuleGroup):
         def hook(module, args, kwargs, output):
-            if not self.enabled or self._recomputing or not torch.is_grad_enabled():
+            if (not self.enabled or group.failed or self._recomputing
+                    or not torch.is_grad_enabled()):
                 return
             out = output[0] if isinstance(output, tuple) else output
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
@@ -147,7 +150,17 @@ class ExampleCapture:
         if not self.enabled:
             return
         started = time.perf_counter()
-        self._contribute(group, args, kwargs, g.detach(), data, offset, batch)
+        try:
+            self._contribute(group, args, kwargs, g.detach(), data, offset, batch)
+        except Exception as e:  # inside loss.backward(): never let it break training
+            if self.strict:
+                raise UnsupportedModuleError(
+                    f"per-example gradients of {group.path or 'the model'} "
+                    f"({type(group.module).__name__}) failed: {e}") from e
+            group.failed = repr(e)
+            warnings.warn(f"attrib: per-example capture of {group.path or 'the model'} "
+                          f"({type(group.module).__name__}) failed ({e!r}); its gradient is "
+                          "recorded as residual from now on", stacklevel=2)
         data.seconds += time.perf_counter() - started
 
     def _contribute(self, group, args, kwargs, g, data: StepData, offset, batch) -> None:

@@ -244,3 +244,43 @@ def test_amp_loss_scaling_is_absorbed_by_the_clip_factor(run_dir):
             share = run.clip_factors()[step] * c.double()
             torch.testing.assert_close(share, clip_coefficients[step] * expected[name],
                                        rtol=0, atol=1e-5 * float(expected[name].abs().max()))
+
+
+class Unbatchable(nn.Module):
+    """A raw parameter behind data-dependent control flow: torch.func can't vmap it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(x) * self.gain if bool(x.abs().sum() > 0) else self.head(x)
+
+
+def test_a_failing_per_example_path_raises_in_strict_mode(run_dir):
+    model = Unbatchable()
+    x, y = CASES["mlp"][1]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attrib.Recorder(run_dir, model, opt, capture=attrib.Full(), strict=True) as rec:
+        rec.examples(torch.arange(8))
+        with pytest.raises(attrib.recorder.capture.UnsupportedModuleError,
+                           match="per-example gradients of the model"):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+
+
+def test_a_failing_per_example_path_never_breaks_training(run_dir):
+    model = Unbatchable()
+    x, y = CASES["mlp"][1]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (pytest.warns(UserWarning, match="recorded as residual"),
+          attrib.Recorder(run_dir, model, opt, capture=attrib.Full()) as rec):
+        for _ in range(3):
+            rec.examples(torch.arange(8))
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(run_dir)
+    assert run.status == "complete" and run.n_steps == 3
+    norms = run.residual_norms()
+    assert (norms[:, 0] == 1.0).all() and (norms[:, 1:] < 1e-5).all()  # gain: residual

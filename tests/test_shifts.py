@@ -41,7 +41,8 @@ def run_with_topk(run_dir, kind, policy, steps=3):
     x = x.double()
     opt = OPTIMIZERS[kind](model.parameters())
     g = torch.Generator().manual_seed(9)
-    with attrib.Recorder(run_dir, model, opt, capture=[policy], strict=True) as rec:
+    policies = policy if isinstance(policy, list) else [policy]
+    with attrib.Recorder(run_dir, model, opt, capture=policies, strict=True) as rec:
         for step in range(steps):
             rec.epoch(step // 2)
             ids = torch.randperm(len(x), generator=g)[:8]
@@ -91,3 +92,14 @@ def test_topk_per_tensor_scope_and_sql(run_dir):
     assert len(counts) == 4 * run.n_steps
     biases = attrib.sql(run, "SELECT count(*) FROM shifts WHERE col IS NULL").column(0)[0]
     assert biases.as_py() == 10 * run.n_steps
+
+
+def test_policies_compose_topk_with_projection(run_dir):
+    run = run_with_topk(run_dir, "sgd", [attrib.TopK(6), attrib.Project(32)])[0]
+    assert run.capture["0.weight"] == {"project": {"k": 32, "seed": 0, "kind": "kron"},
+                                       "topk": {"k": 6, "scope": "step"}}
+    assert run.shifts.num_rows == 6 * run.n_steps
+    ids, rows = run.contributions(1)
+    assert rows["0.weight"].shape == (8, 32) and rows["0.bias"].shape == (8, 16)  # 16 ≤ 32: full
+    shifted = {r["example_id"] for r in run.shifts.to_pylist() if r["step"] == 1}
+    assert shifted and shifted <= set(ids.tolist())

@@ -43,7 +43,7 @@ class StepData:
     rows: int  # examples declared this step
     full: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
     projected: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
-    dense: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # for TopK
+    topk: dict[int, list[tuple[int, pe.PerExample]]] = field(default_factory=dict)  # factored
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # Σ_i c_i per parameter
     skipped_calls: int = 0  # module calls whose batch didn't match the declared examples
     seconds: float = 0.0  # time spent computing contributions during backward
@@ -181,17 +181,16 @@ class ExampleCapture:
         capture = self.captures[index]
         total = c.total()
         data.sums[index] = data.sums[index] + total if index in data.sums else total
-        dense = c.dense() if capture.full is not None or capture.topk is not None else None
         if capture.full is not None:
             data.full.setdefault(index, []).append(
-                (offset, dense.to(getattr(torch, capture.full.dtype))))
+                (offset, c.dense().to(getattr(torch, capture.full.dtype))))
         if capture.project is not None:
             p = capture.project
             data.projected.setdefault(index, []).append(
                 (offset, pe.project(c, self.shapes[index], p.kind, p.k, p.seed,
                                     self.names[index]).float()))
-        if capture.topk is not None:
-            data.dense.setdefault(index, []).append((offset, dense))
+        if capture.topk is not None:  # densified chunk by chunk at the step (recorder/shifts.py)
+            data.topk.setdefault(index, []).append((offset, c))
 
 
 def scatter_rows(parts: list[tuple[int, torch.Tensor]], target: torch.Tensor) -> None:
@@ -201,9 +200,4 @@ def scatter_rows(parts: list[tuple[int, torch.Tensor]], target: torch.Tensor) ->
         target[offset: offset + values.shape[0]] += values
 
 
-def merged_rows(parts: list[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor:
-    first = parts[0][1]
-    out = first.new_zeros((rows, *first.shape[1:]))
-    scatter_rows(parts, out)
-    return out
 

@@ -28,6 +28,13 @@ class Dense:
 
     values: torch.Tensor
 
+    @property
+    def rows(self) -> int:
+        return self.values.shape[0]
+
+    def slice(self, start: int, stop: int) -> Dense:
+        return Dense(self.values[start:stop])
+
     def dense(self) -> torch.Tensor:
         return self.values
 
@@ -52,6 +59,15 @@ class Outer:
     shape: tuple[int, ...]
     ids: torch.Tensor | None = None
     vocab: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.right.shape[0]
+
+    def slice(self, start: int, stop: int) -> Outer:
+        return Outer(None if self.left is None else self.left[start:stop],
+                     self.right[start:stop], self.shape,
+                     None if self.ids is None else self.ids[start:stop], self.vocab)
 
     def dense(self) -> torch.Tensor:
         b, _, n = self.right.shape

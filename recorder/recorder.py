@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from attrib.recorder import optimizers as optim_info
-from attrib.recorder.capture import ExampleCapture, StepData, merged_rows, scatter_rows
+from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
 from attrib.recorder.shifts import ShiftInput, top_shifts
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
@@ -564,15 +564,15 @@ class Recorder:
                     hparams: list[dict[str, float]]):
         groups: dict[TopK, list[ShiftInput]] = {}
         for p, capture in zip(self.params, self.captures):
-            if capture.topk is None or p.index not in data.dense:
+            if capture.topk is None or p.index not in data.topk:
                 continue
             group = self.optimizer.param_groups[p.group]
             coefficient = optim_info.immediate_coefficient(
                 self.spec, hparams[p.group], bool(group.get("nesterov", False)),
                 self.optimizer.state.get(p.param, {}), not self._had_buffer[p.index])
             groups.setdefault(capture.topk, []).append(ShiftInput(
-                p.name, tuple(p.param.shape), merged_rows(data.dense[p.index], data.rows),
-                coefficient, capture.topk.k))
+                p.name, tuple(p.param.shape), data.topk[p.index], coefficient,
+                capture.topk.k))
         if not groups:
             return None
         ids = np.concatenate(self._examples) if self._examples else np.zeros(0, np.int64)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from test_per_example import CASES, reference
 
 import attrib
+from attrib.recorder.per_example import Dense, Outer
+from attrib.recorder.shifts import ShiftInput, tensor_candidates
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
@@ -103,3 +105,34 @@ def test_policies_compose_topk_with_projection(run_dir):
     assert rows["0.weight"].shape == (8, 32) and rows["0.bias"].shape == (8, 16)  # 16 ≤ 32: full
     shifted = {r["example_id"] for r in run.shifts.to_pylist() if r["step"] == 1}
     assert shifted and shifted <= set(ids.tolist())
+
+
+def _outer_parts(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randn(10, 3, 5, generator=g, dtype=torch.float64)
+    right = torch.randn(10, 3, 7, generator=g, dtype=torch.float64)
+    return Outer(left[:6], right[:6], (5, 7)), Outer(left[6:], right[6:], (5, 7))
+
+
+def test_chunked_candidates_equal_whole_tensor_ranking():
+    first, second = _outer_parts(0)
+    coefficient = torch.rand(5, 7, dtype=torch.float64) + 0.1  # Adam-like, elementwise
+    item = ShiftInput("w", (5, 7), [(0, first), (6, second)], coefficient, k=9)
+    whole = tensor_candidates(item, 0.5, chunk_scalars=10**9)
+    chunked = tensor_candidates(item, 0.5, chunk_scalars=35)  # one example per chunk
+    dense = torch.cat([first.dense(), second.dense()]).reshape(10, -1)
+    expected = (dense * coefficient.reshape(-1) * 0.5).abs().reshape(-1).topk(9)
+    for got in (whole, chunked):
+        assert torch.equal(got.row * 35 + got.flat, expected.indices)
+        torch.testing.assert_close(got.magnitude, expected.values)
+
+
+def test_parts_over_the_same_rows_are_summed_before_ranking():
+    """A module called twice per forward (shared weights) contributes twice to each example."""
+    first, second = _outer_parts(1)
+    twice = ShiftInput("w", (5, 7), [(0, first), (0, second)], -0.1, k=5)
+    summed = Dense(first.dense()[:4] + second.dense())
+    combined = torch.cat([summed.values, first.dense()[4:]])
+    expected = tensor_candidates(ShiftInput("w", (5, 7), [(0, Dense(combined))], -0.1, k=5), 1.0)
+    got = tensor_candidates(twice, 1.0)
+    assert torch.equal(got.row, expected.row) and torch.equal(got.flat, expected.flat)

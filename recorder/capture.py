@@ -45,7 +45,6 @@ class StepData:
     projected: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
     topk: dict[int, list[tuple[int, pe.PerExample]]] = field(default_factory=dict)  # factored
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # Σ_i c_i per parameter
-    skipped_calls: int = 0  # module calls whose batch didn't match the declared examples
     seconds: float = 0.0  # time spent computing contributions during backward
 
 
@@ -139,8 +138,7 @@ class ExampleCapture:
                 return
             bdim = pe.batch_dim(module)
             if self._batch is None or out.dim() <= bdim or out.shape[bdim] != self._batch:
-                self._data.skipped_calls += 1  # not a declared training micro-batch
-                return
+                return  # not a declared micro-batch (an evaluation pass, say)
             data, offset, batch = self._data, self._offset, self._batch
             out.register_hook(lambda g: self._on_output_grad(group, args, kwargs, g, data,
                                                              offset, batch))

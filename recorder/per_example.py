@@ -9,7 +9,6 @@ Other modules fall back to torch.func: vmap over examples of the gradient of ⟨
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -228,6 +227,3 @@ def generic_contributions(module: nn.Module, names: list[str], args: tuple, kwar
         params, detached, {k: kwargs[k].detach() for k in kw_names}, g)
     return {n: Dense(v) for n, v in per.items()}
 
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)

@@ -366,18 +366,25 @@ class Recorder:
             self._guard(self._writer.submit, self._block)
         self._writer.close()
         store = self._writer.store
-        if self._writer.error is not None and self._failure is None:
-            self._failure = f"background writer failed: {self._writer.error!r}"
+        if self._writer.error is not None:
+            self._failure = self._failure or f"background writer failed: {self._writer.error!r}"
+            store.manifest["error_trace"] = self._writer.error_trace
         if self._failure is not None:
             store.manifest["error"] = self._failure
             if status is not fmt.Status.CRASHED:
                 status = fmt.Status.INCOMPLETE
-        else:
-            for table in ("steps", "examples", "shifts"):
-                store.compact(table)
-        store.commit(self._writer.committed_steps, status or fmt.Status.COMPLETE)
+        self._guard(self._finalize, status or fmt.Status.COMPLETE)
         if self.strict and self._writer.error is not None:
             raise RecordingError(self._failure) from self._writer.error
+
+    def _finalize(self, status: fmt.Status) -> None:
+        """Merge table parts (complete runs) and write the final status (guarded: a full disk
+        here must not fail the user's program after training finished)."""
+        store = self._writer.store
+        if self._failure is None:
+            for table in ("steps", "examples", "shifts"):
+                store.compact(table)
+        store.commit(self._writer.committed_steps, status)
 
     def _submit_final(self) -> None:
         """Hand over the last (partial) block and θ_N, as a checkpoint unless one was taken."""
@@ -409,6 +416,8 @@ class Recorder:
             if self.strict:
                 raise RecordingError(f"attrib recording failed at step {self.step}: {e}") from e
             self._enabled = False
+            if self._capture is not None:
+                self._capture.enabled = False
             self._failure = f"recording stopped at step {self.step}: {e!r}"
             warnings.warn(f"attrib: {self._failure}; training continues, the run is marked "
                           "incomplete (pass strict=True to raise instead)", stacklevel=3)

@@ -181,7 +181,7 @@ class ExampleCapture:
         data.sums[index] = data.sums[index] + total if index in data.sums else total
         if capture.full is not None:
             data.full.setdefault(index, []).append(
-                (offset, c.dense().to(getattr(torch, capture.full.dtype))))
+                (offset, c.dense().to(getattr(torch, capture.full_dtype))))
         if capture.project is not None:
             p = capture.project
             data.projected.setdefault(index, []).append(

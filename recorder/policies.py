@@ -20,13 +20,16 @@ DENSE_BUDGET_BYTES = 1 << 30  # dense projection matrices kept in memory, all te
 
 @dataclass(frozen=True)
 class Full:
-    """Exact per-example contributions, one row per example: (examples, *param_shape)."""
+    """Exact per-example contributions, one row per example: (examples, *param_shape).
+
+    dtype None stores them like the parameter (float32, or float64 for float64 parameters).
+    """
 
     params: tuple[str, ...] = ("*",)
-    dtype: str = "float32"
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
+        if self.dtype not in (None, "float32", "float64", "bfloat16", "float16"):
             raise ValueError(f"Full(dtype={self.dtype!r}): use float32, float64, bfloat16 "
                              "or float16")
 
@@ -81,9 +84,15 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 class TensorCapture:
     """The resolved policy for one parameter tensor."""
 
+    storage_dtype: str
     full: Full | None = None
     project: Project | None = None
     topk: TopK | None = None
+
+    @property
+    def full_dtype(self) -> str:
+        return (self.full.dtype if self.full is not None and self.full.dtype is not None
+                else self.storage_dtype)
 
     @property
     def any(self) -> bool:
@@ -92,7 +101,7 @@ class TensorCapture:
     def describe(self) -> dict:
         out: dict = {}
         if self.full is not None:
-            out["full"] = {"dtype": self.full.dtype}
+            out["full"] = {"dtype": self.full_dtype}
         if self.project is not None:
             p = self.project
             out["project"] = {"k": p.k, "seed": p.seed, "kind": p.kind}
@@ -124,12 +133,12 @@ def check_dense_budget(captures: list[TensorCapture], names: list[str],
             "path), a smaller k, or restrict dense projection to some tensors with params=[...]")
 
 
-def resolve(policies: list[Policy], names: list[str], shapes: list[tuple[int, ...]]
-            ) -> list[TensorCapture]:
+def resolve(policies: list[Policy], names: list[str], shapes: list[tuple[int, ...]],
+            dtypes: list[str]) -> list[TensorCapture]:
     """Per tensor, the policies whose globs match it (the first match of each type wins)."""
     out = []
-    for name, shape in zip(names, shapes):
-        capture = TensorCapture()
+    for name, shape, dtype in zip(names, shapes, dtypes):
+        capture = TensorCapture(dtype)
         for policy in policies:
             if not _matches(name, policy.params):
                 continue

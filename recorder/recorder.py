@@ -200,7 +200,8 @@ class Recorder:
         else:
             policies = list(capture) if isinstance(capture, (list, tuple)) else [capture]
         return resolve(policies, [p.name for p in self.params],
-                       [tuple(p.param.shape) for p in self.params])
+                       [tuple(p.param.shape) for p in self.params],
+                       [str(p.storage_dtype).removeprefix("torch.") for p in self.params])
 
     def _array_specs(self, examples: int) -> list[ArraySpec]:
         specs = []
@@ -213,7 +214,7 @@ class Recorder:
                       for s in self.spec.step_state]
             if capture.full is not None:
                 specs.append(ArraySpec(f"{fmt.CONTRIB}/{p.key}", (examples, *shape),
-                                       capture.full.dtype))
+                                       capture.full_dtype))
             if capture.project is not None:
                 specs.append(ArraySpec(f"{fmt.PROJ}/{p.key}", (examples, capture.project.k),
                                        "float32"))

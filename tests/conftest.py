@@ -39,12 +39,14 @@ def mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 class TinyTransformer(torch.nn.Module):
     """Embedding + one encoder layer (attention, LayerNorm) + linear head over token sequences."""
 
-    def __init__(self, vocab: int = 12, d: int = 16, seq: int = 6) -> None:
+    def __init__(self, vocab: int = 12, d: int = 16, seq: int = 6,
+                 activation: str = "relu") -> None:
         super().__init__()
         torch.manual_seed(2)
         self.embed = torch.nn.Embedding(vocab, d)
         self.encoder = torch.nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32,
-                                                        dropout=0.0, batch_first=True)
+                                                        dropout=0.0, batch_first=True,
+                                                        activation=activation)
         self.head = torch.nn.Linear(d * seq, N_CLASSES)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

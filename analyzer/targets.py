@@ -1,0 +1,65 @@
+"""The scalar f(x; θ) an analysis asks about, and its per-test-point values and gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+Target = str | Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _per_example(output: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
+    if target == "loss":
+        if labels.dtype in (torch.int64, torch.int32):
+            return F.cross_entropy(output, labels, reduction="none")
+        return F.mse_loss(output, labels.to(output), reduction="none").flatten(1).mean(1)
+    if target == "margin":  # true-class logit minus logsumexp of the others (TRAK's f)
+        true = output.gather(1, labels[:, None]).squeeze(1)
+        others = output.scatter(1, labels[:, None], float("-inf"))
+        return true - others.logsumexp(1)
+    if target.startswith("logit:"):
+        return output[:, int(target.removeprefix("logit:"))]
+    raise ValueError(f"unknown target {target!r}: use 'loss', 'margin', 'logit:K' or a "
+                     "callable f(model, inputs, labels) returning one value per example")
+
+
+class _ModelAt(torch.nn.Module):
+    """The model evaluated at given parameters, for user target callables."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.params = model, params
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.model, self.params, args, kwargs, strict=False)
+
+
+def evaluate(model: torch.nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
+             labels: torch.Tensor, target: Target) -> torch.Tensor:
+    """f(x; θ) for every test point: shape (n,)."""
+    if callable(target):
+        return target(_ModelAt(model, params), inputs, labels)
+    output = functional_call(model, params, (inputs,), strict=False)
+    return _per_example(output, labels, target)
+
+
+def gradients(model: torch.nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
+              labels: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
+    """∇_θ f(x; θ) for every test point: {name: (n, *shape)}."""
+    def one(theta, x, y):
+        return evaluate(model, theta, x[None], y[None], target)[0]
+
+    return vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, labels)
+
+
+def test_tensors(test_set) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) from a tuple of tensors or a Dataset of (input, label) pairs."""
+    if isinstance(test_set, (tuple, list)) and len(test_set) == 2 and all(
+            isinstance(t, torch.Tensor) for t in test_set):
+        return test_set[0], test_set[1]
+    items = [test_set[i] for i in range(len(test_set))]
+    return (torch.stack([torch.as_tensor(x) for x, _ in items]),
+            torch.stack([torch.as_tensor(y) for _, y in items]))

@@ -47,6 +47,7 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
     """
     con = duckdb.connect()
     names = _run_names(runs)
+    _result_views(con, runs, names)
     for table, schema in fmt.TABLES.items():
         selects = []
         for name, run in zip(names, runs):
@@ -63,6 +64,22 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
             selects.append(f"SELECT * FROM __empty_{table}")
         con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(selects))
     return con
+
+
+def _result_views(con: duckdb.DuckDBPyConnection, runs: list[Run], names: list[str]) -> None:
+    """One view per analysis result table (influence, completeness) over all analyses."""
+    from attrib.analyzer.results import result_files
+
+    selects: dict[str, list[str]] = {}
+    for name, run in zip(names, runs):
+        label = f"{_quote(name)} AS run, " if len(runs) > 1 else ""
+        for table, files in result_files(run).items():
+            if files:
+                listing = ", ".join(_quote(str(f)) for f in files)
+                selects.setdefault(table, []).append(
+                    f"SELECT {label}* FROM read_parquet([{listing}], union_by_name = true)")
+    for table, parts in selects.items():
+        con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
 
 
 def sql(runs: str | Path | Run | list, query: str) -> pa.Table:

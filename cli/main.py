@@ -79,6 +79,71 @@ def sql_command(runs: tuple[str, ...], query: str, out_format: str, output: str 
 
 
 @main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--method", type=click.Choice(["path-kernel", "tracin", "grad-dot", "grad-cos"]),
+              default="path-kernel", show_default=True)
+@click.option("--model", "model_ref", required=True,
+              help="PKG.MOD:FACTORY that builds the architecture (parameters come from RUN).")
+@click.option("--data", "data_ref", required=True,
+              help="PKG.MOD:NAME of the test set: (inputs, labels), a Dataset, or a function.")
+@click.option("--train", "train_ref",
+              help="PKG.MOD:NAME of the training set, indexed by example_id (checkpoint methods).")
+@click.option("--target", default="loss", show_default=True,
+              help="loss, margin or logit:K (the f whose change is attributed).")
+@click.option("--by", default="example", show_default=True,
+              help="Axes kept, comma-separated: example, step, param (path-kernel).")
+@click.option("--quadrature", default="2", show_default=True,
+              help="Gauss-Legendre nodes per step, midpoint:K or left (path-kernel).")
+@click.option("--k", type=int, help="Project gradients to k per tensor (checkpoint methods).")
+@click.option("--checkpoints", default="all", show_default=True, help="tracin: all or last:K.")
+@click.option("--name", help="Where to store it: RUN/analysis/NAME (default: the method).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str | None,
+            target: str, by: str, quadrature: str, k: int | None, checkpoints: str,
+            name: str | None, quiet: bool) -> None:
+    """Attribute f on a test set to RUN's training data; store the result in RUN/analysis/.
+
+    Afterwards every result is a SQL view: attrib sql RUN "SELECT * FROM influence ..."
+    """
+    from attrib.analyzer import analyze as api
+    from attrib.analyzer.run import open_run
+    from attrib.cli.loading import load_data, load_object
+    from attrib.recorder.store import now_iso
+
+    try:
+        recorded = open_run(run)
+    except FormatError as e:
+        _fail(str(e))
+    model_fn, test_set = load_object(model_ref), load_data(data_ref)
+    parameters = {"method": method, "target": target, "model": model_ref, "data": data_ref,
+                  "created": now_iso()}
+    if method == "path-kernel":
+        axes = tuple(a for a in by.split(",") if a)
+        result = api.path_kernel(recorded, model_fn, test_set, target=target, by=axes,
+                                 quadrature=int(quadrature) if quadrature.isdigit() else quadrature,
+                                 progress=not quiet)
+        tables = {"influence": result.table, "completeness": result.completeness()}
+        parameters.update(by=list(axes), quadrature=quadrature)
+    else:
+        if not train_ref:
+            _fail(f"--method {method} needs --train PKG.MOD:TRAIN_SET (indexed by example_id)")
+        options = {"k": k, "progress": not quiet}
+        if method == "tracin":
+            options["checkpoints"] = checkpoints
+        function = {"tracin": api.tracin, "grad-dot": api.grad_dot, "grad-cos": api.grad_cos}
+        tables = {"influence": function[method](recorded, model_fn, load_data(train_ref),
+                                                test_set, target=target, **options)}
+        parameters.update(train=train_ref, k=k, checkpoints=checkpoints)
+    folder = api.save(recorded, name or method, tables, parameters)
+    click.echo(f"{method}: {tables['influence'].num_rows:,} influence rows -> {folder}")
+    if "completeness" in tables:
+        click.echo("\ncompleteness (sum of terms vs f(θ_N) − f(θ_0)):")
+        click.echo(render.aligned(tables["completeness"], max_rows=20))
+    click.echo(f'\nquery it: attrib sql {run} "SELECT * FROM influence WHERE analysis = '
+               f"'{name or method}' LIMIT 10\"")
+
+
+@main.command()
 @click.option("--out", default="attrib-demo", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the recorded run.")
 @click.option("--quick", is_flag=True, help="A smaller run (for tests), seconds long.")

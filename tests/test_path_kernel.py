@@ -219,3 +219,22 @@ def test_top_examples(run_dir):
     assert result.top("example", test=1, n=5, order="asc")["value"].to_pylist()[0] <= values[-1]
     with pytest.raises(ValueError, match="summed out"):
         result.top("step")
+
+
+def test_stride_keeps_completeness_and_stride_one_is_exact_mode(run_dir):
+    model = mlp()
+    train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), steps=40, clip=0.5)
+    run = attrib.open_run(run_dir)
+    exact = attrib.analyze.path_kernel(run, mlp, probe_points(), progress=False)
+    one = attrib.analyze.path_kernel(run, mlp, probe_points(), stride=1, progress=False)
+    assert exact.table.equals(one.table)
+    for stride in (4, 7, 40):
+        strided = attrib.analyze.path_kernel(run, mlp, probe_points(), stride=stride,
+                                             progress=False)
+        for row in strided.completeness().to_pylist():  # FTC per segment, up to quadrature,
+            # which is larger on long segments: the reported estimate must cover it
+            assert abs(row["gap"]) <= (1e-4 * abs(row["delta_f"]) + 1e-6
+                                       + row["quadrature_error"]), (stride, row)
+        a, b = (r.top("example", n=1000).sort_by("example")["value"].to_numpy()
+                for r in (exact, strided))
+        assert np.corrcoef(a, b)[0, 1] > 0.5 and not np.allclose(a, b)

@@ -6,8 +6,8 @@ carry-in and residual parts (METHODS.md §1), so the sum splits into influences.
 memory is handled by the backward recursion of METHODS.md §2: one vector per parameter per test
 point, never a per-example momentum buffer.
 
-Two passes: forward along the trajectory for ḡ_s (kept in memory: exact mode is for models small
-enough to store the per-example contributions), then backward for the recursion and the terms.
+The run is processed in blocks from last to first: a block's ḡ_s are computed forward from θ at
+its start, then the recursion runs backward through it; memory holds one block of ḡ.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ TERMS = ("data", "residual", "regularization", "carry_in")
 
 
 ERROR_SAMPLE_SEGMENTS = 8
+BLOCK_STEPS = 32  # steps whose ḡ are held in memory at once (rounded to a multiple of stride)
 
 
 def refined(spec: int | str) -> int | str:
@@ -194,82 +195,112 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                 gbar[n] += weight * grads[n]
         return gbar
 
-    gbars, thetas = [], []
-    segment_start, segment_delta = 0, None
-    for view in tqdm(iter_steps(run), total=run.n_steps, disable=not progress,
-                     desc="path-averaged test gradients", unit="step"):
-        theta = {n: view.theta[n].to(dtype, copy=True) for n in names}
-        delta = {n: view.values["deltas"][n].to(dtype) for n in names}
-        thetas.append(theta)
-        if view.step == segment_start:
-            segment_delta = {n: torch.zeros_like(delta[n]) for n in names}
-        for n in names:
-            segment_delta[n] += delta[n]
-        if view.step + 1 < min(segment_start + stride, run.n_steps):
-            continue
-        start = thetas[segment_start]  # θ at the segment's start → its end, one ḡ for all
-        gbar = averaged_gradient(start, segment_delta, rule)
-        if segment_start in sampled:
-            fine = averaged_gradient(start, segment_delta, fine_rule)
-            error += sum((fine[n] - gbar[n]).flatten(1) @ segment_delta[n].reshape(-1)
-                         for n in names).abs()
-        gbars.extend([gbar] * (view.step + 1 - segment_start))
-        segment_start = view.step + 1
+    def forward(first: int, stop: int):
+        """θ_s and ḡ_s for steps [first, stop); `first` starts a segment."""
+        gbars, thetas = [], []
+        segment_start, segment_delta = first, None
+        for view in iter_steps(run, first, stop):
+            theta = {n: view.theta[n].to(dtype, copy=True) for n in names}
+            delta = {n: view.values["deltas"][n].to(dtype) for n in names}
+            thetas.append(theta)
+            if view.step == segment_start:
+                segment_delta = {n: torch.zeros_like(delta[n]) for n in names}
+            for n in names:
+                segment_delta[n] += delta[n]
+            if view.step + 1 < min(segment_start + stride, stop):
+                continue
+            start = thetas[segment_start - first]  # segment start → end: one ḡ for all its steps
+            gbar = averaged_gradient(start, segment_delta, rule)
+            if segment_start in sampled:
+                fine = averaged_gradient(start, segment_delta, fine_rule)
+                error.add_(sum((fine[n] - gbar[n]).flatten(1) @ segment_delta[n].reshape(-1)
+                               for n in names).abs())
+            gbars.extend([gbar] * (view.step + 1 - segment_start))
+            segment_start = view.step + 1
+        return gbars, thetas
 
     def f_at(step: int) -> np.ndarray:
         params = {n: v.to(dtype) for n, v in run.reconstruct(step).items()}
         with torch.no_grad():
             return targets.evaluate(model, params, inputs, labels, target).cpu().numpy()
 
+    # Blocks from the last to the first: each block's ḡ is computed forward from θ at its
+    # start, then consumed by the backward recursion, whose state carries into the previous
+    # block. Every ḡ is computed once; memory holds one block, not the whole run.
     rows = _Rows(tuple(by), len(labels))
-    _backward(run, kind, gbars, thetas, dtype, rows, progress)
+    recursion = _Recursion(run, kind, len(labels), dtype, rows)
+    block = max(1, BLOCK_STEPS // stride) * stride
+    with tqdm(total=run.n_steps, disable=not progress, desc="path-kernel influences",
+              unit="step") as bar:
+        for first in reversed(range(0, run.n_steps, block)):
+            stop = min(first + block, run.n_steps)
+            gbars, thetas = forward(first, stop)
+            recursion.steps(first, gbars, thetas)
+            bar.update(stop - first)
+    recursion.carry_in()
     estimate = (error * len(segments) / len(sampled)).cpu().numpy()
     return PathKernelResult(rows.table(), f_at(0), f_at(run.n_steps), tuple(by), estimate)
 
 
-def _backward(run: Run, kind: str, gbars, thetas, dtype, rows: _Rows, progress: bool) -> None:
-    names = run.param_names
-    groups = run.params.column("group").to_pylist()
-    shapes = [tuple(s) for s in run.params.column("shape").to_pylist()]
-    nesterov = [g.get("nesterov", False) for g in run.optimizer["groups"]]
-    hp, alpha = run.hparams(), run.clip_factors()
-    active, counts = run.active(), run.step_counts()
-    carry = run.initial_state()
-    examples = run.examples.sort_by([("step", "ascending"), ("row", "ascending")])
-    example_steps = examples.column("step").to_numpy()
-    example_ids = examples.column("example_id").to_numpy()
-    first_active = [int(np.argmax(active[:, j])) if active[:, j].any() else -1
-                    for j in range(len(names))]
-    memory = {n: torch.zeros_like(gbars[0][n]) for n in names}  # Q (Adam) or B (SGD)
+class _Recursion:
+    """METHODS.md §2's backward recursion, run over blocks of steps from last to first.
 
-    for s in tqdm(range(run.n_steps - 1, -1, -1), total=run.n_steps, disable=not progress,
-                  desc="influence recursion", unit="step"):
-        lo, hi = np.searchsorted(example_steps, [s, s + 1])
-        ids = example_ids[lo:hi]
+    Per parameter it holds Q (Adam: Σ_{s≥r} β1^{s−r} (−η_s / ((1−β1^{t_s}) D_s)) ḡ_s) or B (SGD:
+    Σ_{s≥r} μ^{s−r} (−η_s) ḡ_s), one (n_test, *shape) tensor, and emits each step's terms.
+    """
+
+    def __init__(self, run: Run, kind: str, n_test: int, dtype, rows: _Rows) -> None:
+        self.run, self.kind, self.dtype, self.rows = run, kind, dtype, rows
+        self.names = run.param_names
+        self.groups = run.params.column("group").to_pylist()
+        self.shapes = [tuple(s) for s in run.params.column("shape").to_pylist()]
+        self.nesterov = [g.get("nesterov", False) for g in run.optimizer["groups"]]
+        self.hp, self.alpha = run.hparams(), run.clip_factors()
+        self.active, self.counts = run.active(), run.step_counts()
+        self.carry = run.initial_state()
+        examples = run.examples.sort_by([("step", "ascending"), ("row", "ascending")])
+        self.example_steps = examples.column("step").to_numpy()
+        self.example_ids = examples.column("example_id").to_numpy()
+        self.first_active = [int(np.argmax(self.active[:, j])) if self.active[:, j].any()
+                             else -1 for j in range(len(self.names))]
+        self.memory = {n: torch.zeros((n_test, *shape), dtype=dtype)
+                       for n, shape in zip(self.names, self.shapes)}
+
+    def steps(self, first: int, gbars: list, thetas: list) -> None:
+        """Process steps first + len(gbars) − 1 down to first."""
+        for s in range(first + len(gbars) - 1, first - 1, -1):
+            self.step(s, gbars[s - first], thetas[s - first])
+
+    def step(self, s: int, gbar: dict, thetas: dict) -> None:
+        run, rows, dtype = self.run, self.rows, self.dtype
+        lo, hi = np.searchsorted(self.example_steps, [s, s + 1])
+        ids = self.example_ids[lo:hi]
         _, stored = run.contributions(s) if run.capture else (None, {})
         data = None
-        for j, name in enumerate(names):
-            if not active[s, j]:
+        for j, name in enumerate(self.names):
+            if not self.active[s, j]:
                 continue  # the optimizer skipped it: no update, no state change
-            h = {k: float(v[s, groups[j]]) for k, v in hp.items()}
-            g, theta = gbars[s][name], thetas[s][name]
-            if kind == "sgd":
+            group = self.groups[j]
+            h = {k: float(v[s, group]) for k, v in self.hp.items()}
+            g, theta = gbar[name], thetas[name]
+            if self.kind == "sgd":
                 mu = h["momentum"]
-                memory[name] = -h["lr"] * g + mu * memory[name]
-                first = s == first_active[j] and "momentum_buffer" not in carry.get(name, {})
+                self.memory[name] = -h["lr"] * g + mu * self.memory[name]
+                first = (s == self.first_active[j]
+                         and "momentum_buffer" not in self.carry.get(name, {}))
                 w = 1.0 if first or mu == 0 else 1.0 - h["dampening"]
-                a = (-h["lr"] * g + mu * w * memory[name] if nesterov[groups[j]]
-                     else w * memory[name])
+                a = (-h["lr"] * g + mu * w * self.memory[name] if self.nesterov[group]
+                     else w * self.memory[name])
             else:
-                t = int(counts[s, j])
+                t = int(self.counts[s, j])
                 v = run.state(name, "exp_avg_sq", s, s + 1)[0].to(dtype)
                 denominator = adam_denominator(v, h["beta2"], h["eps"], t)
-                memory[name] = (-h["lr"] / (1 - h["beta1"] ** t)) * g / denominator \
-                    + h["beta1"] * memory[name]
-                a = (1 - h["beta1"]) * memory[name]
+                self.memory[name] = (-h["lr"] / (1 - h["beta1"] ** t)) * g / denominator \
+                    + h["beta1"] * self.memory[name]
+                a = (1 - h["beta1"]) * self.memory[name]
             flat_a = a.reshape(a.shape[0], -1)
             if h["weight_decay"]:
-                if kind == "adamw":  # decoupled: −η λ θ_s enters Δθ_s directly
+                if self.kind == "adamw":  # decoupled: −η λ θ_s enters Δθ_s directly
                     reg = -h["lr"] * h["weight_decay"] * (g.reshape(g.shape[0], -1)
                                                           @ theta.reshape(-1))
                 else:  # coupled L2: λθ_s is part of the gradient d_s
@@ -277,8 +308,8 @@ def _backward(run: Run, kind: str, gbars, thetas, dtype, rows: _Rows, progress: 
                 rows.add("regularization", reg, s, name)
             consumed = run.grads(name, s, s + 1)[0].to(dtype).reshape(-1)
             total = flat_a @ consumed
-            influence = _data_influence(run, name, shapes[j], stored.get(name), flat_a,
-                                        float(alpha[s]), dtype)
+            influence = _data_influence(run, name, self.shapes[j], stored.get(name), flat_a,
+                                        float(self.alpha[s]), dtype)
             if influence is not None:
                 total = total - influence.sum(0)
                 data = influence if data is None or "param" in rows.by else data + influence
@@ -288,16 +319,20 @@ def _backward(run: Run, kind: str, gbars, thetas, dtype, rows: _Rows, progress: 
         if data is not None and "param" not in rows.by:
             rows.add("data", data, s, None, ids)
 
-    for j, name in enumerate(names):
-        buffer = carry.get(name, {}).get("momentum_buffer" if kind == "sgd" else "exp_avg")
-        if buffer is None or first_active[j] < 0:
-            continue
-        h = {k: float(v[first_active[j], groups[j]]) for k, v in hp.items()}
-        factor = (h["momentum"] ** (2 if nesterov[groups[j]] else 1) if kind == "sgd"
-                  else h["beta1"])
-        value = factor * (memory[name].reshape(memory[name].shape[0], -1)
-                          @ buffer.to(dtype).reshape(-1))
-        rows.add("carry_in", value, None, name)
+    def carry_in(self) -> None:
+        """Optimizer state present before step 0, propagated like one more gradient."""
+        for j, name in enumerate(self.names):
+            key = "momentum_buffer" if self.kind == "sgd" else "exp_avg"
+            buffer = self.carry.get(name, {}).get(key)
+            if buffer is None or self.first_active[j] < 0:
+                continue
+            h = {k: float(v[self.first_active[j], self.groups[j]]) for k, v in self.hp.items()}
+            factor = (h["momentum"] ** (2 if self.nesterov[self.groups[j]] else 1)
+                      if self.kind == "sgd" else h["beta1"])
+            memory = self.memory[name]
+            value = factor * (memory.reshape(memory.shape[0], -1)
+                              @ buffer.to(self.dtype).reshape(-1))
+            self.rows.add("carry_in", value, None, name)
 
 
 def _data_influence(run: Run, name: str, shape: tuple[int, ...], stored, flat_a: torch.Tensor,

@@ -238,3 +238,21 @@ def test_stride_keeps_completeness_and_stride_one_is_exact_mode(run_dir):
         a, b = (r.top("example", n=1000).sort_by("example")["value"].to_numpy()
                 for r in (exact, strided))
         assert np.corrcoef(a, b)[0, 1] > 0.5 and not np.allclose(a, b)
+
+
+def test_block_size_changes_memory_not_results(run_dir, monkeypatch):
+    model = mlp()
+    train(run_dir, model, OPTIMIZERS["adam_l2"](model.parameters()), steps=30, clip=0.5)
+    run = attrib.open_run(run_dir)
+    default = attrib.analyze.path_kernel(run, mlp, probe_points(), by=("example", "step"),
+                                         stride=2, progress=False)
+    monkeypatch.setattr("attrib.analyzer.path_kernel.BLOCK_STEPS", 3)  # blocks of 2 steps
+    small = attrib.analyze.path_kernel(run, mlp, probe_points(), by=("example", "step"),
+                                       stride=2, progress=False)
+    keys = [("test_id", "ascending"), ("term", "ascending"), ("example_id", "ascending"),
+            ("step", "ascending")]
+    a, b = default.table.sort_by(keys), small.table.sort_by(keys)
+    assert a.select(["test_id", "term", "example_id", "step"]).equals(
+        b.select(["test_id", "term", "example_id", "step"]))
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-12,
+                               atol=1e-15)

@@ -224,16 +224,18 @@ class Run:
         ids = torch.tensor(examples.column("example_id").to_numpy())
         names = [param] if param is not None else [n for n, c in self.capture.items()
                                                       if "full" in c or "project" in c]
-        out = {}
-        for name in names:
-            kind = self.capture.get(name, {})
-            group = fmt.CONTRIB if "full" in kind else fmt.PROJ if "project" in kind else None
-            if group is None:
-                raise KeyError(f"{name!r} has no stored per-example contributions "
-                               f"(capture: {kind or 'none'})")
-            array = self._array(f"{group}/{self._key(name)}")
-            out[name] = torch.from_numpy(array[step, : len(ids)])
-        return ids, out
+        return ids, {name: self.contribution_rows(name, step, step + 1)[0, : len(ids)]
+                     for name in names}
+
+    def contribution_rows(self, param: str, start: int = 0, stop: int | None = None
+                          ) -> torch.Tensor:
+        """Stored per-example rows of steps [start, stop): (steps, examples_per_step, …),
+        rows beyond a step's examples are zero; one read per chunk, for streaming analyses."""
+        kind = self.capture.get(param, {})
+        group = fmt.CONTRIB if "full" in kind else fmt.PROJ if "project" in kind else None
+        if group is None:
+            raise KeyError(f"{param!r} has no stored per-example contributions")
+        return torch.from_numpy(self._steps_of(f"{group}/{self._key(param)}", start, stop))
 
     def residual_norms(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """‖G_s − Σ_i c_{s,i}‖ / ‖G_s‖ per (step, parameter); NaN where nothing is captured."""

@@ -247,6 +247,7 @@ def test_block_size_changes_memory_not_results(run_dir, monkeypatch):
     default = attrib.analyze.path_kernel(run, mlp, probe_points(), by=("example", "step"),
                                          stride=2, progress=False)
     monkeypatch.setattr("attrib.analyzer.path_kernel.BLOCK_STEPS", 3)  # blocks of 2 steps
+    assert run.meta["steps_per_chunk"] == 8  # the default block: 8 steps
     small = attrib.analyze.path_kernel(run, mlp, probe_points(), by=("example", "step"),
                                        stride=2, progress=False)
     keys = [("test_id", "ascending"), ("term", "ascending"), ("example_id", "ascending"),

@@ -36,7 +36,8 @@ TERMS = ("data", "residual", "regularization", "carry_in")
 
 ERROR_SAMPLE_SEGMENTS = 8
 BLOCK_STEPS = None  # steps held in memory at once; None: the run's steps_per_chunk (each
-# stored chunk is then read once, and a block is as large as the recorder's own blocks)
+# stored chunk is then read once), fewer if their ḡ would exceed GBAR_BUDGET_BYTES
+GBAR_BUDGET_BYTES = 128 << 20
 
 
 def refined(spec: int | str) -> int | str:
@@ -232,7 +233,9 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     # block. Every ḡ is computed once; memory holds one block, not the whole run.
     rows = _Rows(tuple(by), len(labels))
     recursion = _Recursion(run, kind, len(labels), dtype, rows)
-    block = max(1, (BLOCK_STEPS or run.meta["steps_per_chunk"]) // stride) * stride
+    per_step = len(labels) * sum(v.numel() for v in run.reconstruct(0).values()) * 8
+    steps = BLOCK_STEPS or min(run.meta["steps_per_chunk"], max(1, GBAR_BUDGET_BYTES // per_step))
+    block = max(1, steps // stride) * stride
     with tqdm(total=run.n_steps, disable=not progress, desc="path-kernel influences",
               unit="step") as bar:
         for first in reversed(range(0, run.n_steps, block)):

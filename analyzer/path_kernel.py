@@ -70,6 +70,7 @@ class PathKernelResult:
     f_final: np.ndarray
     by: tuple[str, ...]
     quadrature_error: np.ndarray  # per test point: estimated |error| of the sum of terms
+    similarity: pa.Table | None = None  # per layer: test points' kernel (similarity=True)
 
     def to_arrow(self) -> pa.Table:
         return self.table
@@ -153,7 +154,7 @@ def _constant(run: Run, names: tuple[str, ...]) -> None:
 
 def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                 target: targets.Target = "loss", by: tuple[str, ...] = ("example",),
-                quadrature: int | str = 2, stride: int | None = None,
+                quadrature: int | str = 2, stride: int | None = None, similarity: bool = False,
                 dtype: torch.dtype = torch.float64, progress: bool = True) -> PathKernelResult:
     """Influence of every recorded training example, step and parameter on f at test points.
 
@@ -164,6 +165,9 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     (projected: an unbiased estimate, the residual term absorbs its error so totals stay exact).
     `stride=K` integrates one ḡ per segment of K steps, shared by its steps: completeness stays
     exact, only the credit within a segment is approximated (K = 1, the default, is exact).
+    `similarity=True` adds, per layer, the similarity of test points from the model's
+    perspective (METHODS.md §2): Sim_ℓ(x, x') = Σ_s A_s(x)_ℓ · ∇ℓ(x'; θ_s)_ℓ, the path kernel
+    restricted to layer ℓ with x' as a training example, and its cosine-style normalisation.
     """
     unknown = set(by) - set(AXES)
     if unknown:
@@ -232,7 +236,9 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     # start, then consumed by the backward recursion, whose state carries into the previous
     # block. Every ḡ is computed once; memory holds one block, not the whole run.
     rows = _Rows(tuple(by), len(labels))
-    recursion = _Recursion(run, kind, len(labels), dtype, rows)
+    train_gradient = ((lambda theta: targets.gradients(model, theta, inputs, labels, "loss"))
+                      if similarity else None)
+    recursion = _Recursion(run, kind, len(labels), dtype, rows, train_gradient)
     per_step = len(labels) * sum(v.numel() for v in run.reconstruct(0).values()) * 8
     steps = BLOCK_STEPS or min(run.meta["steps_per_chunk"], max(1, GBAR_BUDGET_BYTES // per_step))
     block = max(1, steps // stride) * stride
@@ -247,7 +253,8 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
             bar.update(stop - first)
     recursion.carry_in()
     estimate = (error * len(segments) / len(sampled)).cpu().numpy()
-    return PathKernelResult(rows.table(), f_at(0), f_at(run.n_steps), tuple(by), estimate)
+    return PathKernelResult(rows.table(), f_at(0), f_at(run.n_steps), tuple(by), estimate,
+                            recursion.similarity_table() if similarity else None)
 
 
 def release_freed_memory() -> None:
@@ -268,8 +275,13 @@ class _Recursion:
     Σ_{s≥r} μ^{s−r} (−η_s) ḡ_s), one (n_test, *shape) tensor, and emits each step's terms.
     """
 
-    def __init__(self, run: Run, kind: str, n_test: int, dtype, rows: _Rows) -> None:
+    def __init__(self, run: Run, kind: str, n_test: int, dtype, rows: _Rows,
+                 train_gradient: Callable | None = None) -> None:
         self.run, self.kind, self.dtype, self.rows = run, kind, dtype, rows
+        self.train_gradient = train_gradient
+        self.layers = run.params.column("module").to_pylist()
+        self.kernel = {layer: torch.zeros(n_test, n_test, dtype=dtype)
+                       for layer in dict.fromkeys(self.layers)}
         self.names = run.param_names
         self.groups = run.params.column("group").to_pylist()
         self.shapes = [tuple(s) for s in run.params.column("shape").to_pylist()]
@@ -313,6 +325,8 @@ class _Recursion:
         lo, hi = np.searchsorted(self.example_steps, [s, s + 1])
         ids = self.example_ids[lo:hi]
         stored = {n: c[i, : len(ids)] for n, c in self.block["contrib"].items()}
+        as_training = (self.train_gradient({n: t.to(dtype) for n, t in thetas.items()})
+                       if self.train_gradient is not None else None)
         data = None
         for j, name in enumerate(self.names):
             if not self.active[s, j]:
@@ -336,6 +350,9 @@ class _Recursion:
                     + h["beta1"] * self.memory[name]
                 a = (1 - h["beta1"]) * self.memory[name]
             flat_a = a.reshape(a.shape[0], -1)
+            if as_training is not None:
+                self.kernel[self.layers[j]] += flat_a @ as_training[name].reshape(
+                    flat_a.shape[0], -1).T
             if h["weight_decay"]:
                 if self.kind == "adamw":  # decoupled: −η λ θ_s enters Δθ_s directly
                     reg = -h["lr"] * h["weight_decay"] * (g.reshape(g.shape[0], -1)
@@ -355,6 +372,21 @@ class _Recursion:
             rows.add("residual", total, s, name)
         if data is not None and "param" not in rows.by:
             rows.add("data", data, s, None, ids)
+
+    def similarity_table(self) -> pa.Table:
+        """(layer, test_id, other_id, value, normalized): value / √(|value(x,x)| |value(x',x')|)."""
+        parts = []
+        for layer, kernel in self.kernel.items():
+            n = kernel.shape[0]
+            scale = kernel.diagonal().abs().sqrt()
+            normalized = kernel / (scale[:, None] * scale[None, :]).clamp_min(1e-300)
+            parts.append(pa.table({
+                "layer": pa.array([layer or "(model)"] * (n * n), pa.string()),
+                "test_id": np.repeat(np.arange(n, dtype=np.int32), n),
+                "other_id": np.tile(np.arange(n, dtype=np.int32), n),
+                "value": kernel.reshape(-1).cpu().numpy(),
+                "normalized": normalized.reshape(-1).cpu().numpy()}))
+        return pa.concat_tables(parts)
 
     def carry_in(self) -> None:
         """Optimizer state present before step 0, propagated like one more gradient."""

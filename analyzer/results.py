@@ -19,7 +19,7 @@ from attrib.analyzer.run import Run
 from attrib.schemas import format as fmt
 
 ANALYSIS_DIR = "analysis"
-RESULT_TABLES = ("influence", "completeness")
+RESULT_TABLES = ("influence", "completeness", "similarity")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 

@@ -95,12 +95,15 @@ def sql_command(runs: tuple[str, ...], query: str, out_format: str, output: str 
 @click.option("--quadrature", default="2", show_default=True,
               help="Gauss-Legendre nodes per step, midpoint:K or left (path-kernel).")
 @click.option("--stride", type=int, help="Steps per integration segment (path-kernel).")
+@click.option("--similarity", is_flag=True,
+              help="Also the per-layer similarity of test points (path-kernel).")
 @click.option("--k", type=int, help="Project gradients to k per tensor (checkpoint methods).")
 @click.option("--checkpoints", default="all", show_default=True, help="tracin: all or last:K.")
 @click.option("--name", help="Where to store it: RUN/analysis/NAME (default: the method).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str | None,
-            target: str, by: str, quadrature: str, stride: int | None, k: int | None,
+            target: str, by: str, quadrature: str, stride: int | None, similarity: bool,
+            k: int | None,
             checkpoints: str,
             name: str | None, quiet: bool) -> None:
     """Attribute f on a test set to RUN's training data; store the result in RUN/analysis/.
@@ -123,9 +126,12 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
         axes = tuple(a for a in by.split(",") if a)
         result = api.path_kernel(recorded, model_fn, test_set, target=target, by=axes,
                                  quadrature=int(quadrature) if quadrature.isdigit() else quadrature,
-                                 stride=stride, progress=not quiet)
+                                 stride=stride, similarity=similarity, progress=not quiet)
         tables = {"influence": result.table, "completeness": result.completeness()}
-        parameters.update(by=list(axes), quadrature=quadrature, stride=stride)
+        if similarity:
+            tables["similarity"] = result.similarity
+        parameters.update(by=list(axes), quadrature=quadrature, stride=stride,
+                          similarity=similarity)
     else:
         if not train_ref:
             _fail(f"--method {method} needs --train PKG.MOD:TRAIN_SET (indexed by example_id)")

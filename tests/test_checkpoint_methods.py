@@ -88,7 +88,7 @@ def test_analyze_cli_stores_results_queryable_by_sql(recorded, tmp_path, monkeyp
     runner = CliRunner()
     result = runner.invoke(main, ["analyze", str(recorded.dir), "--model", "userdefs:mlp",
                                   "--data", "userdefs:test_set", "--by", "example,step",
-                                  "--quiet"])
+                                  "--similarity", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "completeness" in result.output and "relative_gap" in result.output
     result = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "grad-dot",
@@ -102,6 +102,9 @@ def test_analyze_cli_stores_results_queryable_by_sql(recorded, tmp_path, monkeyp
     assert counts[0]["n"] == 4 * 256
     gaps = attrib.sql(recorded, "SELECT max(relative_gap) FROM completeness").column(0)
     assert gaps[0].as_py() < 1e-3
+    layers = attrib.sql(recorded, "SELECT layer, count(*) AS n FROM similarity GROUP BY 1 "
+                                  "ORDER BY 1").to_pylist()
+    assert layers == [{"layer": "0", "n": 16}, {"layer": "2", "n": 16}]
     missing = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "tracin",
                                    "--model", "userdefs:mlp", "--data", "userdefs:test_set"])
     assert missing.exit_code != 0 and "needs --train" in missing.output

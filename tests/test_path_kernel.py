@@ -257,3 +257,34 @@ def test_block_size_changes_memory_not_results(run_dir, monkeypatch):
         b.select(["test_id", "term", "example_id", "step"]))
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-12,
                                atol=1e-15)
+
+
+def test_similarity_from_the_models_perspective_per_layer(run_dir):
+    """Plain SGD, left rule: Sim_ℓ(x, x') = −Σ_s η_s ∇f(x; θ_s)_ℓ · ∇ℓ(x'; θ_s)_ℓ."""
+    model = mlp(torch.float64)
+    x, y = torch.randn(96, 10, dtype=torch.float64), torch.randint(0, 3, (96,))
+    train(run_dir, model, OPTIMIZERS["sgd"](model.parameters()), steps=8, inputs=x, labels=y,
+          clip=None, batch=8)
+    run = attrib.open_run(run_dir)
+    xt, yt = probe_points(4)
+    xt = xt.double()
+    result = attrib.analyze.path_kernel(run, lambda: mlp(torch.float64), (xt, yt),
+                                        quadrature="left", similarity=True, progress=False)
+    net = mlp(torch.float64)
+    expected = {"0": torch.zeros(4, 4, dtype=torch.float64),
+                "2": torch.zeros(4, 4, dtype=torch.float64)}
+    for step in range(run.n_steps):
+        g = per_example_grads(net, run.reconstruct(step), xt, yt, 1.0)
+        lr = run.hparams()["lr"][step, 0]
+        for layer in expected:
+            for kind in ("weight", "bias"):
+                flat = g[f"{layer}.{kind}"].flatten(1)
+                expected[layer] -= lr * flat @ flat.T
+    table = result.similarity
+    for layer, kernel in expected.items():
+        rows = table.filter(pc.equal(table["layer"], layer)).sort_by(
+            [("test_id", "ascending"), ("other_id", "ascending")])
+        np.testing.assert_allclose(rows["value"].to_numpy().reshape(4, 4), kernel.numpy(),
+                                   rtol=1e-9)
+        normalized = rows["normalized"].to_numpy().reshape(4, 4)
+        np.testing.assert_allclose(np.abs(np.diag(normalized)), 1.0)

@@ -29,8 +29,9 @@ from attrib.analyzer.stream import iter_steps
 from attrib.recorder.optimizers import adam_denominator
 from attrib.schemas import projection
 
-AXES = ("example", "step", "param")
-COLUMNS = {"example": "example_id", "step": "step", "param": "param"}  # axis → table column
+AXES = ("example", "step", "stage", "param", "layer")
+COLUMNS = {"example": "example_id", "step": "step", "stage": "stage", "param": "param",
+           "layer": "layer"}  # axis → table column
 TERMS = ("data", "residual", "regularization", "carry_in")
 
 
@@ -108,16 +109,50 @@ class PathKernelResult:
 
 
 class _Rows:
-    """Influence rows gathered while streaming, summed over the axes not kept."""
+    """Influence rows, summed over the axes not kept while streaming.
 
-    def __init__(self, by: tuple[str, ...], n_test: int) -> None:
+    With `step` kept, each step's rows are output as they come. Without it, influences are
+    added into dense accumulators, one (unique examples, n_test) tensor per (term, param)
+    for data terms and one (n_test,) vector for the others, so memory doesn't grow with steps.
+    """
+
+    def __init__(self, by: tuple[str, ...], n_test: int, example_ids: np.ndarray,
+                 stages: list[str], layers: dict[str, str]) -> None:
         self.by, self.n_test = by, n_test
+        self.stages, self.layers = stages, layers  # step → stage, param → layer (module)
+        self.per_param = "param" in by or "layer" in by
         self.parts: list[pa.Table] = []
+        self.ids = np.unique(example_ids)  # sorted: slot of an id by searchsorted
+        self.sums: dict[tuple, torch.Tensor] = {}
+        self.seen: dict[tuple, torch.Tensor] = {}  # which example slots each sum received
 
     def add(self, term: str, values: torch.Tensor, step: int | None, param: str | None,
             examples: np.ndarray | None = None) -> None:
         """values: (n_test,) or, for data terms, (n_examples, n_test)."""
-        values = values.detach().reshape(-1, self.n_test).cpu().numpy()
+        values = values.detach().reshape(-1, self.n_test)
+        if "step" in self.by:
+            self.parts.append(self._table(term, values, step, param, examples))
+            return
+        per_example = examples is not None and "example" in self.by
+        if not per_example:
+            values = values.sum(0, keepdim=True)
+        stage = self.stages[step] if "stage" in self.by and step is not None else None
+        layer = self.layers.get(param) if "layer" in self.by else None
+        key = (term, stage, param if "param" in self.by else None, layer, per_example)
+        if key not in self.sums:
+            rows = len(self.ids) if per_example else 1
+            self.sums[key] = torch.zeros(rows, self.n_test, dtype=values.dtype)
+            self.seen[key] = torch.zeros(rows, dtype=torch.bool)
+        if per_example:
+            slots = torch.from_numpy(np.searchsorted(self.ids, examples))
+            self.sums[key].index_add_(0, slots, values)
+            self.seen[key][slots] = True
+        else:
+            self.sums[key] += values
+
+    def _table(self, term, values, step, param, examples, stage=None, layer=None
+               ) -> pa.Table:
+        values = values.cpu().numpy()
         count = values.shape[0]
         columns = {
             "test_id": np.tile(np.arange(self.n_test, dtype=np.int32), count),
@@ -125,17 +160,24 @@ class _Rows:
             "value": values.reshape(-1),
         }
         if "example" in self.by:
-            columns["example_id"] = pa.array(
-                None if examples is None else np.repeat(examples, self.n_test),
-                type=pa.int64()) if examples is not None else pa.nulls(
-                count * self.n_test, pa.int64())
+            columns["example_id"] = (pa.array(np.repeat(examples, self.n_test), pa.int64())
+                                     if examples is not None
+                                     else pa.nulls(count * self.n_test, pa.int64()))
         if "step" in self.by:
             columns["step"] = pa.array([step] * (count * self.n_test), pa.int64())
-        if "param" in self.by:
-            columns["param"] = pa.array([param] * (count * self.n_test), pa.string())
-        self.parts.append(pa.table(columns))
+            stage = self.stages[step] if step is not None else None
+            layer = self.layers.get(param)
+        for axis, value in (("stage", stage), ("param", param), ("layer", layer)):
+            if axis in self.by:
+                columns[axis] = pa.array([value] * (count * self.n_test), pa.string())
+        return pa.table(columns)
 
     def table(self) -> pa.Table:
+        for (term, stage, param, layer, per_example), values in self.sums.items():
+            seen = self.seen[(term, stage, param, layer, per_example)]
+            ids = self.ids[seen.numpy()] if per_example else None
+            self.parts.append(self._table(term, values[seen] if per_example else values, None,
+                                          param, ids, stage, layer))
         keys = ["test_id", "term"] + [COLUMNS[a] for a in AXES if a in self.by]
         merged = pa.concat_tables(self.parts)
         return merged.group_by(keys, use_threads=False).aggregate([("value", "sum")]) \
@@ -160,8 +202,9 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
 
     `model_fn()` builds the architecture (parameters come from the run); `test_set` is a tuple
     (inputs, labels) or a Dataset of pairs; `target` is "loss", "margin", "logit:K" or a callable
-    f(model, inputs, labels). `by` chooses the axes kept (any of example, step, param); the
-    rest are summed. Per-example terms need Full capture (exact) or Project capture
+    f(model, inputs, labels). `by` chooses the axes kept (any of example, step, stage, param,
+    layer; a stage is a recorded rec.stage() name, a layer a parameter's module); the rest are
+    summed while streaming. Per-example terms need Full capture (exact) or Project capture
     (projected: an unbiased estimate, the residual term absorbs its error so totals stay exact).
     `stride=K` integrates one ḡ per segment of K steps, shared by its steps: completeness stays
     exact, only the credit within a segment is approximated (K = 1, the default, is exact).
@@ -235,7 +278,9 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     # Blocks from the last to the first: each block's ḡ is computed forward from θ at its
     # start, then consumed by the backward recursion, whose state carries into the previous
     # block. Every ḡ is computed once; memory holds one block, not the whole run.
-    rows = _Rows(tuple(by), len(labels))
+    rows = _Rows(tuple(by), len(labels), run.examples.column("example_id").to_numpy(),
+                 run.steps.column("stage").to_pylist(),
+                 dict(zip(run.param_names, run.params.column("module").to_pylist())))
     train_gradient = ((lambda theta: targets.gradients(model, theta, inputs, labels, "loss"))
                       if similarity else None)
     recursion = _Recursion(run, kind, len(labels), dtype, rows, train_gradient)
@@ -366,11 +411,11 @@ class _Recursion:
                                         float(self.alpha[s]), dtype)
             if influence is not None:
                 total = total - influence.sum(0)
-                data = influence if data is None or "param" in rows.by else data + influence
-                if "param" in rows.by:
+                data = influence if data is None or rows.per_param else data + influence
+                if rows.per_param:
                     rows.add("data", influence, s, name, ids)
             rows.add("residual", total, s, name)
-        if data is not None and "param" not in rows.by:
+        if data is not None and not rows.per_param:
             rows.add("data", data, s, None, ids)
 
     def similarity_table(self) -> pa.Table:

@@ -91,7 +91,8 @@ def sql_command(runs: tuple[str, ...], query: str, out_format: str, output: str 
 @click.option("--target", default="loss", show_default=True,
               help="loss, margin or logit:K (the f whose change is attributed).")
 @click.option("--by", default="example", show_default=True,
-              help="Axes kept, comma-separated: example, step, param (path-kernel).")
+              help="Axes kept, comma-separated: example, step, stage, param, layer "
+                   "(path-kernel).")
 @click.option("--quadrature", default="2", show_default=True,
               help="Gauss-Legendre nodes per step, midpoint:K or left (path-kernel).")
 @click.option("--stride", type=int, help="Steps per integration segment (path-kernel).")

@@ -288,3 +288,59 @@ def test_similarity_from_the_models_perspective_per_layer(run_dir):
                                    rtol=1e-9)
         normalized = rows["normalized"].to_numpy().reshape(4, 4)
         np.testing.assert_allclose(np.abs(np.diag(normalized)), 1.0)
+
+
+def test_stage_and_layer_axes_aggregate_step_and_param(run_dir):
+    model = mlp()
+    x, y = torch.randn(256, 10), torch.randint(0, 3, (256,))
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    with attrib.Recorder(run_dir, model, opt) as rec:
+        for step in range(12):
+            if step == 5:
+                rec.stage("second")
+            ids = torch.arange(step * 16, step * 16 + 16)
+            rec.examples(ids)
+            F.cross_entropy(model(x[ids]), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(run_dir)
+    full = attrib.analyze.path_kernel(run, mlp, probe_points(), by=("example", "step", "param"),
+                                      progress=False).table
+    stage_of = dict(zip(range(12), run.steps.column("stage").to_pylist()))
+    layer_of = dict(zip(run.param_names, run.params.column("module").to_pylist()))
+    for by in [("stage",), ("layer",), ("example", "stage", "layer"), ("step", "layer")]:
+        got = attrib.analyze.path_kernel(run, mlp, probe_points(), by=by, progress=False).table
+        expected: dict = {}
+        for r in full.to_pylist():
+            key = [r["test_id"], r["term"]]
+            for axis in ("example", "step", "stage", "param", "layer"):
+                if axis in by:
+                    key.append({"example": r["example_id"], "step": r["step"],
+                                "stage": stage_of.get(r["step"]), "param": r["param"],
+                                "layer": layer_of.get(r["param"])}[axis])
+            expected[tuple(key)] = expected.get(tuple(key), 0.0) + r["value"]
+        columns = ["test_id", "term"] + [{"example": "example_id"}.get(a, a) for a in
+                                         ("example", "step", "stage", "param", "layer")
+                                         if a in by]
+        rows = {tuple(r[c] for c in columns): r["value"] for r in got.to_pylist()}
+        assert rows.keys() == expected.keys(), by
+        for key, value in expected.items():
+            assert rows[key] == pytest.approx(value, rel=1e-9, abs=1e-15), (by, key)
+    assert {r["stage"] for r in attrib.analyze.path_kernel(
+        run, mlp, probe_points(), by=("stage",), progress=False).table.to_pylist()
+            if r["term"] == "data"} == {"default", "second"}
+
+
+def test_callable_target_equals_named_target(run_dir):
+    model = mlp()
+    train(run_dir, model, OPTIMIZERS["sgd_nesterov"](model.parameters()), steps=10)
+    run = attrib.open_run(run_dir)
+    named = attrib.analyze.path_kernel(run, mlp, probe_points(), target="logit:1",
+                                       progress=False)
+    custom = attrib.analyze.path_kernel(run, mlp, probe_points(),
+                                        target=lambda net, x, y: net(x)[:, 1], progress=False)
+    assert_complete(custom)
+    keys = [("test_id", "ascending"), ("term", "ascending"), ("example_id", "ascending")]
+    np.testing.assert_allclose(named.table.sort_by(keys)["value"].to_numpy(),
+                               custom.table.sort_by(keys)["value"].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(named.f_final, custom.f_final)

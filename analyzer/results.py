@@ -6,7 +6,6 @@ one; `attrib sql` exposes every table name as a view over all analyses of the ru
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -57,6 +56,3 @@ def result_files(run: Run) -> dict[str, list[Path]]:
                 found[table].append(fmt.inside(run.dir, str(path.relative_to(run.dir))))
     return found
 
-
-def parameters(run: Run, name: str) -> dict[str, Any]:
-    return json.loads(fmt.inside(run.dir, f"{ANALYSIS_DIR}/{name}/analysis.json").read_text())

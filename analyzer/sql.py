@@ -40,6 +40,13 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _select(files: list[Path], run_name: str | None) -> str:
+    """SELECT over Parquet files, with a leading `run` column when several runs are open."""
+    label = f"{_quote(run_name)} AS run, " if run_name is not None else ""
+    listing = ", ".join(_quote(str(f)) for f in files)
+    return f"SELECT {label}* FROM read_parquet([{listing}], union_by_name = true)"
+
+
 def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per table over the given runs.
 
@@ -48,14 +55,10 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     names = _run_names(runs)
     _result_views(con, runs, names)
+    labels = names if len(runs) > 1 else [None] * len(runs)
     for table, schema in fmt.TABLES.items():
-        selects = []
-        for name, run in zip(names, runs):
-            files = run.table_files(table)
-            label = f"{_quote(name)} AS run, " if len(runs) > 1 else ""
-            if files:
-                listing = ", ".join(_quote(str(f)) for f in files)
-                selects.append(f"SELECT {label}* FROM read_parquet([{listing}])")
+        selects = [_select(run.table_files(table), label) for label, run in zip(labels, runs)
+                   if run.table_files(table)]
         if not selects:
             empty = schema.empty_table()
             if len(runs) > 1:
@@ -71,13 +74,11 @@ def _result_views(con: duckdb.DuckDBPyConnection, runs: list[Run], names: list[s
     from attrib.analyzer.results import result_files
 
     selects: dict[str, list[str]] = {}
-    for name, run in zip(names, runs):
-        label = f"{_quote(name)} AS run, " if len(runs) > 1 else ""
+    labels = names if len(runs) > 1 else [None] * len(runs)
+    for label, run in zip(labels, runs):
         for table, files in result_files(run).items():
             if files:
-                listing = ", ".join(_quote(str(f)) for f in files)
-                selects.setdefault(table, []).append(
-                    f"SELECT {label}* FROM read_parquet([{listing}], union_by_name = true)")
+                selects.setdefault(table, []).append(_select(files, label))
     for table, parts in selects.items():
         con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
 

@@ -16,7 +16,7 @@ import torch
 
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
-from attrib.recorder.optimizers import adam_denominator
+from attrib.recorder.optimizers import adam_update_scale, momentum_intake
 
 
 @dataclass
@@ -68,7 +68,9 @@ def _sgd(grad, theta, h, nesterov: bool, buffers, name) -> torch.Tensor:
     if mu == 0:
         return -h["lr"] * d
     previous = buffers[name]
-    buffer = d.clone() if previous is None else mu * previous + (1 - h["dampening"]) * d
+    buffer = momentum_intake(h, previous is None) * d
+    if previous is not None:
+        buffer = mu * previous + buffer
     buffers[name] = buffer
     return -h["lr"] * (d + mu * buffer if nesterov else buffer)
 
@@ -79,7 +81,7 @@ def _adam(grad, theta, v, h, t: int, decoupled: bool, buffers, name) -> torch.Te
     previous = buffers[name]
     m = (1 - beta1) * d if previous is None else beta1 * previous + (1 - beta1) * d
     buffers[name] = m
-    step = -h["lr"] * m / ((1 - beta1**t) * adam_denominator(v, h["beta2"], h["eps"], t))
+    step = adam_update_scale(h, v, t) * m
     if decoupled:
         step = step - h["lr"] * h["weight_decay"] * theta
     return step

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from attrib.analyzer import targets
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
-from attrib.recorder.optimizers import adam_denominator
+from attrib.recorder.optimizers import adam_update_scale, momentum_intake
 from attrib.schemas import projection
 
 AXES = ("example", "step", "stage", "param", "layer")
@@ -384,14 +384,13 @@ class _Recursion:
                 self.memory[name] = -h["lr"] * g + mu * self.memory[name]
                 first = (s == self.first_active[j]
                          and "momentum_buffer" not in self.carry.get(name, {}))
-                w = 1.0 if first or mu == 0 else 1.0 - h["dampening"]
+                w = momentum_intake(h, first)
                 a = (-h["lr"] * g + mu * w * self.memory[name] if self.nesterov[group]
                      else w * self.memory[name])
             else:
                 t = int(self.counts[s, j])
                 v = self.block["v"][name][i]
-                denominator = adam_denominator(v, h["beta2"], h["eps"], t)
-                self.memory[name] = (-h["lr"] / (1 - h["beta1"] ** t)) * g / denominator \
+                self.memory[name] = adam_update_scale(h, v, t) * g \
                     + h["beta1"] * self.memory[name]
                 a = (1 - h["beta1"]) * self.memory[name]
             flat_a = a.reshape(a.shape[0], -1)

@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 import pyarrow as pa
 import torch
+from harness import run_isolated
 
 import attrib
 from attrib.cli.render import aligned
@@ -82,10 +81,7 @@ def main() -> None:
         for k in PROJECTIONS:
             record(f"{tmp}/project{k}", attrib.Project(k, kind="kron"), steps)
         for mode, (capture, stride) in MODES.items():
-            out = subprocess.run([sys.executable, sys.argv[0], "--one", f"{tmp}/{capture}",
-                                  str(stride), str(n_test)], check=True, capture_output=True,
-                                 text=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
+            result = run_isolated(f"{tmp}/{capture}", str(stride), str(n_test))
             exact = exact or result["values"]
             rows.append({"mode": mode, "steps": steps, "test_points": n_test,
                          "seconds": round(result["seconds"], 2),

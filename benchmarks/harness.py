@@ -155,6 +155,14 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
     }
 
 
+def run_isolated(*args: str) -> dict:
+    """Run this script again as `--one ARGS...` in a fresh process (its own peak RSS, no
+    state carried over) and return the JSON object it prints last."""
+    out = subprocess.run([sys.executable, sys.argv[0], "--one", *args], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps (smoke test)")
@@ -169,10 +177,7 @@ def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None
     rows = []
     for name in workloads or list(WORKLOADS):
         for setting in settings:
-            command = [sys.executable, sys.argv[0], "--one", name, setting]
-            out = subprocess.run(command + (["--quick"] if args.quick else []), check=True,
-                                 capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            rows.append(run_isolated(name, setting, *(["--quick"] if args.quick else [])))
     print(f"# {os.path.basename(sys.argv[0])}: {time.strftime('%Y-%m-%d')}, {platform.node()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
           f"{torch.__version__}; {repeats} interleaved repeats per row, AdamW + clipping")

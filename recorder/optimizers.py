@@ -109,6 +109,20 @@ def adam_denominator(v: torch.Tensor, beta2: float, eps: float, t: int) -> torch
     return (v / (1.0 - beta2**t)).sqrt() + eps
 
 
+def adam_update_scale(hparams: dict[str, float], v: torch.Tensor, t: int) -> torch.Tensor:
+    """−η_s / ((1 − β1^t) D_s): what Adam's step s multiplies its first moment m_s by."""
+    return -hparams["lr"] / ((1.0 - hparams["beta1"] ** t)
+                             * adam_denominator(v, hparams["beta2"], hparams["eps"], t))
+
+
+def momentum_intake(hparams: dict[str, float], first_momentum_step: bool) -> float:
+    """The share of d_s that enters SGD's momentum buffer: all of it on the buffer's first
+    step (torch skips dampening there) or without momentum, else 1 − τ."""
+    if first_momentum_step or hparams["momentum"] == 0:
+        return 1.0
+    return 1.0 - hparams["dampening"]
+
+
 def immediate_coefficient(spec: OptimizerSpec, hparams: dict[str, float], nesterov: bool,
                           state: dict, first_momentum_step: bool) -> float | torch.Tensor:
     """K_{s,s}: how step s's update scales the gradient it consumed at step s (METHODS.md §1).
@@ -117,18 +131,11 @@ def immediate_coefficient(spec: OptimizerSpec, hparams: dict[str, float], nester
     Nesterov adds the direct term; Adam/AdamW: κ_s / D_s elementwise. Decay is data-free and
     not part of it.
     """
-    lr = hparams["lr"]
     if spec.kind == "sgd":
-        mu = hparams["momentum"]
-        if mu == 0:
-            return -lr
-        into_buffer = 1.0 if first_momentum_step else 1.0 - hparams["dampening"]
-        return -lr * (1.0 + mu * into_buffer if nesterov else into_buffer)
-    t = step_count(state)
-    beta1 = hparams["beta1"]
+        intake = momentum_intake(hparams, first_momentum_step)
+        return -hparams["lr"] * (1.0 + hparams["momentum"] * intake if nesterov else intake)
     v = state_tensor(spec, state, "exp_avg_sq")
-    kappa = -lr * (1.0 - beta1) / (1.0 - beta1**t)
-    return kappa / adam_denominator(v, hparams["beta2"], hparams["eps"], t)
+    return (1.0 - hparams["beta1"]) * adam_update_scale(hparams, v, step_count(state))
 
 
 def carry_in_state(state: dict) -> dict[str, torch.Tensor]:

@@ -24,14 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
+from attrib.analyzer.aggregate import AXES, COLUMNS, InfluenceRows, data_influence
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
 from attrib.recorder.optimizers import adam_update_scale, momentum_intake
-from attrib.schemas import projection
 
-AXES = ("example", "step", "stage", "param", "layer")
-COLUMNS = {"example": "example_id", "step": "step", "stage": "stage", "param": "param",
-           "layer": "layer"}  # axis → table column
 TERMS = ("data", "residual", "regularization", "carry_in")
 
 
@@ -106,82 +103,6 @@ class PathKernelResult:
         key = {"desc": pc.negate(summed["value"]), "asc": summed["value"],
                "abs": pc.negate(pc.abs(summed["value"]))}[order]
         return summed.take(pc.sort_indices(key)[:n])
-
-
-class _Rows:
-    """Influence rows, summed over the axes not kept while streaming.
-
-    With `step` kept, each step's rows are output as they come. Without it, influences are
-    added into dense accumulators, one (unique examples, n_test) tensor per (term, param)
-    for data terms and one (n_test,) vector for the others, so memory doesn't grow with steps.
-    """
-
-    def __init__(self, by: tuple[str, ...], n_test: int, example_ids: np.ndarray,
-                 stages: list[str], layers: dict[str, str]) -> None:
-        self.by, self.n_test = by, n_test
-        self.stages, self.layers = stages, layers  # step → stage, param → layer (module)
-        self.per_param = "param" in by or "layer" in by
-        self.parts: list[pa.Table] = []
-        self.ids = np.unique(example_ids)  # sorted: slot of an id by searchsorted
-        self.sums: dict[tuple, torch.Tensor] = {}
-        self.seen: dict[tuple, torch.Tensor] = {}  # which example slots each sum received
-
-    def add(self, term: str, values: torch.Tensor, step: int | None, param: str | None,
-            examples: np.ndarray | None = None) -> None:
-        """values: (n_test,) or, for data terms, (n_examples, n_test)."""
-        values = values.detach().reshape(-1, self.n_test)
-        if "step" in self.by:
-            self.parts.append(self._table(term, values, step, param, examples))
-            return
-        per_example = examples is not None and "example" in self.by
-        if not per_example:
-            values = values.sum(0, keepdim=True)
-        stage = self.stages[step] if "stage" in self.by and step is not None else None
-        layer = self.layers.get(param) if "layer" in self.by else None
-        key = (term, stage, param if "param" in self.by else None, layer, per_example)
-        if key not in self.sums:
-            rows = len(self.ids) if per_example else 1
-            self.sums[key] = torch.zeros(rows, self.n_test, dtype=values.dtype)
-            self.seen[key] = torch.zeros(rows, dtype=torch.bool)
-        if per_example:
-            slots = torch.from_numpy(np.searchsorted(self.ids, examples))
-            self.sums[key].index_add_(0, slots, values)
-            self.seen[key][slots] = True
-        else:
-            self.sums[key] += values
-
-    def _table(self, term, values, step, param, examples, stage=None, layer=None
-               ) -> pa.Table:
-        values = values.cpu().numpy()
-        count = values.shape[0]
-        columns = {
-            "test_id": np.tile(np.arange(self.n_test, dtype=np.int32), count),
-            "term": pa.array([term] * (count * self.n_test), pa.string()),
-            "value": values.reshape(-1),
-        }
-        if "example" in self.by:
-            columns["example_id"] = (pa.array(np.repeat(examples, self.n_test), pa.int64())
-                                     if examples is not None
-                                     else pa.nulls(count * self.n_test, pa.int64()))
-        if "step" in self.by:
-            columns["step"] = pa.array([step] * (count * self.n_test), pa.int64())
-            stage = self.stages[step] if step is not None else None
-            layer = self.layers.get(param)
-        for axis, value in (("stage", stage), ("param", param), ("layer", layer)):
-            if axis in self.by:
-                columns[axis] = pa.array([value] * (count * self.n_test), pa.string())
-        return pa.table(columns)
-
-    def table(self) -> pa.Table:
-        for (term, stage, param, layer, per_example), values in self.sums.items():
-            seen = self.seen[(term, stage, param, layer, per_example)]
-            ids = self.ids[seen.numpy()] if per_example else None
-            self.parts.append(self._table(term, values[seen] if per_example else values, None,
-                                          param, ids, stage, layer))
-        keys = ["test_id", "term"] + [COLUMNS[a] for a in AXES if a in self.by]
-        merged = pa.concat_tables(self.parts)
-        return merged.group_by(keys, use_threads=False).aggregate([("value", "sum")]) \
-            .rename_columns([*keys, "value"])
 
 
 def _constant(run: Run, names: tuple[str, ...]) -> None:
@@ -278,7 +199,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     # Blocks from the last to the first: each block's ḡ is computed forward from θ at its
     # start, then consumed by the backward recursion, whose state carries into the previous
     # block. Every ḡ is computed once; memory holds one block, not the whole run.
-    rows = _Rows(tuple(by), len(labels), run.examples.column("example_id").to_numpy(),
+    rows = InfluenceRows(tuple(by), len(labels), run.examples.column("example_id").to_numpy(),
                  run.steps.column("stage").to_pylist(),
                  dict(zip(run.param_names, run.params.column("module").to_pylist())))
     train_gradient = ((lambda theta: targets.gradients(model, theta, inputs, labels, "loss"))
@@ -320,7 +241,7 @@ class _Recursion:
     Σ_{s≥r} μ^{s−r} (−η_s) ḡ_s), one (n_test, *shape) tensor, and emits each step's terms.
     """
 
-    def __init__(self, run: Run, kind: str, n_test: int, dtype, rows: _Rows,
+    def __init__(self, run: Run, kind: str, n_test: int, dtype, rows: InfluenceRows,
                  train_gradient: Callable | None = None) -> None:
         self.run, self.kind, self.dtype, self.rows = run, kind, dtype, rows
         self.train_gradient = train_gradient
@@ -406,7 +327,7 @@ class _Recursion:
                 rows.add("regularization", reg, s, name)
             consumed = self.block["grads"][name][i].reshape(-1)
             total = flat_a @ consumed
-            influence = _data_influence(run, name, self.shapes[j], stored.get(name), flat_a,
+            influence = data_influence(run, name, self.shapes[j], stored.get(name), flat_a,
                                         float(self.alpha[s]), dtype)
             if influence is not None:
                 total = total - influence.sum(0)
@@ -446,17 +367,3 @@ class _Recursion:
             value = factor * (memory.reshape(memory.shape[0], -1)
                               @ buffer.to(self.dtype).reshape(-1))
             self.rows.add("carry_in", value, None, name)
-
-
-def _data_influence(run: Run, name: str, shape: tuple[int, ...], stored, flat_a: torch.Tensor,
-                    alpha: float, dtype) -> torch.Tensor | None:
-    """(examples, n_test): α c_{s,i} · A_s, exactly (Full) or estimated by ⟨Rc, RA⟩ (Project)."""
-    if stored is None:
-        return None
-    rows = stored.reshape(stored.shape[0], -1)
-    capture = run.capture[name]
-    if "project" in capture:
-        p = capture["project"]
-        vectors = flat_a.reshape(flat_a.shape[0], *shape)
-        flat_a = projection.project(vectors, shape, p["kind"], p["k"], p["seed"], name)
-    return alpha * (rows @ flat_a.T)

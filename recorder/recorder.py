@@ -22,6 +22,7 @@ import torch
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
+from attrib.recorder.rng import RngCapture, stochastic_modules
 from attrib.recorder.shifts import ShiftInput, top_shifts
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
 from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
@@ -102,6 +103,10 @@ class Recorder:
     default) a recording failure never stops training: it warns, stops recording and marks the
     run `incomplete`. With `strict=True` it raises.
 
+    `rng`: record the random generator state before every training forward, which replaying
+    a stochastic model needs (stage accountability); None records it when the model has
+    dropout (or other stochastic modules), True always, False never.
+
     Memory: the recorder holds `buffers` blocks of `steps_per_chunk` steps on the host (pinned
     when the model is on a GPU); when the disk falls behind, training waits for a free block.
     """
@@ -120,6 +125,7 @@ class Recorder:
         capture: Policy | list[Policy] | bool | None = None,
         examples_per_step: int | None = None,
         strict: bool = False,
+        rng: bool | None = None,
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
@@ -138,6 +144,9 @@ class Recorder:
         self._examples_per_step = examples_per_step
         self._buffers = buffers
         self._on_gpu = any(p.param.is_cuda for p in self.params)
+        self._stochastic = stochastic_modules(model)
+        self._rng = RngCapture(model) if (bool(self._stochastic) if rng is None else rng) \
+            else None
         self._capture = (ExampleCapture(model, [p.name for p in self.params],
                                         [tuple(p.param.shape) for p in self.params],
                                         self.captures, strict)
@@ -263,6 +272,8 @@ class Recorder:
             "residual_params": ([self.params[i].name for i in self._capture.unsupported]
                                 if self._capture is not None else []),
             "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle},
+            "rng": self._rng is not None,
+            "stochastic_modules": self._stochastic,
             "initial_step_count": [optim_info.step_count(self.optimizer.state.get(p.param, {}))
                                    for p in self.params],
             "user": user,
@@ -360,6 +371,8 @@ class Recorder:
             handle.remove()
         if self._capture is not None:
             self._capture.remove()
+        if self._rng is not None:
+            self._rng.remove()
         if self._enabled:
             self._guard(self._submit_final)
         elif self._writer.error is None and self._block is not None:
@@ -383,7 +396,7 @@ class Recorder:
         here must not fail the user's program after training finished)."""
         store = self._writer.store
         if self._failure is None:
-            for table in ("steps", "examples", "shifts"):
+            for table in ("steps", "examples", "shifts", "rng"):
                 store.compact(table)
         store.commit(self._writer.committed_steps, status)
 
@@ -419,6 +432,8 @@ class Recorder:
             self._enabled = False
             if self._capture is not None:
                 self._capture.enabled = False
+            if self._rng is not None:
+                self._rng.enabled = False
             self._failure = f"recording stopped at step {self.step}: {e!r}"
             warnings.warn(f"attrib: {self._failure}; training continues, the run is marked "
                           "incomplete (pass strict=True to raise instead)", stacklevel=3)
@@ -530,7 +545,8 @@ class Recorder:
         }
         if data is not None:
             self._hook_seconds += data.seconds
-        record = StepRecord(self.step, row, self._examples, self._example_values, shifts=shifts)
+        record = StepRecord(self.step, row, self._examples, self._example_values, shifts=shifts,
+                            rng=self._rng.take() if self._rng is not None else [])
         self._upcoming = {"metrics": {}, "loss": None}
         self._examples = []
         self._example_values = []

@@ -38,6 +38,7 @@ class StepRecord:
     example_values: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per micro-batch
     checkpoint: dict[str, torch.Tensor] | None = None  # θ_{step+1} when a checkpoint follows
     shifts: pa.Table | None = None  # TopK rows of this step
+    rng: list[list[tuple[str, bytes]]] = field(default_factory=list)  # per forward: states
 
 
 @dataclass
@@ -164,6 +165,8 @@ class BackgroundWriter:
         shifts = [r.shifts for r in records if r.shifts is not None and r.shifts.num_rows]
         if shifts:
             self.store.write_table_part("shifts", pa.concat_tables(shifts), first, first + n - 1)
+        if any(r.rng for r in records):
+            self.store.write_table_part("rng", _rng_table(records), first, first + n - 1)
         per_step = round(self.store.block_bytes(first) / n)
         seconds = (time.perf_counter() - started) / n  # the Parquet write below is not counted
         for row in rows:
@@ -218,3 +221,9 @@ def _examples_table(records: list[StepRecord]) -> pa.Table:
     masks = {name: ~np.concatenate(parts) if parts else None for name, parts in present.items()}
     return pa.table({name: pa.array(values, mask=masks.get(name))
                      for name, values in arrays.items()}, schema=fmt.EXAMPLES)
+
+
+def _rng_table(records: list[StepRecord]) -> pa.Table:
+    rows = [{"step": r.step, "forward": k, "device": device, "state": state}
+            for r in records for k, states in enumerate(r.rng) for device, state in states]
+    return pa.Table.from_pylist(rows, schema=fmt.RNG)

@@ -134,6 +134,15 @@ SHIFTS = pa.schema(
     ]
 )
 
+RNG = pa.schema(
+    [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("forward", pa.int32(), nullable=False),  # k-th training forward of the step
+        pa.field("device", pa.string(), nullable=False),  # "cpu" or "cuda:N"
+        pa.field("state", pa.binary(), nullable=False),  # torch.get_rng_state() bytes
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "steps": STEPS,
     "examples": EXAMPLES,
@@ -141,6 +150,7 @@ TABLES: dict[str, pa.Schema] = {
     "params": PARAMS,
     "checkpoints": CHECKPOINTS_TABLE,
     "shifts": SHIFTS,
+    "rng": RNG,
 }
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -91,6 +91,25 @@ class InfluenceRows:
             .rename_columns([*keys, "value"])
 
 
+class StepData:
+    """One step's data influences: per parameter when a param/layer axis is kept, else
+    summed over parameters first (one row set per step, not one per tensor)."""
+
+    def __init__(self, rows: InfluenceRows, step: int, ids: np.ndarray) -> None:
+        self.rows, self.step, self.ids = rows, step, ids
+        self.total: torch.Tensor | None = None
+
+    def add(self, param: str, influence: torch.Tensor) -> None:
+        if self.rows.per_param:
+            self.rows.add("data", influence, self.step, param, self.ids)
+        else:
+            self.total = influence if self.total is None else self.total + influence
+
+    def close(self) -> None:
+        if self.total is not None:
+            self.rows.add("data", self.total, self.step, None, self.ids)
+
+
 def data_influence(run: Run, name: str, shape: tuple[int, ...], stored, flat_a: torch.Tensor,
                     alpha: float, dtype) -> torch.Tensor | None:
     """(examples, n_test): α c_{s,i} · A_s, exactly (Full) or estimated by ⟨Rc, RA⟩ (Project)."""

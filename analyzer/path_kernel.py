@@ -24,7 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
-from attrib.analyzer.aggregate import AXES, COLUMNS, InfluenceRows, data_influence
+from attrib.analyzer.aggregate import (
+    AXES,
+    COLUMNS,
+    InfluenceRows,
+    StepData,
+    data_influence,
+)
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
 from attrib.recorder.optimizers import adam_update_scale, momentum_intake
@@ -293,7 +299,7 @@ class _Recursion:
         stored = {n: c[i, : len(ids)] for n, c in self.block["contrib"].items()}
         as_training = (self.train_gradient({n: t.to(dtype) for n, t in thetas.items()})
                        if self.train_gradient is not None else None)
-        data = None
+        data = StepData(rows, s, ids)
         for j, name in enumerate(self.names):
             if not self.active[s, j]:
                 continue  # the optimizer skipped it: no update, no state change
@@ -331,12 +337,9 @@ class _Recursion:
                                         float(self.alpha[s]), dtype)
             if influence is not None:
                 total = total - influence.sum(0)
-                data = influence if data is None or rows.per_param else data + influence
-                if rows.per_param:
-                    rows.add("data", influence, s, name, ids)
+                data.add(name, influence)
             rows.add("residual", total, s, name)
-        if data is not None and not rows.per_param:
-            rows.add("data", data, s, None, ids)
+        data.close()
 
     def similarity_table(self) -> pa.Table:
         """(layer, test_id, other_id, value, normalized): value / √(|value(x,x)| |value(x',x')|)."""

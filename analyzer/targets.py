@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, vmap
 Target = str | Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _per_example(output: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
+def per_example(output: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
     if target == "loss":
         if labels.dtype in (torch.int64, torch.int32):
             return F.cross_entropy(output, labels, reduction="none")
@@ -43,7 +43,7 @@ def evaluate(model: torch.nn.Module, params: dict[str, torch.Tensor], inputs: to
     if callable(target):
         return target(_ModelAt(model, params), inputs, labels)
     output = functional_call(model, params, (inputs,), strict=False)
-    return _per_example(output, labels, target)
+    return per_example(output, labels, target)
 
 
 def gradients(model: torch.nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,

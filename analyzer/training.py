@@ -1,0 +1,149 @@
+"""The recorded training batches rebuilt from the user's data: the losses that replay re-runs
+and the linear-response sweep differentiates (METHODS.md §4).
+
+A step's loss is the sum over its micro-batches of weight × loss_fn(model(x), y), the examples
+and micro-batches as the `examples` table recorded them, the generator states as the `rng`
+table recorded them. Whether that is the loss the user trained on is checked, not assumed:
+`check_gradients` compares its gradient at the reconstructed θ_s with the recorded G_s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from attrib.analyzer import targets
+from attrib.analyzer.run import Run
+from attrib.recorder.rng import restore_states, stochastic_modules
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GRADIENT_TOLERANCE = 1e-3  # relative: recorded float32 gradients vs a float64 recomputation
+
+
+class ReplayError(ValueError):
+    """The run, or the data and loss given for it, can't reproduce the recorded training."""
+
+
+def default_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy for integer labels, mean squared error otherwise."""
+    return targets.per_example(output, labels, "loss").mean()
+
+
+@dataclass
+class MicroBatch:
+    ids: np.ndarray
+    weight: float  # its loss's factor in the step's loss
+    rng: list[tuple[str, bytes]] | None  # generator states before its forward
+
+
+class TrainingBatches:
+    """Per step, the micro-batches of the recorded training, with their data and losses.
+
+    `train_set[i]` (or row i of an (inputs, labels) pair) must be the example with
+    example_id i. `accumulation` says how micro-batch losses made the step's loss: "mean"
+    (each divided by their number: `(loss / k).backward()`) or "sum".
+    """
+
+    def __init__(self, run: Run, model: torch.nn.Module, train_set,
+                 loss_fn: LossFn | None = None, accumulation: str = "mean",
+                 dtype: torch.dtype = torch.float64) -> None:
+        if accumulation not in ("mean", "sum"):
+            raise ValueError(f"accumulation={accumulation!r}: use 'mean' or 'sum'")
+        self.run, self.model, self.dtype = run, model, dtype
+        self.loss_fn = loss_fn or default_loss
+        self.accumulation = accumulation
+        inputs, self.labels = targets.test_tensors(train_set)
+        self.inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+        examples = run.examples
+        if examples.num_rows == 0:
+            raise ReplayError(f"{run.dir} recorded no example ids (rec.examples(ids)); replaying "
+                              "its training needs them")
+        order = np.lexsort((examples.column("slot").to_numpy(),
+                            examples.column("micro_batch").to_numpy(),
+                            examples.column("step").to_numpy()))
+        self._steps = examples.column("step").to_numpy()[order]
+        self._micro = examples.column("micro_batch").to_numpy()[order]
+        self._ids = examples.column("example_id").to_numpy()[order]
+        if self._ids.min() < 0 or self._ids.max() >= len(self.labels):
+            raise ReplayError(f"example ids run from {self._ids.min()} to {self._ids.max()} but "
+                              f"the training set has {len(self.labels)} examples: pass the "
+                              "training set whose i-th item is the example with example_id i")
+        self.stochastic = stochastic_modules(model)
+        self._rng = self._rng_states(run)
+
+    def _rng_states(self, run: Run) -> dict[tuple[int, int], list[tuple[str, bytes]]]:
+        if not self.stochastic:
+            return {}
+        table = run.table("rng")
+        if table.num_rows == 0:
+            raise ReplayError(
+                f"the model draws random numbers in training mode ({', '.join(self.stochastic)})"
+                f" but {run.dir} holds no generator states, so its masks can't be replayed: "
+                "record with Recorder(..., rng=True), or build the model without dropout")
+        states: dict[tuple[int, int], list[tuple[str, bytes]]] = {}
+        for step, forward, device, state in zip(*(table.column(c).to_pylist() for c in
+                                                 ("step", "forward", "device", "state"))):
+            states.setdefault((step, forward), []).append((device, state))
+        return states
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        lo, hi = np.searchsorted(self._steps, [step, step + 1])
+        micro, ids = self._micro[lo:hi], self._ids[lo:hi]
+        indices = np.unique(micro)
+        weight = 1.0 / len(indices) if self.accumulation == "mean" else 1.0
+        batches = []
+        for k, m in enumerate(indices):
+            rng = None
+            if self.stochastic:
+                rng = self._rng.get((step, k))
+                if rng is None:
+                    raise ReplayError(f"step {step} has no generator state for micro-batch {k}: "
+                                      "the recorded forwards don't match its micro-batches")
+            batches.append(MicroBatch(ids[micro == m], weight, rng))
+        return batches
+
+    def micro_loss(self, params: dict[str, torch.Tensor], batch: MicroBatch) -> torch.Tensor:
+        """weight × loss_fn(model(x), y) at `params`, with the recorded generator state."""
+        if batch.rng is not None:
+            restore_states(batch.rng, self.inputs.device)
+        ids = torch.from_numpy(batch.ids)
+        output = functional_call(self.model, params, (self.inputs[ids],), strict=False)
+        return batch.weight * self.loss_fn(output, self.labels[ids])
+
+    def gradient(self, params: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """∇ of the step's loss at `params` (G_s, before clipping, when params = θ_s)."""
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        total = sum(self.micro_loss(leaves, b) for b in self.micro_batches(step))
+        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+        return {n: torch.zeros_like(p) if g is None else g
+                for (n, p), g in zip(leaves.items(), grads)}
+
+
+def check_gradients(run: Run, batches: TrainingBatches, steps: list[int]) -> float:
+    """Largest relative error ‖∇L_s(θ_s) − G_s‖ / ‖G_s‖ over `steps`; raises ReplayError
+    naming the likely causes when the given data and loss don't reproduce the recording."""
+    if not run.meta.get("record_grads", True):
+        raise ReplayError(f"{run.dir} was recorded with record_grads=False; replay and the "
+                          "stage estimators need the consumed gradients")
+    worst = 0.0
+    alphas = run.clip_factors()
+    for step in steps:
+        theta = {n: t.to(batches.dtype) for n, t in run.reconstruct(step).items()}
+        got = batches.gradient(theta, step)
+        recorded = {n: run.grads(n, step, step + 1)[0].to(batches.dtype) / alphas[step]
+                    for n in run.param_names}
+        error = torch.sqrt(sum(((got[n] - recorded[n]) ** 2).sum() for n in recorded))
+        scale = torch.sqrt(sum((r**2).sum() for r in recorded.values())).clamp_min(1e-30)
+        worst = max(worst, float(error / scale))
+        if worst > GRADIENT_TOLERANCE:
+            raise ReplayError(
+                f"the loss rebuilt from the training set doesn't reproduce the gradient recorded "
+                f"at step {step} (relative error {worst:.2g}). Check that train_set[i] is "
+                "example i, that loss_fn is the loss you trained with (reduction mean or sum), "
+                "that accumulation= matches how micro-batch losses were combined, and that "
+                "the model has no unrecorded randomness (augmentation, dropout without rng)")
+    return worst

@@ -50,6 +50,8 @@ def resolve(run: Run, stages: Sequence[str] | Mapping[str, range | tuple[int, in
              for name, a, b in runs if b is not None]
     if stages is None:
         chosen = named
+    elif all(isinstance(s, Stage) for s in stages):
+        chosen = list(stages)
     elif isinstance(stages, Mapping):
         chosen = [_from_range(name, value) for name, value in stages.items()]
     else:

@@ -94,6 +94,13 @@ def linear_response(run: Run, model_fn: Callable[[], torch.nn.Module], train_set
     unknown = set(by) - set(AXES)
     if unknown:
         raise ValueError(f"by={by!r}: unknown axes {sorted(unknown)}; choose from {AXES}")
+    with torch.random.fork_rng(devices=[]):  # replayed generator states stay in here
+        return _linear_response(run, model_fn, train_set, test_set, target, stages, by,
+                                loss_fn, accumulation, dtype, progress)
+
+
+def _linear_response(run, model_fn, train_set, test_set, target, stages, by, loss_fn,
+                     accumulation, dtype, progress) -> LinearResponseResult:
     check_supported(run, "linear-response")
     chosen = resolve(run, stages)
     batches = TrainingBatches(run, model_fn().to(dtype).train(), train_set, loss_fn,
@@ -113,8 +120,7 @@ def linear_response(run: Run, model_fn: Callable[[], torch.nn.Module], train_set
                           dict(zip(run.param_names, run.params.column("module").to_pylist())))
             if has_examples else None)
     sweep = _Sweep(run, batches, chosen, adjoint, rows, dtype)
-    with torch.random.fork_rng(devices=[]):
-        sweep.sweep(progress)
+    sweep.sweep(progress)
     return LinearResponseResult(effects_table(chosen, sweep.effects, "linear-response"),
                                 rows.table() if rows is not None else None, f_final)
 

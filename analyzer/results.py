@@ -18,7 +18,7 @@ from attrib.analyzer.run import Run
 from attrib.schemas import format as fmt
 
 ANALYSIS_DIR = "analysis"
-RESULT_TABLES = ("influence", "completeness", "similarity")
+RESULT_TABLES = ("influence", "completeness", "similarity", "stage_effects")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -34,8 +34,9 @@ def save(run: Run, name: str, tables: dict[str, pa.Table], parameters: dict[str,
     for table_name, table in tables.items():
         labelled = table.append_column("analysis", pa.array([name] * table.num_rows,
                                                             pa.string()))
-        labelled = labelled.append_column(
-            "method", pa.array([parameters["method"]] * table.num_rows, pa.string()))
+        if "method" not in labelled.column_names:  # stage_effects name theirs per row
+            labelled = labelled.append_column(
+                "method", pa.array([parameters["method"]] * table.num_rows, pa.string()))
         tmp = folder / f".{table_name}.parquet.tmp"
         pq.write_table(labelled, tmp, compression="zstd")
         os.replace(tmp, folder / f"{table_name}.parquet")

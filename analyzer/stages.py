@@ -75,6 +75,13 @@ def stage_report(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, t
                  dtype: torch.dtype = torch.float64, progress: bool = True) -> StageReport:
     """`stages()` with notes: replay drift (‖θ_N^{replay} − θ_N‖ / ‖θ_N − θ_start‖) and the
     clipping threshold replay applied, gradient check of the rebuilt losses."""
+    with torch.random.fork_rng(devices=[]):  # replayed generator states stay in here
+        return _stage_report(run, model_fn, train_set, test_set, target, stages, method,
+                             loss_fn, accumulation, max_grad_norm, dtype, progress)
+
+
+def _stage_report(run, model_fn, train_set, test_set, target, stages, method, loss_fn,
+                  accumulation, max_grad_norm, dtype, progress) -> StageReport:
     methods = [method] if isinstance(method, str) else list(method)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -54,6 +54,10 @@ class TrainingBatches:
         if accumulation not in ("mean", "sum"):
             raise ValueError(f"accumulation={accumulation!r}: use 'mean' or 'sum'")
         self.run, self.model, self.dtype = run, model, dtype
+        missing = sorted(set(run.param_names) - dict(model.named_parameters()).keys())
+        if missing:
+            raise ReplayError(f"model_fn() builds a model without the recorded parameters "
+                              f"{missing}; pass the factory of the architecture you trained")
         self.loss_fn = loss_fn or default_loss
         self.accumulation = accumulation
         inputs, self.labels = targets.test_tensors(train_set)

@@ -80,19 +80,25 @@ def sql_command(runs: tuple[str, ...], query: str, out_format: str, output: str 
 
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--method", type=click.Choice(["path-kernel", "tracin", "grad-dot", "grad-cos"]),
+@click.option("--method", type=click.Choice(["path-kernel", "linear-response", "tracin",
+                                            "grad-dot", "grad-cos"]),
               default="path-kernel", show_default=True)
 @click.option("--model", "model_ref", required=True,
               help="PKG.MOD:FACTORY that builds the architecture (parameters come from RUN).")
 @click.option("--data", "data_ref", required=True,
               help="PKG.MOD:NAME of the test set: (inputs, labels), a Dataset, or a function.")
 @click.option("--train", "train_ref",
-              help="PKG.MOD:NAME of the training set, indexed by example_id (checkpoint methods).")
+              help="PKG.MOD:NAME of the training set, indexed by example_id (all but "
+                   "path-kernel).")
+@click.option("--loss", "loss_ref", help="PKG.MOD:FN, the training loss fn(output, labels) of "
+              "one micro-batch (linear-response; default mean cross-entropy / MSE).")
+@click.option("--accumulation", type=click.Choice(["mean", "sum"]), default="mean",
+              show_default=True, help="How micro-batch losses made a step's (linear-response).")
 @click.option("--target", default="loss", show_default=True,
               help="loss, margin or logit:K (the f whose change is attributed).")
 @click.option("--by", default="example", show_default=True,
               help="Axes kept, comma-separated: example, step, stage, param, layer "
-                   "(path-kernel).")
+                   "(path-kernel, linear-response).")
 @click.option("--quadrature", default="2", show_default=True,
               help="Gauss-Legendre nodes per step, midpoint:K or left (path-kernel).")
 @click.option("--stride", type=int, help="Steps per integration segment (path-kernel).")
@@ -103,9 +109,8 @@ def sql_command(runs: tuple[str, ...], query: str, out_format: str, output: str 
 @click.option("--name", help="Where to store it: RUN/analysis/NAME (default: the method).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str | None,
-            target: str, by: str, quadrature: str, stride: int | None, similarity: bool,
-            k: int | None,
-            checkpoints: str,
+            loss_ref: str | None, accumulation: str, target: str, by: str, quadrature: str,
+            stride: int | None, similarity: bool, k: int | None, checkpoints: str,
             name: str | None, quiet: bool) -> None:
     """Attribute f on a test set to RUN's training data; store the result in RUN/analysis/.
 
@@ -123,7 +128,21 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
     model_fn, test_set = load_object(model_ref), load_data(data_ref)
     parameters = {"method": method, "target": target, "model": model_ref, "data": data_ref,
                   "created": now_iso()}
-    if method == "path-kernel":
+    if method != "path-kernel" and not train_ref:
+        _fail(f"--method {method} needs --train PKG.MOD:TRAIN_SET (indexed by example_id)")
+    if method == "linear-response":
+        axes = tuple(a for a in by.split(",") if a)
+        result = _stage_errors(lambda: api.linear_response(
+            recorded, model_fn, load_data(train_ref), test_set, target=target, by=axes,
+            loss_fn=load_object(loss_ref) if loss_ref else None, accumulation=accumulation,
+            progress=not quiet))
+        if result.influence is None:
+            _fail("linear-response per-example influences need stored per-example "
+                  "contributions: record with capture=Full() or Project(k)")
+        tables = {"influence": result.influence, "stage_effects": result.stages}
+        parameters.update(by=list(axes), train=train_ref, loss=loss_ref,
+                          accumulation=accumulation)
+    elif method == "path-kernel":
         axes = tuple(a for a in by.split(",") if a)
         result = api.path_kernel(recorded, model_fn, test_set, target=target, by=axes,
                                  quadrature=int(quadrature) if quadrature.isdigit() else quadrature,
@@ -134,8 +153,6 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
         parameters.update(by=list(axes), quadrature=quadrature, stride=stride,
                           similarity=similarity)
     else:
-        if not train_ref:
-            _fail(f"--method {method} needs --train PKG.MOD:TRAIN_SET (indexed by example_id)")
         options = {"k": k, "progress": not quiet}
         if method == "tracin":
             options["checkpoints"] = checkpoints
@@ -150,6 +167,94 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
         click.echo(render.aligned(tables["completeness"], max_rows=20))
     click.echo(f'\nquery it: attrib sql {run} "SELECT * FROM influence WHERE analysis = '
                f"'{name or method}' LIMIT 10\"")
+
+
+def _stage_errors(work):
+    """Run a stage analysis, turning its refusals (what the run or inputs lack) into CLI
+    errors that keep their message."""
+    from attrib.analyzer.training import ReplayError
+
+    try:
+        return work()
+    except (ReplayError, NotImplementedError, FormatError) as e:
+        _fail(str(e))
+
+
+@main.command(name="stages")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--model", "model_ref", required=True,
+              help="PKG.MOD:FACTORY that builds the architecture (parameters come from RUN).")
+@click.option("--data", "data_ref", required=True,
+              help="PKG.MOD:NAME of the test set: (inputs, labels), a Dataset, or a function.")
+@click.option("--train", "train_ref", required=True,
+              help="PKG.MOD:NAME of the training set, indexed by example_id.")
+@click.option("--method", "methods", multiple=True,
+              type=click.Choice(["linear-response", "frozen", "replay", "path"]),
+              help="Estimator(s), repeatable [default: linear-response].")
+@click.option("--replay", is_flag=True, help="Also replay training (the ground truth) and "
+              "report each method's agreement with it.")
+@click.option("--stage", "stage_specs", multiple=True, metavar="NAME=FIRST:LAST",
+              help="A stage as a step range, last step included; repeatable "
+                   "[default: the recorded rec.stage() names].")
+@click.option("--target", default="loss", show_default=True,
+              help="loss, margin or logit:K (the f whose change is attributed).")
+@click.option("--loss", "loss_ref", help="PKG.MOD:FN, the training loss fn(output, labels) of "
+              "one micro-batch (default mean cross-entropy / MSE).")
+@click.option("--accumulation", type=click.Choice(["mean", "sum"]), default="mean",
+              show_default=True, help="How micro-batch losses made a step's loss.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart PNG here.")
+@click.option("--name", default="stages", show_default=True,
+              help="Store the effects as RUN/analysis/NAME (SQL view stage_effects).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def stages_command(run: str, model_ref: str, data_ref: str, train_ref: str,
+                   methods: tuple[str, ...], replay: bool, stage_specs: tuple[str, ...],
+                   target: str, loss_ref: str | None, accumulation: str, plot: str | None,
+                   name: str, quiet: bool) -> None:
+    """What if a training stage had not run? Δf = f(θ_N without the stage) − f(θ_N) per stage
+    and test point, by linear response (default), frozen gradients, replay or along the path."""
+    from attrib.analyzer import analyze as api
+    from attrib.analyzer.plots import stage_effects_chart
+    from attrib.analyzer.run import open_run
+    from attrib.cli.loading import load_data, load_object
+    from attrib.recorder.store import now_iso
+
+    try:
+        recorded = open_run(run)
+    except FormatError as e:
+        _fail(str(e))
+    chosen = list(dict.fromkeys(methods or ("linear-response",)))
+    if replay and "replay" not in chosen:
+        chosen.append("replay")
+    try:
+        ranges = dict(_stage_range(spec) for spec in stage_specs) or None
+        report = _stage_errors(lambda: api.stage_report(
+            recorded, load_object(model_ref), load_data(train_ref), load_data(data_ref),
+            target=target, stages=ranges, method=chosen,
+            loss_fn=load_object(loss_ref) if loss_ref else None, accumulation=accumulation,
+            progress=not quiet))
+    except ValueError as e:
+        _fail(str(e))
+    folder = api.save(recorded, name, {"stage_effects": report.table},
+                      {"method": "stages", "methods": chosen, "target": target,
+                       "model": model_ref, "data": data_ref, "train": train_ref,
+                       "notes": report.notes, "created": now_iso()})
+    agreement = api.agreement(report.table) if "replay" in chosen and len(chosen) > 1 else None
+    click.echo(render.stage_summary(report.table, agreement))
+    if "replay_drift" in report.notes:
+        click.echo(f"\nreplay retraces the recording to {report.notes['replay_drift']:.1e} "
+                   "(‖θ_N replayed − θ_N recorded‖ / ‖θ_N − θ_start‖)")
+    if plot:
+        click.echo(f"chart: {stage_effects_chart(report.table, plot)}")
+    click.echo(f"stored in {folder}; query it: attrib sql {run} "
+               f'"SELECT stage, method, avg(effect) FROM stage_effects GROUP BY ALL"')
+
+
+def _stage_range(spec: str) -> tuple[str, range]:
+    name, _, steps = spec.partition("=")
+    first, _, last = steps.partition(":")
+    if not name or not first.isdigit() or not last.isdigit():
+        raise ValueError(f"--stage {spec!r}: write NAME=FIRST:LAST, e.g. warmup=0:99")
+    return name, range(int(first), int(last) + 1)
 
 
 @main.command()

@@ -99,3 +99,33 @@ def summary(info: dict[str, Any]) -> str:
     if info["error"]:
         lines.append(f"error        {info['error']}")
     return "\n".join(lines)
+
+
+def stage_summary(effects: pa.Table, agreement: pa.Table | None = None) -> str:
+    """Per stage: its steps and each method's mean effect over test points; with an agreement
+    table, each method's Pearson r and sign agreement with replay (pooled row last)."""
+    rows = effects.to_pylist()
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    stages = list(dict.fromkeys((r["stage"], r["start"], r["end"]) for r in rows))
+    fit = {(a["method"], a["stage"]): a for a in agreement.to_pylist()} if agreement else {}
+    compared = [m for m in methods if any(k[0] == m for k in fit)]
+    columns: dict[str, list] = {"stage": [], "steps": []}
+    for method in methods:
+        columns[f"mean {method}"] = []
+    for method in compared:
+        columns[f"r {method}"], columns[f"signs {method}"] = [], []
+    for stage, start, end in [*stages, ("(all)", None, None)]:
+        if stage == "(all)" and not compared:
+            continue
+        columns["stage"].append(stage)
+        columns["steps"].append(f"{start}-{end}" if start is not None else "")
+        for method in methods:
+            values = [r["effect"] for r in rows if r["method"] == method
+                      and (stage == "(all)" or r["stage"] == stage)]
+            columns[f"mean {method}"].append(sum(values) / len(values))
+        for method in compared:
+            row = fit.get((method, stage), {})
+            columns[f"r {method}"].append(row.get("pearson"))
+            columns[f"signs {method}"].append(row.get("sign_agreement"))
+    text = aligned(pa.table(columns), max_rows=1000)
+    return text.rsplit("\n", 1)[0]  # the row count adds nothing here

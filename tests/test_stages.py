@@ -167,3 +167,126 @@ def test_frozen_equals_torch_sgd_fed_the_recorded_gradients(run_dir):
         np.testing.assert_allclose(rows.column("effect").to_numpy(),
                                    f({n: p.detach() for n, p in params.items()}) - final,
                                    rtol=1e-9, atol=1e-12)
+
+
+def dropout_mlp() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                               torch.nn.Linear(16, 3)).double()
+
+
+def test_dropout_replays_its_masks_from_the_recorded_generator_states(run_dir):
+    from attrib.analyzer.stages import agreement, stage_report
+
+    inputs, labels = data()
+    inputs = inputs.double()
+    model = dropout_mlp()
+    train(run_dir, model, OPTIMIZERS["sgd_nesterov"](model.parameters()), steps=24,
+          inputs=inputs, labels=labels, clip=None, batch=16, micro_batches=2, capture=False)
+    run = attrib.open_run(run_dir)
+    assert run.meta["rng"] and run.table("rng").num_rows == 48  # a state per forward
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    report = stage_report(run, dropout_mlp, (inputs, labels), (inputs[200:230], labels[200:230]),
+                          stages=STAGES, method=("linear-response", "replay"), progress=False)
+    assert torch.equal(torch.get_rng_state(), before)  # the user's generator is left alone
+    assert report.notes["replay_drift"] < 1e-12  # same masks: the replay retraces the run
+    rows = {r["stage"]: r for r in agreement(report.table).to_pylist()}
+    assert rows["late"]["pearson"] > 0.99
+
+
+def test_what_replay_needs_but_the_run_lacks_is_refused_with_the_fix(run_dir, tmp_path):
+    from attrib.analyzer.stages import stages
+    from attrib.analyzer.training import ReplayError
+
+    inputs, labels = data()
+    model = dropout_mlp().float()
+    train(run_dir, model, OPTIMIZERS["sgd"](model.parameters()), steps=6, inputs=inputs,
+          labels=labels, clip=None, capture=False, rng=False, micro_batches=2)
+    run = attrib.open_run(run_dir)
+    test = (inputs[:4], labels[:4])
+    with pytest.raises(ReplayError, match="rng=True"):
+        stages(run, lambda: dropout_mlp().float(), (inputs, labels), test,
+               stages={"a": range(0, 2)}, method="replay", progress=False)
+
+    def plain():  # the same parameters without dropout: no generator states needed
+        model = dropout_mlp().float()
+        model[2].p = 0.0
+        return model
+
+    with pytest.raises(ReplayError, match="accumulation"):  # micro-batch losses were averaged
+        stages(run, plain, (inputs, labels), test, stages={"a": range(0, 2)},
+               method="linear-response", accumulation="sum", progress=False)
+    with pytest.raises(ReplayError, match="example_id i"):
+        stages(run, plain, (inputs[:10], labels[:10]), test, stages={"a": range(0, 2)},
+               progress=False)
+    with pytest.raises(ReplayError, match="without the recorded parameters"):
+        stages(run, mlp, (inputs, labels), test, stages={"a": range(0, 2)}, progress=False)
+    with pytest.raises(ValueError, match="outside the run"):
+        stages(run, plain, (inputs, labels), test, stages={"a": range(4, 9)}, progress=False)
+    with pytest.raises(ValueError, match="no recorded stage"):
+        stages(run, plain, (inputs, labels), test, stages=["warmup"], progress=False)
+    model = mlp()
+    train(tmp_path / "ams", model, OPTIMIZERS["adamw_amsgrad"](model.parameters()), steps=4,
+          clip=None, capture=False)
+    with pytest.raises(NotImplementedError, match="AMSGrad"):
+        stages(attrib.open_run(tmp_path / "ams"), mlp, data(), test, method="linear-response",
+               progress=False)
+
+
+def test_stages_cli_prints_agreement_stores_effects_and_draws_the_chart(tmp_path,
+                                                                        monkeypatch):
+    import textwrap
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from attrib.cli.main import main
+
+    tests_dir = str(Path(__file__).parent)
+    (tmp_path / "stage_userdefs.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {tests_dir!r})
+        from conftest import data, mlp
+        def test_set():
+            x, y = data()
+            return x[200:210], y[200:210]
+    """))
+    monkeypatch.chdir(tmp_path)
+    model = mlp()
+    inputs, labels = data()
+    with attrib.Recorder(tmp_path / "run", model, OPTIMIZERS["sgd_nesterov"](model.parameters()),
+                         capture=attrib.Full()) as rec:
+        g = torch.Generator().manual_seed(0)
+        for step in range(16):
+            if step in (0, 6):
+                rec.stage("warmup" if step == 0 else "main")
+            ids = torch.randint(0, 256, (16,), generator=g)
+            rec.examples(ids)
+            torch.nn.functional.cross_entropy(model(inputs[ids]), labels[ids]).backward()
+            rec.optimizer.step()
+            rec.optimizer.zero_grad()
+    args = ["--model", "stage_userdefs:mlp", "--data", "stage_userdefs:test_set",
+            "--train", "conftest:data", "--quiet"]
+    monkeypatch.syspath_prepend(tests_dir)
+    result = CliRunner().invoke(main, ["stages", str(tmp_path / "run"), *args, "--replay",
+                                       "--plot", str(tmp_path / "stages.png")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["stage", "steps", "mean", "linear-response", "mean", "replay",
+                                "r", "linear-response", "signs", "linear-response"]
+    assert [line.split()[0] for line in lines[2:5]] == ["warmup", "main", "(all)"]
+    assert (tmp_path / "stages.png").stat().st_size > 10_000
+    stored = attrib.sql(tmp_path / "run", "SELECT method, stage, count(*) AS n FROM "
+                                          "stage_effects GROUP BY ALL ORDER BY ALL").to_pylist()
+    assert stored == [{"method": m, "stage": s, "n": 10} for m in ("linear-response", "replay")
+                      for s in ("main", "warmup")]
+    result = CliRunner().invoke(main, ["stages", str(tmp_path / "run"), *args, "--stage",
+                                       "late=10:99"])
+    assert result.exit_code != 0 and "outside the run's 16 committed steps" in result.output
+    result = CliRunner().invoke(main, ["analyze", str(tmp_path / "run"), "--method",
+                                       "linear-response", "--by", "example,stage", *args])
+    assert result.exit_code == 0, result.output
+    per_stage = attrib.sql(tmp_path / "run", "SELECT count(DISTINCT stage) FROM influence "
+                                             "WHERE method = 'linear-response'").column(0)
+    assert per_stage[0].as_py() == 2

@@ -27,3 +27,4 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/record_overhead.py
 	$(BIN)/python benchmarks/capture_overhead.py
+	$(BIN)/python benchmarks/stage_accountability.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,14 @@ def _optimizer(model: torch.nn.Module, optimizer: str, steps: int, lr: float | N
 
 
 def train_scenario(optimizer: str = "sgd", steps: int = 120, batch: int = 32,
-                   recorder_path: str | Path | None = None, lr: float | None = None) -> float:
-    """Train the scenario's model, recorded into `recorder_path` (or not recorded: the plain
-    training a benchmark compares with); returns the wall-clock seconds."""
-    train = teacher_data(512, 0)
-    model = StageScenario.model()
+                   recorder_path: str | Path | None = None, lr: float | None = None,
+                   model_fn: Callable[[], torch.nn.Module] = StageScenario.model,
+                   train: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    """Train `model_fn()` (default: the scenario's model on its teacher data), recorded into
+    `recorder_path` (or not recorded: the plain training a benchmark compares with); returns
+    the wall-clock seconds."""
+    train = teacher_data(512, 0) if train is None else train
+    model = model_fn()
     opt, schedule = _optimizer(model, optimizer, steps, lr)
     g = torch.Generator().manual_seed(5)
     started = time.perf_counter()

@@ -4,8 +4,16 @@ from attrib.analyzer.checkpoint_methods import grad_cos, grad_dot, tracin
 from attrib.analyzer.linear_response import LinearResponseResult, linear_response
 from attrib.analyzer.path_kernel import PathKernelResult, path_kernel, quadrature_rule
 from attrib.analyzer.results import save
+from attrib.analyzer.shifts import (
+                                    ablate,
+                                    neuron_examples,
+                                    save_tokens,
+                                    token_enrichment,
+                                    top_neurons,
+)
 from attrib.analyzer.stages import StageReport, agreement, stage_report, stages
 
-__all__ = ["LinearResponseResult", "PathKernelResult", "StageReport", "agreement", "grad_cos",
-           "grad_dot", "linear_response", "path_kernel", "quadrature_rule", "save",
-           "stage_report", "stages", "tracin"]
+__all__ = ["LinearResponseResult", "PathKernelResult", "StageReport", "ablate", "agreement",
+           "grad_cos", "grad_dot", "linear_response", "neuron_examples", "path_kernel",
+           "quadrature_rule", "save", "save_tokens", "stage_report", "stages",
+           "token_enrichment", "top_neurons", "tracin"]

@@ -18,7 +18,8 @@ from attrib.analyzer.run import Run
 from attrib.schemas import format as fmt
 
 ANALYSIS_DIR = "analysis"
-RESULT_TABLES = ("influence", "completeness", "similarity", "stage_effects")
+RESULT_TABLES = ("influence", "completeness", "similarity", "stage_effects", "tokens",
+                 "vocabulary")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from attrib.analyzer.run import Run
 from attrib.schemas import format as fmt
+
+
+def named(runs: str | Path | Run | list, name: str, **params: Any) -> pa.Table:
+    """Run a named query (analyzer/queries/NAME.sql) with its defaults overridden by
+    `params`; see `attrib.analyzer.queries`."""
+    from attrib.analyzer.queries import named_query
+
+    query = named_query(name)
+    if not isinstance(runs, Run) and len(resolve_runs(runs)) != 1:
+        raise ValueError(f"named query {name!r} reads one run; pass a single run directory")
+    return sql(runs, query.text, query.bind(params))
 
 
 def resolve_runs(patterns: str | Path | list[str | Path]) -> list[Run]:
@@ -50,47 +62,48 @@ def _select(files: list[Path], run_name: str | None) -> str:
 def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per table over the given runs.
 
-    With several runs each view gains a leading `run` column (the run directory's name).
+    Views: every recorded table, every stored analysis table (a name in both, such as
+    `tokens`, unions the two), and the neuron views `neuron_shifts` and `neurons`. With several
+    runs each view gains a leading `run` column (the run directory's name).
     """
+    from attrib.analyzer.queries import neuron_view_sql
+    from attrib.analyzer.results import result_files
+
     con = duckdb.connect()
     names = _run_names(runs)
-    _result_views(con, runs, names)
     labels = names if len(runs) > 1 else [None] * len(runs)
+    selects: dict[str, list[str]] = {}
+    for label, run in zip(labels, runs):
+        sources = {t: run.table_files(t) for t in fmt.TABLES}
+        for table, files in result_files(run).items():
+            sources[table] = sources.get(table, []) + files
+        for table, files in sources.items():
+            if files:
+                selects.setdefault(table, []).append(_select(files, label))
     for table, schema in fmt.TABLES.items():
-        selects = [_select(run.table_files(table), label) for label, run in zip(labels, runs)
-                   if run.table_files(table)]
-        if not selects:
+        if table not in selects:  # an empty view with the declared columns
             empty = schema.empty_table()
             if len(runs) > 1:
                 empty = empty.add_column(0, "run", pa.array([], pa.string()))
             con.register(f"__empty_{table}", empty)
-            selects.append(f"SELECT * FROM __empty_{table}")
-        con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(selects))
+            selects[table] = [f"SELECT * FROM __empty_{table}"]
+    for table, parts in selects.items():
+        con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
+    for view, body in neuron_view_sql(len(runs) > 1).items():
+        con.execute(f"CREATE VIEW {view} AS {body}")
     return con
 
 
-def _result_views(con: duckdb.DuckDBPyConnection, runs: list[Run], names: list[str]) -> None:
-    """One view per analysis result table (influence, completeness) over all analyses."""
-    from attrib.analyzer.results import result_files
-
-    selects: dict[str, list[str]] = {}
-    labels = names if len(runs) > 1 else [None] * len(runs)
-    for label, run in zip(labels, runs):
-        for table, files in result_files(run).items():
-            if files:
-                selects.setdefault(table, []).append(_select(files, label))
-    for table, parts in selects.items():
-        con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
-
-
-def sql(runs: str | Path | Run | list, query: str) -> pa.Table:
-    """Answer a DuckDB SQL query over the runs' tables; returns an Arrow table."""
+def sql(runs: str | Path | Run | list, query: str, params: dict[str, Any] | None = None
+        ) -> pa.Table:
+    """Answer a DuckDB SQL query over the runs' tables; returns an Arrow table. `params`
+    binds the query's named parameters ($name)."""
     if isinstance(runs, Run):
         runs = [runs]
     elif not (isinstance(runs, list) and all(isinstance(r, Run) for r in runs)):
         runs = resolve_runs(runs)
     con = connect(runs)
     try:
-        return con.sql(query).to_arrow_table()
+        return con.sql(query, params=params or None).to_arrow_table()
     finally:
         con.close()

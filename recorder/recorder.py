@@ -11,6 +11,7 @@ import atexit
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from attrib.recorder.policies import Policy, TensorCapture, TopK, default_polici
 from attrib.recorder.rng import RngCapture, stochastic_modules
 from attrib.recorder.shifts import ShiftInput, top_shifts
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
+from attrib.recorder.tokens import TokenBatch, token_batch, vocabulary_array, vocabulary_table
 from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
 
@@ -105,7 +107,9 @@ class Recorder:
 
     `rng`: record the random generator state before every training forward, which replaying
     a stochastic model needs (stage accountability); None records it when the model has
-    dropout (or other stochastic modules), True always, False never.
+    dropout (or other stochastic modules), True always, False never. `vocabulary`: token id →
+    string (a list or dict) for language data, stored as the `vocabulary` table and used to
+    spell the `tokens` table that `examples(ids, tokens=...)` fills.
 
     Memory: the recorder holds `buffers` blocks of `steps_per_chunk` steps on the host (pinned
     when the model is on a GPU); when the disk falls behind, training waits for a free block.
@@ -126,6 +130,7 @@ class Recorder:
         examples_per_step: int | None = None,
         strict: bool = False,
         rng: bool | None = None,
+        vocabulary: Sequence[str] | dict[int, str] | None = None,
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
@@ -158,8 +163,11 @@ class Recorder:
                           for p in self.params},
                          codec)
         store.write_table_part("params", self._params_table(), 0, 0)
+        vocabulary = vocabulary_array(vocabulary)
+        if vocabulary is not None:
+            store.write_table_part("vocabulary", vocabulary_table(vocabulary), 0, 0)
         self._write_carry_in(store)
-        self._writer = BackgroundWriter(store)
+        self._writer = BackgroundWriter(store, vocabulary)
         self._block: Block | None = None  # created at the first step, when sizes are known
         self._scratch = ([torch.empty_like(p.param, dtype=p.storage_dtype) for p in self.params]
                          if self._on_gpu else None)  # device-side deltas before their async copy
@@ -175,6 +183,7 @@ class Recorder:
         self._upcoming: dict[str, Any] = {"metrics": {}, "loss": None}
         self._examples: list[np.ndarray] = []
         self._example_values: list[dict[str, torch.Tensor]] = []
+        self._tokens: list[TokenBatch] = []
         self._hook_seconds = 0.0
         self._started = time.perf_counter()
         self._theta_hat = [p.param.detach().to(p.storage_dtype).clone() for p in self.params]
@@ -296,8 +305,12 @@ class Recorder:
                 store.write_initial(f"{fmt.INITIAL_STATE}/{p.key}/{name}", value)
 
     # -- user API ------------------------------------------------------------------------------
-    def examples(self, ids: Any) -> None:
-        """Declare the example ids of the micro-batch whose loss is backpropagated next."""
+    def examples(self, ids: Any, tokens: Any = None) -> None:
+        """Declare the example ids of the micro-batch whose loss is backpropagated next.
+
+        `tokens`: the examples' token ids ((examples, length) integer tensor, or a sequence
+        per example), kept once per example in the `tokens` table for token enrichment.
+        """
         if not self._enabled:
             return
         array = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
@@ -306,7 +319,10 @@ class Recorder:
                 f"rec.examples() takes a 1-D sequence of integer example ids, got an array of "
                 f"shape {array.shape} and dtype {array.dtype}"
             )
+        batch = token_batch(array, tokens) if tokens is not None else None
         self._guard(self._begin_next_step)
+        if batch is not None:
+            self._tokens.append(batch)
         self._examples.append(array.astype(np.int64))
         self._example_values.append({})
         if self._capture is not None:
@@ -396,7 +412,7 @@ class Recorder:
         here must not fail the user's program after training finished)."""
         store = self._writer.store
         if self._failure is None:
-            for table in ("steps", "examples", "shifts", "rng"):
+            for table in ("steps", "examples", "shifts", "rng", "tokens"):
                 store.compact(table)
         store.commit(self._writer.committed_steps, status)
 
@@ -546,10 +562,12 @@ class Recorder:
         if data is not None:
             self._hook_seconds += data.seconds
         record = StepRecord(self.step, row, self._examples, self._example_values, shifts=shifts,
-                            rng=self._rng.take() if self._rng is not None else [])
+                            rng=self._rng.take() if self._rng is not None else [],
+                            tokens=self._tokens)
         self._upcoming = {"metrics": {}, "loss": None}
         self._examples = []
         self._example_values = []
+        self._tokens = []
         if (self.step + 1) % self.checkpoint_every == 0:
             record.checkpoint = _snapshot(self.params, live)
             for hat, value in zip(self._theta_hat, live):

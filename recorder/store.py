@@ -27,6 +27,7 @@ from zarr.core.sync import sync
 from attrib.schemas import format as fmt
 
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk; splits big tensors along dim 0
+COMPACT_ROWS = 1 << 22  # rows per merged Parquet file of a table at close (a step range each)
 
 
 @dataclass(frozen=True)
@@ -185,16 +186,35 @@ class RunStore:
             (self.dir / relative).unlink(missing_ok=True)
         self._obsolete = []
 
-    def compact(self, table: str) -> None:
-        """Merge a table's parts into one file so queries open one file, not hundreds."""
+    def compact(self, table: str, rows_per_file: int = COMPACT_ROWS) -> None:
+        """Merge a table's parts into files of about `rows_per_file` rows, so queries open a
+        few files, not hundreds, and memory holds one merged file at a time. Parts are in step
+        order, so each file covers a step range that Parquet statistics let readers skip."""
         parts = self.manifest["tables"][table]
         if len(parts) <= 1:
             return
-        merged = pa.concat_tables([pq.read_table(self.dir / p) for p in parts])
-        first, last = int(merged["step"][0].as_py()), int(merged["step"][-1].as_py())
+        groups: list[list[str]] = [[]]
+        rows = 0
+        for part in parts:
+            n = pq.ParquetFile(self.dir / part).metadata.num_rows
+            if groups[-1] and rows + n > rows_per_file:
+                groups.append([])
+                rows = 0
+            groups[-1].append(part)
+            rows += n
         self.manifest["tables"][table] = []
-        self.write_table_part(table, merged, first, last)
+        for group in groups:
+            merged = pa.concat_tables([pq.read_table(self.dir / p) for p in group])
+            steps = _part_steps(group)
+            self.write_table_part(table, merged, steps[0], steps[1])
         self._obsolete.extend(parts)
+
+
+def _part_steps(parts: list[str]) -> tuple[int, int]:
+    """First and last step covered by consecutive parts (from their names)."""
+    first = int(Path(parts[0]).stem.split("-")[2])
+    last = int(Path(parts[-1]).stem.split("-")[3])
+    return first, last
 
 
 def _write_all(writes: list[tuple[zarr.Array, slice | int, np.ndarray]]) -> None:

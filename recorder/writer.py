@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from attrib.recorder.store import ArraySpec, RunStore
+from attrib.recorder.tokens import FirstSeen, TokenBatch, tokens_table
 from attrib.schemas import format as fmt
 
 
@@ -39,6 +40,7 @@ class StepRecord:
     checkpoint: dict[str, torch.Tensor] | None = None  # θ_{step+1} when a checkpoint follows
     shifts: pa.Table | None = None  # TopK rows of this step
     rng: list[list[tuple[str, bytes]]] = field(default_factory=list)  # per forward: states
+    tokens: list[TokenBatch] = field(default_factory=list)  # micro-batches given tokens=
 
 
 @dataclass
@@ -69,8 +71,10 @@ class BackgroundWriter:
     """Owns the RunStore once started; the training thread talks to it through
     `acquire`/`submit`/`add_checkpoint`/`close`."""
 
-    def __init__(self, store: RunStore) -> None:
+    def __init__(self, store: RunStore, vocabulary: np.ndarray | None = None) -> None:
         self.store = store
+        self.vocabulary = vocabulary
+        self._tokens_seen = FirstSeen()
         self.error: BaseException | None = None
         self.error_trace: str | None = None
         self.committed_steps = 0
@@ -167,6 +171,10 @@ class BackgroundWriter:
             self.store.write_table_part("shifts", pa.concat_tables(shifts), first, first + n - 1)
         if any(r.rng for r in records):
             self.store.write_table_part("rng", _rng_table(records), first, first + n - 1)
+        new_tokens = self._tokens_seen.select([b for r in records for b in r.tokens])
+        if new_tokens is not None:
+            self.store.write_table_part("tokens", tokens_table(new_tokens, self.vocabulary),
+                                        first, first + n - 1)
         per_step = round(self.store.block_bytes(first) / n)
         seconds = (time.perf_counter() - started) / n  # the Parquet write below is not counted
         for row in rows:

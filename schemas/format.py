@@ -143,6 +143,22 @@ RNG = pa.schema(
     ]
 )
 
+TOKENS = pa.schema(
+    [
+        pa.field("example_id", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),  # index in the example's sequence
+        pa.field("token_id", pa.int64(), nullable=False),
+        pa.field("token", pa.string()),  # from the vocabulary; null without one
+    ]
+)
+
+VOCABULARY = pa.schema(
+    [
+        pa.field("token_id", pa.int64(), nullable=False),
+        pa.field("token", pa.string()),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "steps": STEPS,
     "examples": EXAMPLES,
@@ -151,6 +167,8 @@ TABLES: dict[str, pa.Schema] = {
     "checkpoints": CHECKPOINTS_TABLE,
     "shifts": SHIFTS,
     "rng": RNG,
+    "tokens": TOKENS,
+    "vocabulary": VOCABULARY,
 }
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")

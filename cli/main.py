@@ -38,27 +38,50 @@ def info(run: str, as_json: bool) -> None:
 
 
 @main.command(name="sql")
-@click.argument("runs", nargs=-1, required=True)
-@click.argument("query")
+@click.argument("args", nargs=-1)
+@click.option("--query", "query_name", help="Run a named query (see --list) instead of SQL.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="A named query's parameter, e.g. --param neuron=mlp.fc1:17 (repeatable).")
+@click.option("--list", "list_queries", is_flag=True, help="List the named queries and exit.")
 @click.option("--format", "out_format", type=click.Choice(["table", "csv", "json", "parquet"]),
               default="table", show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Write to this file instead of standard output (required for parquet).")
 @click.option("--max-rows", default=50, show_default=True, help="Rows shown by --format table.")
-def sql_command(runs: tuple[str, ...], query: str, out_format: str, output: str | None,
-                max_rows: int) -> None:
-    """Answer a DuckDB SQL QUERY over the tables of one or more RUNS (paths or globs).
+def sql_command(args: tuple[str, ...], query_name: str | None, params: tuple[str, ...],
+                list_queries: bool, out_format: str, output: str | None, max_rows: int) -> None:
+    """Answer a DuckDB SQL query over the tables of one or more runs: RUNS... QUERY.
 
-    Views: steps, examples, stages, params, checkpoints; with several runs each gains a `run`
-    column. Example: attrib sql runs/exp1 "SELECT stage, count(*) FROM steps GROUP BY 1"
+    Views: steps, examples, stages, params, checkpoints, shifts, rng, tokens, vocabulary, the
+    neuron views neuron_shifts and neurons, and stored analyses (influence, completeness,
+    similarity, stage_effects); with several runs each gains a `run` column. Examples:
+
+      attrib sql runs/exp1 "SELECT stage, count(*) FROM steps GROUP BY 1"
+
+      attrib sql runs/exp1 --query token_enrichment --param neuron=mlp.fc1:17 --param m=5
     """
     import duckdb
 
-    from attrib.analyzer.sql import sql
+    from attrib.analyzer.queries import named_queries
+    from attrib.analyzer.sql import named, sql
 
+    if list_queries:
+        for query in named_queries().values():
+            click.echo(f"{query.name}: {query.description}")
+            for key, default in query.defaults.items():
+                click.echo(f"    --param {key}={default!r}  {query.help[key]}")
+        return
+    runs, query = (list(args), None) if query_name else (list(args[:-1]), args[-1:] or None)
+    if not runs or (not query_name and not query):
+        _fail("name the run(s) and a query: attrib sql RUN... \"SELECT ...\", or "
+              "attrib sql RUN --query NAME (attrib sql --list shows the named queries)")
     try:
-        table = sql(list(runs), query)
-    except (FileNotFoundError, FormatError) as e:
+        if query_name:
+            given = dict(_key_value(p) for p in params)
+            table = named(runs, query_name, **given)
+        else:
+            table = sql(runs, query[0])
+    except (FileNotFoundError, FormatError, ValueError) as e:
         _fail(str(e))
     except duckdb.Error as e:
         _fail(f"SQL error: {e}")
@@ -67,6 +90,17 @@ def sql_command(runs: tuple[str, ...], query: str, out_format: str, output: str 
             _fail("--format parquet needs --output FILE")
         pq.write_table(table, output)
         return
+    _emit(table, out_format, output, max_rows)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        _fail(f"--param {text!r}: write NAME=VALUE")
+    return key, value
+
+
+def _emit(table, out_format: str, output: str | None, max_rows: int) -> None:
     text = {
         "table": lambda: render.aligned(table, max_rows) + "\n",
         "json": lambda: json.dumps(table.to_pylist(), default=str) + "\n",
@@ -255,6 +289,102 @@ def _stage_range(spec: str) -> tuple[str, range]:
     if not name or not first.isdigit() or not last.isdigit():
         raise ValueError(f"--stage {spec!r}: write NAME=FIRST:LAST, e.g. warmup=0:99")
     return name, range(int(first), int(last) + 1)
+
+
+def _enrichment_options(command):
+    """The univariate token selection knobs (METHODS.md §5), shared by shifts and ablate."""
+    for option in reversed([
+        click.option("--m", "min_count", default=20, show_default=True,
+                     help="Token enrichment: minimum attributed count."),
+        click.option("--r", "by_frequency", default=200, show_default=True,
+                     help="Token enrichment: tokens kept by relative frequency."),
+        click.option("--c", "by_count", default=5, show_default=True,
+                     help="Token enrichment: tokens returned, by attributed count."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command(name="shifts")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--param", "param_glob", default="*", show_default=True,
+              help="GLOB over weight tensor names, e.g. '*mlp*'.")
+@click.option("--kind", type=click.Choice(["output", "input"]), default="output",
+              show_default=True, help="Rank output neurons (weight rows) or input features.")
+@click.option("--neuron", "neuron_spec", metavar="MODULE:IDX",
+              help="Show one neuron (MODULE:in:IDX for an input feature): its examples and "
+                   "enriched tokens.")
+@click.option("--top", default=20, show_default=True, help="Rows to show.")
+@_enrichment_options
+@click.option("--tokens", "tokens_ref", help="PKG.MOD:NAME of the token ids per example_id, "
+              "when the run did not record them (stored as the run's tokens).")
+@click.option("--vocabulary", "vocabulary_ref", help="PKG.MOD:NAME, token id → string "
+              "(with --tokens).")
+def shifts_command(run: str, param_glob: str, kind: str, neuron_spec: str | None, top: int,
+                   min_count: int, by_frequency: int, by_count: int, tokens_ref: str | None,
+                   vocabulary_ref: str | None) -> None:
+    """Which examples moved which neurons (TopK capture): top neurons by outlier-shift count
+    and mass, or for one --neuron its examples and the tokens they share."""
+    from attrib.analyzer import shifts as api
+    from attrib.analyzer.run import open_run
+    from attrib.cli.loading import load_data, load_object
+
+    try:
+        recorded = open_run(run)
+        if not recorded.table_files("shifts"):
+            _fail(f"{run} has no outlier shifts: record with capture=attrib.TopK(k)")
+        if tokens_ref:
+            api.save_tokens(recorded, load_data(tokens_ref),
+                            load_object(vocabulary_ref) if vocabulary_ref else None)
+        if neuron_spec is None:
+            click.echo(render.aligned(api.top_neurons(recorded, param_glob, kind, top), top))
+            return
+        click.echo(f"examples behind the outlier shifts of {neuron_spec}:")
+        click.echo(render.aligned(api.neuron_examples(recorded, neuron_spec, top), top))
+        if api.has_tokens(recorded):
+            click.echo(f"\ntokens enriched in those examples (m={min_count}, r={by_frequency}, "
+                       f"c={by_count}):")
+            click.echo(render.aligned(api.token_enrichment(
+                recorded, neuron_spec, min_count, by_frequency, by_count)))
+        else:
+            click.echo("\n(no tokens: record rec.examples(ids, tokens=...) or pass --tokens)")
+    except (FormatError, ValueError) as e:
+        _fail(str(e))
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--neuron", "neuron_spec", required=True, metavar="MODULE:IDX",
+              help="The neuron to zero (MODULE:in:IDX for an input feature).")
+@click.option("--model", "model_ref", required=True,
+              help="PKG.MOD:FACTORY that builds the architecture (parameters come from RUN).")
+@click.option("--data", "data_ref", required=True,
+              help="PKG.MOD:NAME of the inputs (a tensor, or (inputs, labels)).")
+@click.option("--step", type=int, help="Ablate θ at this step (default: the final θ).")
+@_enrichment_options
+@click.option("--top", default=30, show_default=True, help="Rows to show.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Also write the whole table as Parquet.")
+def ablate(run: str, neuron_spec: str, model_ref: str, data_ref: str, step: int | None,
+           min_count: int, by_frequency: int, by_count: int, top: int,
+           output: str | None) -> None:
+    """Zero a neuron's weights and count, per predicted token, the predictions that flip;
+    `notable` marks the neuron's enriched tokens (the original study's check)."""
+    from attrib.analyzer import shifts as api
+    from attrib.analyzer.run import open_run
+    from attrib.cli.loading import load_data, load_object
+
+    try:
+        table = api.ablate(open_run(run), load_object(model_ref), load_data(data_ref),
+                           neuron_spec, step, min_count, by_frequency, by_count)
+    except (FormatError, ValueError) as e:
+        _fail(str(e))
+    click.echo(render.aligned(table, top))
+    summary = api.flips_summary(table)
+    click.echo(f"flip share: notable tokens {summary['notable_flip_share']:.3f} "
+               f"({summary['notable_tokens']} tokens), others {summary['other_flip_share']:.3f}")
+    if output:
+        pq.write_table(table, output)
 
 
 @main.command()

@@ -9,6 +9,8 @@ feature "zebra" (column 7): the method must rank them, and the tokens zebra and 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -160,3 +162,47 @@ def test_bad_tokens_are_refused_with_the_fix(tmp_path):
             rec.examples([0, 1, 2], tokens=torch.zeros(2, 5, dtype=torch.long))
         with pytest.raises(ValueError, match="integer token ids"):
             rec.examples([0, 1], tokens=torch.zeros(2, 5))
+
+
+def test_cli_shifts_named_query_and_ablate(planted_run, tmp_path, monkeypatch):
+    import textwrap
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from attrib.cli.main import main
+
+    (tmp_path / "shift_userdefs.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_outlier_shifts import corpus, inputs_of, model_fn
+        inputs = inputs_of(corpus()[0])
+    """))
+    monkeypatch.chdir(tmp_path)
+    run, feature, runner = str(planted_run.dir), f"0:in:{ZEBRA}", CliRunner()
+    result = runner.invoke(main, ["shifts", run, "--param", "0.weight", "--kind", "input",
+                                  "--top", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[2].split()[0] == feature
+    result = runner.invoke(main, ["shifts", run, "--neuron", feature, "--m", "5", "--r", "3",
+                                  "--c", "2"])
+    assert result.exit_code == 0, result.output
+    enriched = result.output.split("tokens enriched")[1].splitlines()
+    assert [line.split()[2] for line in enriched[3:5]] == ["zebra", "stripes"]
+    result = runner.invoke(main, ["sql", run, "--query", "token_enrichment", "--param",
+                                  f"neuron={feature}", "--param", "m=5", "--param", "r=3",
+                                  "--param", "c=1", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [r["token"] for r in json.loads(result.output)] == ["zebra"]
+    result = runner.invoke(main, ["sql", run, "--query", "token_enrichment", "--param",
+                                  "m=5"])
+    assert result.exit_code != 0 and "needs --param neuron=" in result.output
+    result = runner.invoke(main, ["sql", run, "--query", "top_neurons", "--param", "n=two"])
+    assert result.exit_code != 0 and "n='two' must be int" in result.output
+    result = runner.invoke(main, ["ablate", run, "--neuron", feature, "--model",
+                                  "shift_userdefs:model_fn", "--data", "shift_userdefs:inputs",
+                                  "--m", "5", "--r", "3", "--c", "2"])
+    assert result.exit_code == 0, result.output
+    header, first = result.output.splitlines()[0].split(), result.output.splitlines()[2].split()
+    assert dict(zip(header, first))["token"] == "stripes"
+    assert "flip share: notable tokens" in result.output

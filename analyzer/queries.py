@@ -17,32 +17,40 @@ QUERY_DIR = Path(__file__).with_name("queries")
 _PARAM = re.compile(r"^--\s*param\s+(\w+)\s*=\s*('(?:[^']|'')*'|[-+0-9.eE]+)\s*(.*)$")
 
 # The neuron views (METHODS.md §5): each TopK shift of a linear layer's weight belongs to an
-# output neuron (its row) and an input feature (its column). `{on}` joins shifts to params.
+# output neuron (its row) and an input feature (its column). `neurons` aggregates before it
+# joins and names, and counts distinct examples with HyperLogLog (`approx_examples`, within a
+# few percent): exact distinct counts cost 10x more at 10⁸ rows (benchmarks/shift_queries.py);
+# the neuron_examples query counts one neuron's examples exactly.
+_LINEAR = "p.layer_type = 'Linear' AND len(p.shape) = 2"
 NEURON_VIEWS = {
     "neuron_shifts": """
         SELECT {run}s.step, s.epoch, s.example_id, s.param, p.module, '{kind}' AS kind,
                s.{axis} AS neuron_index, p.module || '{infix}' || s.{axis} AS neuron,
                s.flat_index, s.shift, s.grad
         FROM shifts s JOIN params p ON {on}
-        WHERE p.layer_type = 'Linear' AND len(p.shape) = 2""",
+        WHERE """ + _LINEAR,
     "neurons": """
-        SELECT {run}neuron, module, param, kind, neuron_index, count(*) AS shifts,
-               sum(abs(shift)) AS mass, sum(shift) AS net_shift,
-               count(DISTINCT example_id) AS examples, count(DISTINCT step) AS steps,
-               min(step) AS first_step, max(step) AS last_step
-        FROM neuron_shifts GROUP BY ALL""",
+        SELECT {run}p.module || '{infix}' || s.neuron_index AS neuron, p.module, s.param,
+               '{kind}' AS kind, s.neuron_index, s.shifts, s.mass, s.net_shift,
+               s.approx_examples, s.first_step, s.last_step
+        FROM (SELECT {inner_run}param, {axis} AS neuron_index, count(*) AS shifts,
+                     sum(abs(shift)) AS mass, sum(shift) AS net_shift,
+                     approx_count_distinct(example_id) AS approx_examples,
+                     min(step) AS first_step, max(step) AS last_step
+              FROM shifts GROUP BY ALL) s
+        JOIN params p ON {on}
+        WHERE """ + _LINEAR,
 }
 
 
 def neuron_view_sql(multi_run: bool) -> dict[str, str]:
     """CREATE VIEW bodies of neuron_shifts and neurons (with a `run` column for several runs)."""
-    run = "s.run, " if multi_run else ""
-    on = "s.run = p.run AND s.param = p.name" if multi_run else "s.param = p.name"
-    branches = [NEURON_VIEWS["neuron_shifts"].format(run=run, on=on, kind=kind, axis=axis,
-                                                     infix=infix)
-                for kind, axis, infix in (("output", '"row"', ":"), ("input", "col", ":in:"))]
-    return {"neuron_shifts": "\nUNION ALL".join(branches),
-            "neurons": NEURON_VIEWS["neurons"].format(run="run, " if multi_run else "")}
+    names = {"run": "s.run, " if multi_run else "", "inner_run": "run, " if multi_run else "",
+             "on": "s.run = p.run AND s.param = p.name" if multi_run else "s.param = p.name"}
+    axes = (("output", '"row"', ":"), ("input", "col", ":in:"))
+    return {view: "\nUNION ALL".join(body.format(**names, kind=kind, axis=axis, infix=infix)
+                                      for kind, axis, infix in axes)
+            for view, body in NEURON_VIEWS.items()}
 
 
 @dataclass

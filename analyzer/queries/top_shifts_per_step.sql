@@ -1,9 +1,14 @@
--- The k largest |shift| rows of every step (optionally of matching tensors only).
+-- The k largest |shift| rows of every step (optionally of matching tensors only); ties go to
+-- the smaller example_id, then flat_index.
 -- param k = 10      rows per step
 -- param param = '*' GLOB over tensor names
 SELECT step, epoch, example_id, param, flat_index, "row", col, shift, grad
-FROM shifts
-WHERE param GLOB $param
-QUALIFY row_number() OVER (PARTITION BY step ORDER BY abs(shift) DESC, example_id, flat_index)
-        <= $k
-ORDER BY step, abs(shift) DESC
+FROM (
+    SELECT step, unnest(max_by(struct_pack(epoch, example_id, param, flat_index, "row", col,
+                                           shift, grad), (abs(shift), -example_id, -flat_index), $k),
+                  recursive := true)
+    FROM shifts
+    WHERE param GLOB $param
+    GROUP BY step
+)
+ORDER BY step, abs(shift) DESC, example_id, flat_index

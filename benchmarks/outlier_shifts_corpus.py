@@ -4,8 +4,10 @@ scaled to 2 CPU cores).
 Corpus: the English of Python's own documentation topics (`pydoc_data.topics`, shipped with
 every CPython), lower-cased words and punctuation, words seen once → <unk>, cut into 35-token
 examples. Model: a 2-layer causal transformer LM (d 64, 4 heads, feed-forward 128, dropout 0.2),
-SGD lr 5.0 with StepLR γ 0.95 per epoch, gradient clipping at norm 0.5, batch 20, as in the
-original study. Recorder: TopK(1000) over the feed-forward weights (embeddings, attention and
+StepLR γ 0.95 per epoch, gradient clipping at norm 0.5, batch 20, as in the original study, but
+AdamW (lr 3e-3) instead of its SGD lr 5.0: at this scale SGD lr 5.0 did not learn in 3 epochs
+(loss 5.33, one token predicted everywhere; AdamW: loss 4.12, 32 distinct predictions).
+Recorder: TopK(1000) over the feed-forward weights (embeddings, attention and
 unembedding excluded), tokens kept per example. Then: the top feed-forward neurons by outlier
 shift count, each one's enriched tokens (m, r, c knobs) and a zero-weight ablation over 400
 training examples: per token, the share of predictions that flip, notable tokens vs the rest.
@@ -59,8 +61,9 @@ class LanguageModel(torch.nn.Module):
         layer = torch.nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.2, batch_first=True)
         self.body = torch.nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
         self.head = torch.nn.Linear(D, vocab)
-        for p in self.parameters():
-            torch.nn.init.uniform_(p, -0.1, 0.1)
+        for embedding in (self.embed.weight, self.head.weight):  # the study's initialisation
+            torch.nn.init.uniform_(embedding, -0.1, 0.1)
+        torch.nn.init.zeros_(self.head.bias)
         self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(CONTEXT))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -71,7 +74,7 @@ class LanguageModel(torch.nn.Module):
 
 def train(path: str, rows: torch.Tensor, vocabulary: list[str], epochs: int) -> float:
     model = LanguageModel(len(vocabulary))
-    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.95)
     g = torch.Generator().manual_seed(1)
     capture = attrib.TopK(1000, params=("*linear*",))

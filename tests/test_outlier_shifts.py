@@ -115,6 +115,7 @@ def test_planted_examples_and_tokens_rank_first(planted_run):
     assert len(rows) > 20 and np.isin(rows, planted).all()
     top = attrib.analyze.neuron_examples(planted_run, feature, n=10)
     assert np.isin(top["example_id"].to_numpy(), planted).all()
+    assert all(text.startswith("zebra zebra zebra ") for text in top["text"].to_pylist())
     inputs = attrib.analyze.top_neurons(planted_run, param="0.weight", kind="input", n=3)
     assert inputs["neuron"][0].as_py() == feature
     enrichment = attrib.analyze.token_enrichment(planted_run, feature, m=5, r=3, c=2)

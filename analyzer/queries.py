@@ -43,6 +43,15 @@ NEURON_VIEWS = {
 }
 
 
+# neuron_rows('MODULE:INDEX' | 'MODULE:in:INDEX'): the neuron_shifts rows of one neuron.
+NEURON_ROWS_MACRO = """
+    CREATE MACRO neuron_rows(name) AS TABLE
+    SELECT * FROM neuron_shifts
+    WHERE module = split_part(name, ':', 1)
+      AND kind = CASE WHEN name LIKE '%:in:%' THEN 'input' ELSE 'output' END
+      AND neuron_index = TRY_CAST(split_part(name, ':', -1) AS BIGINT)"""
+
+
 def neuron_view_sql(multi_run: bool) -> dict[str, str]:
     """CREATE VIEW bodies of neuron_shifts and neurons (with a `run` column for several runs)."""
     names = {"run": "s.run, " if multi_run else "", "inner_run": "run, " if multi_run else "",

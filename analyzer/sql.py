@@ -66,7 +66,7 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
     `tokens`, unions the two), and the neuron views `neuron_shifts` and `neurons`. With several
     runs each view gains a leading `run` column (the run directory's name).
     """
-    from attrib.analyzer.queries import neuron_view_sql
+    from attrib.analyzer.queries import NEURON_ROWS_MACRO, neuron_view_sql
     from attrib.analyzer.results import result_files
 
     con = duckdb.connect()
@@ -91,6 +91,7 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
         con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
     for view, body in neuron_view_sql(len(runs) > 1).items():
         con.execute(f"CREATE VIEW {view} AS {body}")
+    con.execute(NEURON_ROWS_MACRO)
     return con
 
 

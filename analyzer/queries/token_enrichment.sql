@@ -8,10 +8,7 @@
 -- param c = 5        tokens returned, by attributed count
 WITH attributed AS (
     SELECT DISTINCT step, example_id
-    FROM neuron_shifts
-    WHERE module = split_part($neuron, ':', 1)
-      AND kind = CASE WHEN $neuron LIKE '%:in:%' THEN 'input' ELSE 'output' END
-      AND neuron_index = TRY_CAST(split_part($neuron, ':', -1) AS BIGINT)
+    FROM neuron_rows($neuron)
 ),
 attributed_tokens AS (
     SELECT t.token_id, count(*) AS attributed_count

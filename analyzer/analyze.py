@@ -1,6 +1,7 @@
 """`attrib.analyze`: the analyses over a recorded run, one function each."""
 
 from attrib.analyzer.checkpoint_methods import grad_cos, grad_dot, tracin
+from attrib.analyzer.influence_function import InfluenceResult, influence
 from attrib.analyzer.linear_response import LinearResponseResult, linear_response
 from attrib.analyzer.path_kernel import PathKernelResult, path_kernel, quadrature_rule
 from attrib.analyzer.results import save
@@ -12,8 +13,9 @@ from attrib.analyzer.shifts import (
                                     top_neurons,
 )
 from attrib.analyzer.stages import StageReport, agreement, stage_report, stages
+from attrib.analyzer.trak import trak
 
-__all__ = ["LinearResponseResult", "PathKernelResult", "StageReport", "ablate", "agreement",
-           "grad_cos", "grad_dot", "linear_response", "neuron_examples", "path_kernel",
-           "quadrature_rule", "save", "save_tokens", "stage_report", "stages",
-           "token_enrichment", "top_neurons", "tracin"]
+__all__ = ["InfluenceResult", "LinearResponseResult", "PathKernelResult", "StageReport", "ablate",
+           "agreement", "grad_cos", "grad_dot", "influence", "linear_response",
+           "neuron_examples", "path_kernel", "quadrature_rule", "save", "save_tokens",
+           "stage_report", "stages", "token_enrichment", "top_neurons", "tracin", "trak"]

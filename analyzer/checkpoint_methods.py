@@ -23,7 +23,7 @@ SCORES = pa.schema([pa.field("test_id", pa.int32()), pa.field("example_id", pa.i
                     pa.field("value", pa.float64())])
 
 
-def _features(model, params, inputs, labels, target, k: int | None, seed: int, kind: str,
+def features(model, params, inputs, labels, target, k: int | None, seed: int, kind: str,
               shapes: dict[str, tuple[int, ...]]) -> torch.Tensor:
     """(n, P) flattened gradients, or (n, Σ k) projected per parameter tensor."""
     grads = targets.gradients(model, params, inputs, labels, target)
@@ -55,16 +55,21 @@ def checkpoint_scores(run: Run, model_fn: Callable[[], torch.nn.Module], train_s
     for index, weight in tqdm(list(zip(checkpoints, weights)), disable=not progress,
                               desc="checkpoint gradients", unit="checkpoint"):
         params = {n: v.to(dtype) for n, v in run.checkpoint(index).items()}
-        test_features = _features(model, params, test_x, test_y, target, k, seed, kind, shapes)
+        test_features = features(model, params, test_x, test_y, target, k, seed, kind, shapes)
         if cosine:
             test_features = torch.nn.functional.normalize(test_features, dim=1)
         for start in range(0, len(train_y), batch_size):
             stop = start + batch_size
-            train_features = _features(model, params, train_x[start:stop], train_y[start:stop],
+            train_features = features(model, params, train_x[start:stop], train_y[start:stop],
                                        loss, k, seed, kind, shapes)
             if cosine:
                 train_features = torch.nn.functional.normalize(train_features, dim=1)
             scores[:, start:stop] += weight * test_features @ train_features.T
+    return score_table(scores)
+
+
+def score_table(scores: torch.Tensor) -> pa.Table:
+    """A (test points, training examples) matrix as the long (test_id, example_id, value)."""
     n_test, n_train = scores.shape
     return pa.table({"test_id": np.repeat(np.arange(n_test, dtype=np.int32), n_train),
                      "example_id": np.tile(np.arange(n_train, dtype=np.int64), n_test),
@@ -75,7 +80,7 @@ def tracin(run: Run, model_fn, train_set, test_set, target: targets.Target = "lo
            checkpoints: str | list[int] = "all", **options) -> pa.Table:
     """TracIn-CP: Σ_c η_c ∇f(x; θ_c) · ∇ℓ_i(θ_c) over the run's checkpoints ("all",
     "last:K", or a list of checkpoint indices); η_c is the learning rate at step c (group 0)."""
-    indices = _choose(run, checkpoints)
+    indices = choose_checkpoints(run, checkpoints)
     lr = run.hparams()["lr"][:, 0]
     steps = run.checkpoint_steps
     weights = [float(lr[min(steps[i], run.n_steps - 1)]) for i in indices]
@@ -97,7 +102,7 @@ def grad_cos(run: Run, model_fn, train_set, test_set, target: targets.Target = "
                              [1.0], target, cosine=True, **options)
 
 
-def _choose(run: Run, checkpoints: str | list[int]) -> list[int]:
+def choose_checkpoints(run: Run, checkpoints: str | list[int]) -> list[int]:
     count = len(run.checkpoint_steps)
     if checkpoints == "all":
         return list(range(count))

@@ -1,0 +1,83 @@
+"""TRAK (Park et al. 2023; METHODS.md §3) over checkpoints of one recorded run.
+
+Per checkpoint c: features φ_i = R ∇m_i(θ_c) of the margin m (log-odds of the correct class),
+projected with the recorder's own projections (same seed, kind and per-tensor k, so they equal
+the stored Project features of the same gradients); the kernel part
+K_c(x, i) = φ(x)ᵀ (ΦᵀΦ + λI)⁻¹ φ_i, solved once per checkpoint by Cholesky, in the k × k primal
+or, when there are fewer training examples than features, the n × n dual
+(φ(x)ᵀ Φᵀ (ΦΦᵀ + λI)⁻¹ φ_i: the same number). As in the TRAK library, the ensemble averages the
+kernel part over checkpoints and multiplies by the average of Q_i = 1 − p_i (p_i the probability
+of example i's correct class): τ(x)_i = mean_c K_c(x, i) · mean_c Q_c,i.
+τ(x)_i is a contribution: the predicted change of x's margin from training on example i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from attrib.analyzer import targets
+from attrib.analyzer.checkpoint_methods import choose_checkpoints, features, score_table
+from attrib.analyzer.run import Run
+
+
+def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
+         checkpoints: str | list[int] = "last:5", k: int | None = 2048, seed: int = 0,
+         kind: str = "kron", damping: float = 0.0, batch_size: int = 256,
+         dtype: torch.dtype = torch.float64, progress: bool = True) -> pa.Table:
+    """TRAK scores (test_id, example_id, value) for every test point and training example.
+
+    `checkpoints`: "all", "last:K" or indices of the run's stored checkpoints; `k`: projection
+    size per tensor (None: exact gradients); `damping`: λ added to the kernel's diagonal (raise
+    it when the solve reports a singular kernel).
+    """
+    indices = choose_checkpoints(run, checkpoints)
+    model = model_fn().to(dtype).eval()
+    test_x, test_y = targets.test_tensors(test_set)
+    train_x, train_y = targets.test_tensors(train_set)
+    if test_x.is_floating_point():
+        test_x, train_x = test_x.to(dtype), train_x.to(dtype)
+    shapes = dict(zip(run.param_names, map(tuple, run.params.column("shape").to_pylist())))
+    kernel = torch.zeros(len(test_y), len(train_y), dtype=dtype)
+    q = torch.zeros(len(train_y), dtype=dtype)
+    for index in tqdm(indices, disable=not progress, desc="TRAK checkpoints", unit="checkpoint"):
+        params = {n: v.to(dtype) for n, v in run.checkpoint(index).items()}
+
+        def phi(x, y, params=params):
+            return features(model, params, x, y, "margin", k, seed, kind, shapes)
+
+        train_features = torch.cat([phi(train_x[i: i + batch_size], train_y[i: i + batch_size])
+                                    for i in range(0, len(train_y), batch_size)])
+        kernel += solve_kernel(phi(test_x, test_y), train_features, damping) / len(indices)
+        with torch.no_grad():
+            q += (1 - _correct_probability(model, params, train_x, train_y, batch_size)) \
+                / len(indices)
+    return score_table(kernel * q)
+
+
+def solve_kernel(test: torch.Tensor, train: torch.Tensor, damping: float) -> torch.Tensor:
+    """φ(x)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ for test rows `test` (m, k) and training rows `train` (n, k)."""
+    n, k = train.shape
+    dual = n < k
+    gram = train @ train.T if dual else train.T @ train
+    gram = gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        raise ValueError(f"the TRAK kernel ({'ΦΦᵀ' if dual else 'ΦᵀΦ'}, {gram.shape[0]}×"
+                         f"{gram.shape[0]}) is singular: pass damping > 0 (e.g. 1e-3 times its "
+                         f"mean diagonal, {float(gram.diagonal().mean()):.3g})")
+    if dual:  # (ΦᵀΦ + λI)⁻¹ Φᵀ = Φᵀ (ΦΦᵀ + λI)⁻¹
+        return torch.cholesky_solve((test @ train.T).T, factor).T
+    return torch.cholesky_solve(test.T, factor).T @ train.T
+
+
+def _correct_probability(model, params, inputs, labels, batch_size: int) -> torch.Tensor:
+    from torch.func import functional_call
+
+    out = [functional_call(model, params, (inputs[i: i + batch_size],), strict=False)
+           .softmax(-1).gather(1, labels[i: i + batch_size, None]).squeeze(1)
+           for i in range(0, len(labels), batch_size)]
+    return torch.cat(out)

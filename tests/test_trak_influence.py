@@ -1,0 +1,134 @@
+"""TRAK and the Gauss–Newton influence function against explicit float64 linear algebra:
+per-example gradients by autograd one example at a time, the kernel and the GGN formed as
+matrices and solved directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import OPTIMIZERS, data, mlp, train
+from torch.func import functional_call
+
+import attrib
+from attrib.analyzer.trak import solve_kernel
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    model = mlp()
+    path = tmp_path_factory.mktemp("trak") / "run"
+    train(path, model, OPTIMIZERS["sgd_nesterov"](model.parameters()), steps=30)
+    return attrib.open_run(path)
+
+
+def per_example(theta, x, y, f):
+    """Rows ∇f(x_j; θ) by plain autograd, one example at a time (float64)."""
+    net = mlp().double()
+    params = {k: v.double().clone().requires_grad_(True) for k, v in theta.items()}
+    rows = []
+    for xi, yi in zip(x.double(), y):
+        out = functional_call(net, params, (xi[None],))
+        value = f(out, yi[None])
+        grads = torch.autograd.grad(value, list(params.values()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def margin(out, y):
+    others = out.clone()
+    others[0, y] = -torch.inf
+    return out[0, y] - others.logsumexp(1)[0]
+
+
+def as_matrix(table, n_test, n_train):
+    table = table.sort_by([("test_id", "ascending"), ("example_id", "ascending")])
+    return table["value"].to_numpy().reshape(n_test, n_train)
+
+
+@pytest.mark.parametrize("n_train", [40, 200])  # below / above the 227 parameters: dual, primal
+def test_trak_equals_the_explicit_formula(recorded, n_train):
+    x, y = data()
+    train_set, test_set = (x[:n_train], y[:n_train]), (x[200:206] * 1.1, y[200:206])
+    damping = 1e-2
+    kernel, q = 0, 0
+    indices = [1, 2, 3]
+    for index in indices:
+        theta = recorded.checkpoint(index)
+        phi = per_example(theta, *train_set, margin)
+        phi_x = per_example(theta, *test_set, margin)
+        gram = phi.T @ phi + damping * torch.eye(phi.shape[1], dtype=torch.float64)
+        kernel = kernel + phi_x @ torch.linalg.solve(gram, phi.T) / len(indices)
+        with torch.no_grad():
+            net, params = mlp().double(), {k: v.double() for k, v in theta.items()}
+            p = F.softmax(functional_call(net, params, (x[:n_train].double(),)), -1)
+        q = q + (1 - p.gather(1, train_set[1][:, None]).squeeze(1)) / len(indices)
+    got = attrib.analyze.trak(recorded, mlp, train_set, test_set, checkpoints=indices, k=None,
+                              damping=damping, progress=False)
+    np.testing.assert_allclose(as_matrix(got, 6, n_train), (kernel * q).numpy(), rtol=1e-7,
+                               atol=1e-12)
+
+
+def test_projected_trak_is_the_formula_on_the_recorders_projection(recorded):
+    x, y = data()
+    train_set, test_set = (x[:60], y[:60]), (x[200:204], y[200:204])
+    theta = recorded.checkpoint(3)
+    shapes = {k: tuple(v.shape) for k, v in theta.items()}
+
+    def projected(rows):  # the recorder's projection of each tensor (stored in full if small)
+        parts = rows.split([int(np.prod(s)) for s in shapes.values()], dim=1)
+        return torch.cat([attrib.project(part, shape, "kron", 64, 5, name)
+                          if np.prod(shape) > 64 else part
+                          for part, (name, shape) in zip(parts, shapes.items())], dim=1)
+
+    phi = projected(per_example(theta, *train_set, margin))
+    phi_x = projected(per_example(theta, *test_set, margin))
+    kernel = phi_x @ torch.linalg.solve(phi.T @ phi + 1e-2 * torch.eye(phi.shape[1],
+                                                                      dtype=torch.float64), phi.T)
+    with torch.no_grad():
+        p = F.softmax(functional_call(mlp().double(), {k: v.double() for k, v in theta.items()},
+                                      (train_set[0].double(),)), -1)
+    q = 1 - p.gather(1, train_set[1][:, None]).squeeze(1)
+    got = attrib.analyze.trak(recorded, mlp, train_set, test_set, checkpoints=[3], k=64, seed=5,
+                              damping=1e-2, progress=False)
+    assert phi.shape[1] < 227  # really projected
+    np.testing.assert_allclose(as_matrix(got, 4, 60), (kernel * q).numpy(), rtol=1e-6,
+                               atol=1e-12)
+
+
+def test_singular_kernel_asks_for_damping():
+    phi = torch.ones(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="pass damping > 0"):
+        solve_kernel(phi[:1], phi, 0.0)
+
+
+def test_influence_equals_a_direct_solve_with_the_explicit_gauss_newton(recorded):
+    x, y = data()
+    train_set, test_set = (x[:80], y[:80]), (x[200:205], y[200:205])
+    theta = recorded.reconstruct(recorded.n_steps)
+    net = mlp().double()
+    params = {k: v.double() for k, v in theta.items()}
+    flat = torch.cat([v.reshape(-1) for v in params.values()])
+    sizes = [v.numel() for v in params.values()]
+
+    def logits(vector, xi):
+        parts = dict(zip(params, (p.reshape(v.shape) for p, v in
+                                  zip(vector.split(sizes), params.values()))))
+        return functional_call(net, parts, (xi[None].double(),))[0]
+
+    ggn = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for xi in train_set[0]:
+        jac = torch.autograd.functional.jacobian(lambda v, xi=xi: logits(v, xi), flat)
+        p = logits(flat, xi).softmax(-1)
+        ggn += jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac / len(train_set[1])
+    damping = 1e-2
+    test_grads = per_example(theta, *test_set, lambda o, t: F.cross_entropy(o, t))
+    train_grads = per_example(theta, *train_set, lambda o, t: F.cross_entropy(o, t))
+    expected = torch.linalg.solve(ggn + damping * torch.eye(len(flat), dtype=torch.float64),
+                                  test_grads.T).T @ train_grads.T
+    result = attrib.analyze.influence(recorded, mlp, train_set, test_set, damping=damping,
+                                      tol=1e-12, progress=False)
+    assert result.residuals[-1] < 1e-10 and len(result.residuals) < 200
+    np.testing.assert_allclose(as_matrix(result.scores, 5, 80), expected.numpy(), rtol=1e-6,
+                               atol=1e-9)

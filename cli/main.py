@@ -115,7 +115,7 @@ def _emit(table, out_format: str, output: str | None, max_rows: int) -> None:
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--method", type=click.Choice(["path-kernel", "linear-response", "tracin",
-                                            "grad-dot", "grad-cos"]),
+                                            "grad-dot", "grad-cos", "trak", "influence"]),
               default="path-kernel", show_default=True)
 @click.option("--model", "model_ref", required=True,
               help="PKG.MOD:FACTORY that builds the architecture (parameters come from RUN).")
@@ -138,14 +138,18 @@ def _emit(table, out_format: str, output: str | None, max_rows: int) -> None:
 @click.option("--stride", type=int, help="Steps per integration segment (path-kernel).")
 @click.option("--similarity", is_flag=True,
               help="Also the per-layer similarity of test points (path-kernel).")
-@click.option("--k", type=int, help="Project gradients to k per tensor (checkpoint methods).")
-@click.option("--checkpoints", default="all", show_default=True, help="tracin: all or last:K.")
+@click.option("--k", type=int, help="Project gradients to k per tensor (checkpoint methods; "
+              "trak default 2048).")
+@click.option("--checkpoints", help="tracin, trak: all or last:K (default: all for tracin, "
+              "last:5 for trak).")
+@click.option("--damping", type=float, help="λ added to the kernel (trak, default 0) or to the "
+              "Gauss-Newton matrix (influence, default 1e-3).")
 @click.option("--name", help="Where to store it: RUN/analysis/NAME (default: the method).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str | None,
             loss_ref: str | None, accumulation: str, target: str, by: str, quadrature: str,
-            stride: int | None, similarity: bool, k: int | None, checkpoints: str,
-            name: str | None, quiet: bool) -> None:
+            stride: int | None, similarity: bool, k: int | None, checkpoints: str | None,
+            damping: float | None, name: str | None, quiet: bool) -> None:
     """Attribute f on a test set to RUN's training data; store the result in RUN/analysis/.
 
     Afterwards every result is a SQL view: attrib sql RUN "SELECT * FROM influence ..."
@@ -186,10 +190,28 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
             tables["similarity"] = result.similarity
         parameters.update(by=list(axes), quadrature=quadrature, stride=stride,
                           similarity=similarity)
+    elif method == "trak":
+        options = {"checkpoints": checkpoints or "last:5", "damping": damping or 0.0}
+        if k is not None:
+            options["k"] = k
+        try:
+            tables = {"influence": api.trak(recorded, model_fn, load_data(train_ref), test_set,
+                                            progress=not quiet, **options)}
+        except ValueError as e:
+            _fail(str(e))
+        parameters.update(train=train_ref, target="margin", **options)
+    elif method == "influence":
+        result = api.influence(recorded, model_fn, load_data(train_ref), test_set,
+                               target=target, damping=1e-3 if damping is None else damping,
+                               progress=not quiet)
+        tables = {"influence": result.scores}
+        parameters.update(train=train_ref, damping=damping,
+                          cg_iterations=len(result.residuals),
+                          cg_residual=result.residuals[-1] if result.residuals else None)
     else:
         options = {"k": k, "progress": not quiet}
         if method == "tracin":
-            options["checkpoints"] = checkpoints
+            options["checkpoints"] = checkpoints or "all"
         function = {"tracin": api.tracin, "grad-dot": api.grad_dot, "grad-cos": api.grad_cos}
         tables = {"influence": function[method](recorded, model_fn, load_data(train_ref),
                                                 test_set, target=target, **options)}

@@ -132,3 +132,41 @@ def test_influence_equals_a_direct_solve_with_the_explicit_gauss_newton(recorded
     assert result.residuals[-1] < 1e-10 and len(result.residuals) < 200
     np.testing.assert_allclose(as_matrix(result.scores, 5, 80), expected.numpy(), rtol=1e-6,
                                atol=1e-9)
+
+
+def test_analyze_cli_trak_and_influence_store_their_scores(recorded, tmp_path, monkeypatch):
+    import textwrap
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from attrib.cli.main import main
+
+    (tmp_path / "trak_userdefs.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import data, mlp
+        test_set = (data()[0][:3] + 0.1, data()[1][:3])
+        train_set = (data()[0][:50], data()[1][:50])
+    """))
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", "trak_userdefs:mlp", "--data", "trak_userdefs:test_set", "--train",
+              "trak_userdefs:train_set", "--quiet"]
+    runner = CliRunner()
+    for method, extra in (("trak", ["--k", "32", "--checkpoints", "last:2"]),
+                          ("influence", ["--damping", "0.01"])):
+        result = runner.invoke(main, ["analyze", str(recorded.dir), "--method", method,
+                                      *common, *extra])
+        assert result.exit_code == 0, result.output
+    counts = attrib.sql(recorded, "SELECT method, count(*) AS n FROM influence WHERE method IN "
+                                  "('trak', 'influence') GROUP BY 1 ORDER BY 1").to_pylist()
+    assert counts == [{"method": "influence", "n": 150}, {"method": "trak", "n": 150}]
+    expected = attrib.analyze.trak(recorded, mlp, (data()[0][:50], data()[1][:50]),
+                                   (data()[0][:3] + 0.1, data()[1][:3]), k=32,
+                                   checkpoints="last:2", progress=False)
+    stored = attrib.sql(recorded, "SELECT value FROM influence WHERE method = 'trak' "
+                                  "ORDER BY test_id, example_id")["value"].to_numpy()
+    np.testing.assert_allclose(stored, as_matrix(expected, 3, 50).ravel())
+    singular = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "trak", *common,
+                                    "--k", "2048", "--name", "singular", "--damping", "0"])
+    assert singular.exit_code == 0, singular.output  # fewer examples than features: dual solve

@@ -69,11 +69,14 @@ def checkpoint_scores(run: Run, model_fn: Callable[[], torch.nn.Module], train_s
 
 
 def score_table(scores: torch.Tensor) -> pa.Table:
-    """A (test points, training examples) matrix as the long (test_id, example_id, value)."""
+    """A (test points, training examples) matrix as the long (test_id, example_id, value).
+    The values are copied: a table sharing a tensor's memory breaks when torch moves that
+    memory (e.g. into shared memory when the tensor is sent to a worker process)."""
     n_test, n_train = scores.shape
     return pa.table({"test_id": np.repeat(np.arange(n_test, dtype=np.int32), n_train),
                      "example_id": np.tile(np.arange(n_train, dtype=np.int64), n_test),
-                     "value": scores.reshape(-1).cpu().numpy()}, schema=SCORES)
+                     "value": scores.detach().reshape(-1).cpu().numpy().copy()},
+                    schema=SCORES)
 
 
 def tracin(run: Run, model_fn, train_set, test_set, target: targets.Target = "loss",

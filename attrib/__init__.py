@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from attrib.analyzer import analyze
+from attrib.analyzer import analyze, evaluate
 from attrib.analyzer.run import Run, open_run
 from attrib.analyzer.sql import sql
 from attrib.recorder import Codec, Recorder, RecordingError
@@ -10,4 +10,4 @@ from attrib.recorder.policies import Full, Project, TopK
 from attrib.schemas.projection import project
 
 __all__ = ["Codec", "Full", "Project", "Recorder", "RecordingError", "Run", "TopK",
-           "__version__", "analyze", "open_run", "project", "sql"]
+           "__version__", "analyze", "evaluate", "open_run", "project", "sql"]

@@ -9,10 +9,17 @@ or, when there are fewer training examples than features, the n × n dual
 kernel part over checkpoints and multiplies by the average of Q_i = 1 − p_i (p_i the probability
 of example i's correct class): τ(x)_i = mean_c K_c(x, i) · mean_c Q_c,i.
 τ(x)_i is a contribution: the predicted change of x's margin from training on example i.
+
+Stored features: when the run projected per-example gradients with the same (k, seed, kind)
+and a checkpoint's step saw every training example once (full-batch training), its stored rows
+R c_{s,i} are the features up to a known factor: c_{s,i} = w ∇ℓ_i and, for cross-entropy,
+∇ℓ_i = −(1 − p_i) ∇m_i. The loss weight w (1/batch for a mean) is fitted on a few examples
+whose features are computed; the training set's gradients are then never recomputed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -27,12 +34,14 @@ from attrib.analyzer.run import Run
 def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
          checkpoints: str | list[int] = "last:5", k: int | None = 2048, seed: int = 0,
          kind: str = "kron", damping: float = 0.0, batch_size: int = 256,
-         dtype: torch.dtype = torch.float64, progress: bool = True) -> pa.Table:
+         dtype: torch.dtype = torch.float64, use_stored: bool = True,
+         progress: bool = True) -> pa.Table:
     """TRAK scores (test_id, example_id, value) for every test point and training example.
 
     `checkpoints`: "all", "last:K" or indices of the run's stored checkpoints; `k`: projection
     size per tensor (None: exact gradients); `damping`: λ added to the kernel's diagonal (raise
-    it when the solve reports a singular kernel).
+    it when the solve reports a singular kernel); `use_stored`: take the training features
+    from the run's stored projections where they match (see the module docstring).
     """
     indices = choose_checkpoints(run, checkpoints)
     model = model_fn().to(dtype).eval()
@@ -49,13 +58,54 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
         def phi(x, y, params=params):
             return features(model, params, x, y, "margin", k, seed, kind, shapes)
 
-        train_features = torch.cat([phi(train_x[i: i + batch_size], train_y[i: i + batch_size])
-                                    for i in range(0, len(train_y), batch_size)])
-        kernel += solve_kernel(phi(test_x, test_y), train_features, damping) / len(indices)
         with torch.no_grad():
-            q += (1 - _correct_probability(model, params, train_x, train_y, batch_size)) \
-                / len(indices)
+            p = _correct_probability(model, params, train_x, train_y, batch_size)
+        stored = stored_features(run, index, len(train_y), k, seed, kind) if use_stored \
+            else None
+        train_features = (from_stored(stored, p, phi(train_x[:4], train_y[:4]))
+                          if stored is not None else None)
+        if train_features is None:
+            train_features = torch.cat([phi(train_x[i: i + batch_size],
+                                            train_y[i: i + batch_size])
+                                        for i in range(0, len(train_y), batch_size)])
+        kernel += solve_kernel(phi(test_x, test_y), train_features, damping) / len(indices)
+        q += (1 - p) / len(indices)
     return score_table(kernel * q)
+
+
+def stored_features(run: Run, index: int, n_train: int, k: int | None, seed: int,
+                    kind: str) -> torch.Tensor | None:
+    """The stored projected contributions of checkpoint `index`'s step, rows in example-id
+    order, when they are TRAK's features up to scale; else None."""
+    step = run.checkpoint_steps[index]
+    if k is None or step >= run.n_steps:
+        return None
+    shapes = dict(zip(run.param_names, map(tuple, run.params.column("shape").to_pylist())))
+    for name, shape in shapes.items():
+        capture = run.capture.get(name, {})
+        if math.prod(shape) > k and capture.get("project") != {"k": k, "seed": seed,
+                                                               "kind": kind}:
+            return None
+        if math.prod(shape) <= k and "full" not in capture and "project" not in capture:
+            return None
+    ids, rows = run.contributions(step)
+    if len(ids) != n_train or not torch.equal(ids.sort().values, torch.arange(n_train)):
+        return None
+    order = ids.argsort()
+    return torch.cat([rows[name].reshape(len(ids), -1) for name in shapes], dim=1)[order]
+
+
+def from_stored(stored: torch.Tensor, p: torch.Tensor, computed: torch.Tensor
+                ) -> torch.Tensor | None:
+    """φ_i = −R c_i / (w (1 − p_i)), w fitted on the first rows whose φ is `computed`;
+    None when the stored rows are not proportional to the computed ones (another loss)."""
+    stored = stored.to(computed.dtype)
+    scaled = -stored[: len(computed)] / (1 - p[: len(computed), None])
+    w = (scaled * computed).sum() / (computed * computed).sum()
+    if not torch.isfinite(w) or w == 0 or \
+            (scaled - w * computed).norm() > 1e-3 * scaled.norm():
+        return None
+    return -stored / (w * (1 - p[:, None]))
 
 
 def solve_kernel(test: torch.Tensor, train: torch.Tensor, damping: float) -> torch.Tensor:

@@ -170,3 +170,40 @@ def test_analyze_cli_trak_and_influence_store_their_scores(recorded, tmp_path, m
     singular = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "trak", *common,
                                     "--k", "2048", "--name", "singular", "--damping", "0"])
     assert singular.exit_code == 0, singular.output  # fewer examples than features: dual solve
+
+
+def test_trak_reads_stored_projections_of_a_full_batch_run(tmp_path, recorded):
+    from attrib.analyzer.checkpoint_methods import features
+    from attrib.analyzer.trak import from_stored, stored_features
+
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attrib.Recorder(tmp_path / "full", model, opt, capture=attrib.Project(32, seed=5),
+                         checkpoint_every=5) as rec:
+        for _ in range(12):
+            rec.examples(torch.arange(len(y)))
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(tmp_path / "full")
+    rows = stored_features(run, 1, len(y), 32, 5, "kron")
+    assert rows is not None
+    theta = run.checkpoint(1)
+    p = F.softmax(functional_call(mlp(), theta, (x,)), -1)
+    p = p.gather(1, y[:, None]).squeeze(1).detach().double()
+    shapes = {k: tuple(v.shape) for k, v in theta.items()}
+    phi = features(mlp().double().eval(), {k: v.double() for k, v in theta.items()},
+                   x.double(), y, "margin", 32, 5, "kron", shapes)
+    rebuilt = from_stored(rows, p, phi[:4])
+    assert rebuilt is not None  # the stored rows are used, not recomputed
+    np.testing.assert_allclose(rebuilt.numpy(), phi.numpy(), rtol=1e-3, atol=1e-5)
+    assert stored_features(run, 1, len(y), 32, 6, "kron") is None  # another seed
+    assert stored_features(recorded, 1, len(y), 32, 0, "kron") is None  # mini-batches
+    test_set = (x[:5] + 0.1, y[:5])
+    options = dict(checkpoints=[0, 1, 2], k=32, seed=5, damping=1e-3, progress=False)
+    stored = attrib.analyze.trak(run, mlp, (x, y), test_set, **options)
+    computed = attrib.analyze.trak(run, mlp, (x, y), test_set, use_stored=False, **options)
+    np.testing.assert_allclose(as_matrix(stored, 5, len(y)), as_matrix(computed, 5, len(y)),
+                               rtol=1e-3, atol=1e-6 * np.abs(as_matrix(computed, 5,
+                                                                      len(y))).max())

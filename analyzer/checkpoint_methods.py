@@ -46,11 +46,9 @@ def checkpoint_scores(run: Run, model_fn: Callable[[], torch.nn.Module], train_s
     `train_set[i]` must be the example with example_id i, as recorded by `rec.examples`.
     """
     model = model_fn().to(dtype).eval()
-    test_x, test_y = targets.test_tensors(test_set)
-    train_x, train_y = targets.test_tensors(train_set)
-    if test_x.is_floating_point():
-        test_x, train_x = test_x.to(dtype), train_x.to(dtype)
-    shapes = dict(zip(run.param_names, map(tuple, run.params.column("shape").to_pylist())))
+    test_x, test_y = targets.as_tensors(test_set, dtype)
+    train_x, train_y = targets.as_tensors(train_set, dtype)
+    shapes = run.param_shapes
     scores = torch.zeros(len(test_y), len(train_y), dtype=dtype)
     for index, weight in tqdm(list(zip(checkpoints, weights)), disable=not progress,
                               desc="checkpoint gradients", unit="checkpoint"):

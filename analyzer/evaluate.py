@@ -206,10 +206,8 @@ def further_training(run: Run, model_fn: Callable[[], torch.nn.Module], train_se
     `examples`: how many to sample (or which ids); `lr`: default a tenth of the last recorded
     learning rate; `batch_size`: default the recorded examples per step.
     """
-    train_x, train_y = targets.test_tensors(train_set)
-    test_x, test_y = targets.test_tensors(test_set)
-    if train_x.is_floating_point():
-        train_x, test_x = train_x.to(dtype), test_x.to(dtype)
+    train_x, train_y = targets.as_tensors(train_set, dtype)
+    test_x, test_y = targets.as_tensors(test_set, dtype)
     n = len(train_y)
     ids = (np.asarray(examples) if not np.isscalar(examples) else
            np.sort(np.random.default_rng(seed).choice(n, int(examples), replace=False)))

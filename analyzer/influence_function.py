@@ -39,10 +39,8 @@ def influence(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test
     """Influence of every training example on every test point at the run's final θ."""
     model = model_fn().to(dtype).eval()
     params = {n: v.to(dtype) for n, v in run.reconstruct(run.n_steps).items()}
-    test_x, test_y = targets.test_tensors(test_set)
-    train_x, train_y = targets.test_tensors(train_set)
-    if test_x.is_floating_point():
-        test_x, train_x = test_x.to(dtype), train_x.to(dtype)
+    test_x, test_y = targets.as_tensors(test_set, dtype)
+    train_x, train_y = targets.as_tensors(train_set, dtype)
     rhs = _flat(targets.gradients(model, params, test_x, test_y, target))
     ggn = GaussNewton(model, params, train_x, train_y, batch_size)
     solution, residuals = conjugate_gradients(lambda v: ggn(v) + damping * v, rhs, max_iter,

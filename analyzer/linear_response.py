@@ -107,9 +107,7 @@ def _linear_response(run, model_fn, train_set, test_set, target, stages, by, los
                               accumulation, dtype)
     check_gradients(run, batches, sorted({0, run.n_steps // 2, run.n_steps - 1}))
     model = model_fn().to(dtype).eval()
-    inputs, labels = targets.test_tensors(test_set)
-    if inputs.is_floating_point():
-        inputs = inputs.to(dtype)
+    inputs, labels = targets.as_tensors(test_set, dtype)
     theta_n = {n: t.to(dtype) for n, t in run.reconstruct(run.n_steps).items()}
     with torch.no_grad():
         f_final = targets.evaluate(model, theta_n, inputs, labels, target).cpu().numpy()
@@ -144,7 +142,7 @@ class _Sweep:
         self.a_v = {n: torch.zeros_like(a) for n, a in adjoint.items()} if self.adam else {}
         self.effects = np.zeros((len(stages), n_test))
         self.alpha = run.clip_factors()
-        self.shapes = dict(zip(self.names, map(tuple, run.params.column("shape").to_pylist())))
+        self.shapes = run.param_shapes
         self.skipped = np.stack([self.dynamics.active[s.start:s.stop].sum(0) for s in stages])
         examples = run.examples.sort_by([("step", "ascending"), ("row", "ascending")])
         self.example_steps = examples.column("step").to_numpy()

@@ -153,9 +153,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     kind = run.optimizer["kind"]
     _constant(run, ("momentum", "dampening") if kind == "sgd" else ("beta1", "beta2", "eps"))
     model = model_fn().to(dtype).eval()
-    inputs, labels = targets.test_tensors(test_set)
-    if inputs.is_floating_point():
-        inputs = inputs.to(dtype)
+    inputs, labels = targets.as_tensors(test_set, dtype)
     names = run.param_names
     rule, fine_rule = quadrature_rule(quadrature), quadrature_rule(refined(quadrature))
     segments = range(0, run.n_steps, stride)

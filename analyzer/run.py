@@ -82,6 +82,11 @@ class Run:
         return dict(zip(params.column("name").to_pylist(), params.column("key").to_pylist()))
 
     @cached_property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name → shape, in the recorded order."""
+        return dict(zip(self.param_names, map(tuple, self.params.column("shape").to_pylist())))
+
+    @cached_property
     def checkpoint_steps(self) -> list[int]:
         table = self.table("checkpoints").sort_by("index")
         steps = table.column("step").to_pylist()

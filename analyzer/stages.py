@@ -88,9 +88,7 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     chosen = resolve(run, stages)
     model = model_fn().to(dtype).eval()
-    inputs, labels = targets.test_tensors(test_set)
-    if inputs.is_floating_point():
-        inputs = inputs.to(dtype)
+    inputs, labels = targets.as_tensors(test_set, dtype)
 
     def evaluate(params: dict[str, torch.Tensor]) -> np.ndarray:
         with torch.no_grad():

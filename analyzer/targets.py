@@ -63,3 +63,10 @@ def test_tensors(test_set) -> tuple[torch.Tensor, torch.Tensor]:
     items = [test_set[i] for i in range(len(test_set))]
     return (torch.stack([torch.as_tensor(x) for x, _ in items]),
             torch.stack([torch.as_tensor(y) for _, y in items]))
+
+
+def as_tensors(data, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`test_tensors`, with floating-point inputs cast to the analysis dtype (integer inputs,
+    such as token ids, stay as they are)."""
+    inputs, labels = test_tensors(data)
+    return (inputs.to(dtype) if inputs.is_floating_point() else inputs), labels

@@ -60,8 +60,7 @@ class TrainingBatches:
                               f"{missing}; pass the factory of the architecture you trained")
         self.loss_fn = loss_fn or default_loss
         self.accumulation = accumulation
-        inputs, self.labels = targets.test_tensors(train_set)
-        self.inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+        self.inputs, self.labels = targets.as_tensors(train_set, dtype)
         examples = run.examples
         if examples.num_rows == 0:
             raise ReplayError(f"{run.dir} recorded no example ids (rec.examples(ids)); replaying "

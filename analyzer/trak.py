@@ -45,11 +45,9 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
     """
     indices = choose_checkpoints(run, checkpoints)
     model = model_fn().to(dtype).eval()
-    test_x, test_y = targets.test_tensors(test_set)
-    train_x, train_y = targets.test_tensors(train_set)
-    if test_x.is_floating_point():
-        test_x, train_x = test_x.to(dtype), train_x.to(dtype)
-    shapes = dict(zip(run.param_names, map(tuple, run.params.column("shape").to_pylist())))
+    test_x, test_y = targets.as_tensors(test_set, dtype)
+    train_x, train_y = targets.as_tensors(train_set, dtype)
+    shapes = run.param_shapes
     kernel = torch.zeros(len(test_y), len(train_y), dtype=dtype)
     q = torch.zeros(len(train_y), dtype=dtype)
     for index in tqdm(indices, disable=not progress, desc="TRAK checkpoints", unit="checkpoint"):
@@ -80,7 +78,7 @@ def stored_features(run: Run, index: int, n_train: int, k: int | None, seed: int
     step = run.checkpoint_steps[index]
     if k is None or step >= run.n_steps:
         return None
-    shapes = dict(zip(run.param_names, map(tuple, run.params.column("shape").to_pylist())))
+    shapes = run.param_shapes
     for name, shape in shapes.items():
         capture = run.capture.get(name, {})
         if math.prod(shape) > k and capture.get("project") != {"k": k, "seed": seed,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def _pyplot():
@@ -43,3 +44,76 @@ def stage_effects_chart(table: pa.Table, path: str | Path, title: str | None = N
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def training_curves(steps: pa.Table, stages: list[tuple[str, int, int]], path: str | Path,
+                    title: str = "Training") -> Path:
+    """Loss (log scale) and every logged accuracy / norm metric against the step, with the
+    stages shaded. `stages`: (name, first step, last step)."""
+    plt = _pyplot()
+    rows = steps.sort_by("step").to_pylist()
+    step = np.array([r["step"] for r in rows])
+    metrics = sorted({k for r in rows for k, _ in (r["metrics"] or [])})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), dpi=120, sharex=True)
+    loss = np.array([np.nan if r["loss"] is None else r["loss"] for r in rows])
+    top.semilogy(step, loss, color="black", linewidth=1, label="training loss")
+    top.set_ylabel("loss")
+    other = top.twinx() if any("accuracy" not in m for m in metrics) else None
+    for k, name in enumerate(metrics):
+        values = np.array([dict(r["metrics"] or []).get(name, np.nan) for r in rows])
+        axis = bottom if "accuracy" in name else other
+        axis.plot(step, values, linewidth=1, label=name, color=f"C{k + 1}")
+        if axis is other:
+            other.set_ylabel(name)
+    bottom.set_ylabel("accuracy")
+    bottom.set_xlabel("step")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, first, last) in enumerate(stages):
+        for ax in (top, bottom):
+            ax.axvspan(first, last + 1, color=colors[k % len(colors)], alpha=0.12, linewidth=0)
+        bottom.text((first + last) / 2, 0.02, name, ha="center", va="bottom", fontsize=8)
+    top.legend(fontsize=8, loc="upper left")
+    if other is not None:
+        other.legend(fontsize=8, loc="upper right")
+    bottom.legend(fontsize=8, loc="center right")
+    top.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def similarity_heatmaps(table: pa.Table, path: str | Path, title: str) -> Path:
+    """One heatmap per layer of the normalised similarity of test points (in test_id order)."""
+    plt = _pyplot()
+    layers = list(dict.fromkeys(table["layer"].to_pylist()))
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 2.9), dpi=120,
+                             squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        part = table.filter(pc.field("layer") == layer).sort_by(
+            [("test_id", "ascending"), ("other_id", "ascending")])
+        n = int(np.sqrt(part.num_rows))
+        ax.imshow(part["normalized"].to_numpy().reshape(n, n), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_title(layer, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def bar_chart(labels: list[str], values: list[float], path: str | Path, title: str,
+              ylabel: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(labels) + 1), 3.2), dpi=120)
+    ax.bar(np.arange(len(labels)), values, color="#4c72b0")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -411,14 +411,43 @@ def ablate(run: str, neuron_spec: str, model_ref: str, data_ref: str, step: int 
 
 @main.command()
 @click.option("--out", default="attrib-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for the recorded run.")
-@click.option("--quick", is_flag=True, help="A smaller run (for tests), seconds long.")
+              help="Directory for the recorded run, plots and report.html.")
+@click.option("--quick", is_flag=True, help="A tiny run (for tests), seconds long.")
+@click.option("--p", "modulus", type=int, help="The modulus (default 23; 113 is the published "
+              "ExPLAIND setup, long).")
+@click.option("--stage", "stage_specs", multiple=True, metavar="NAME=FIRST:LAST",
+              help="Stages to analyse instead of the detected ones (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(out: str, quick: bool, quiet: bool) -> None:
-    """Record a real small training run, then summarise and query it."""
+def demo(out: str, quick: bool, modulus: int | None, stage_specs: tuple[str, ...],
+         quiet: bool) -> None:
+    """Grokking a + b mod p: record the training, find its stages, explain them (stage
+    accountability, path-kernel influences per layer, similarity, outlier shifts), plot and
+    write report.html."""
     from attrib.demo import run_demo
 
-    run_demo(Path(out), quick=quick, progress=not quiet, echo=click.echo)
+    try:
+        stages = dict(_stage_range(s) for s in stage_specs) or None
+    except ValueError as e:
+        _fail(str(e))
+    run_demo(Path(out), quick=quick, p=modulus, stages=stages, progress=not quiet,
+             echo=click.echo)
+
+
+@main.command(name="report")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--out", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="The HTML file to write (self-contained: images inline).")
+@click.option("--title", help="Page title (default: the run's name).")
+def report_command(run: str, out: str, title: str | None) -> None:
+    """One self-contained HTML page: run summary, curves with stages shaded, stage
+    accountability, influential examples, similarity per layer, top shifted neurons."""
+    from attrib.analyzer.report import report
+    from attrib.analyzer.run import open_run
+
+    try:
+        click.echo(f"report: {report(open_run(run), out, title)}")
+    except FormatError as e:
+        _fail(str(e))
 
 
 if __name__ == "__main__":

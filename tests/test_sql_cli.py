@@ -1,4 +1,4 @@
-"""`attrib sql` / `attrib.sql` over one or many runs, `attrib info`, and `attrib demo`."""
+"""`attrib sql` / `attrib.sql` over one or many runs, and `attrib info`."""
 
 from __future__ import annotations
 
@@ -77,12 +77,3 @@ def test_cli_info(two_runs):
     assert info["dense_bytes_raw"] == (9 * 227 * 4 * 3 + 2 * 227 * 4 + 9 * (7 * 8 + 8 + 4 * 9)
                                        + 9 * 32 * 227 * 4 + 9 * 4 * 8)
     assert info["dense_bytes_stored"] > 0 and info["dense_metadata_bytes"] > 0
-
-
-def test_demo_quick(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--quick", "--quiet", "--out",
-                                       str(tmp_path / "demo")])
-    assert result.exit_code == 0, result.output
-    assert "status       complete" in result.output
-    assert "warmup" in result.output and "train" in result.output
-    assert attrib.open_run(tmp_path / "demo").n_steps == 96

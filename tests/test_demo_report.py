@@ -1,0 +1,72 @@
+"""`attrib demo --quick` end to end (a grokking run recorded, analysed, plotted, reported),
+stage detection on a run that groks, and `attrib report` rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import attrib
+from attrib.cli.main import main
+from attrib.demo import detect_stages, record
+from attrib.grokking import GrokConfig, modular_addition
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(main, ["demo", "--quick", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_demo_records_analyses_and_reports(demo_dir):
+    out, printed = demo_dir
+    run = attrib.open_run(out / "run")
+    assert run.status == "complete" and run.n_steps == GrokConfig.quick().steps
+    assert "stage accountability" in printed and "mlp_in:" in printed
+    for png in ("training.png", "stage_effects.png", "similarity.png"):
+        assert (out / png).stat().st_size > 10_000
+    effects = attrib.sql(run, "SELECT DISTINCT method FROM stage_effects ORDER BY 1")
+    assert effects["method"].to_pylist() == ["path", "replay"]
+    # the per-layer path-kernel changes add up to the test loss change (completeness)
+    per_layer = attrib.sql(run, "SELECT sum(value) AS total FROM influence")["total"][0]
+    completeness = attrib.sql(run, "SELECT sum(delta_f) AS d, max(quadrature_error) AS q "
+                                   "FROM completeness").to_pylist()[0]
+    assert abs(per_layer.as_py() - completeness["d"]) < 1e-3 * abs(completeness["d"]) + \
+        32 * completeness["q"]
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "http" not in page.split("<body>")[1]
+
+
+def test_stages_are_found_where_train_then_test_accuracy_rise(tmp_path):
+    config = GrokConfig(steps=400)
+    run = record(config, modular_addition(config), tmp_path / "run", progress=False)
+    stages = detect_stages(run)
+    accuracy = {r["step"]: dict(r["metrics"]) for r in run.steps.to_pylist()}
+    memorised = stages["memorisation"].stop - 1
+    assert accuracy[memorised]["train_accuracy"] >= 0.95
+    assert all(accuracy[s]["train_accuracy"] < 0.95 for s in range(memorised))
+    assert stages["circuit formation"].start == memorised + 1
+
+
+def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    out, _ = demo_dir
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                    "--window-size=1000,1400", (out / "report.html").as_uri()],
+                   check=True, timeout=120, capture_output=True)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] > 500 and np.std(pixels[..., :3]) > 0.05  # not a blank page

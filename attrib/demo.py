@@ -37,7 +37,9 @@ def record(config: GrokConfig, data: ModularAddition, path: Path, progress: bool
                             betas=(0.9, 0.98))
     (x, y), (x_test, y_test) = data.train_set, data.test_set
     ids = torch.arange(len(y))
-    capture = [attrib.TopK(32, params=("mlp_*",)), attrib.Project(16)]
+    capture = [attrib.TopK(32, params=("mlp_*",))]
+    if config.per_example_k is not None:
+        capture.append(attrib.Project(config.per_example_k))
     with attrib.Recorder(path, model, opt, capture=capture, checkpoint_every=100,
                          overwrite=True, metadata={"demo": "grokking", "p": config.p}) as rec:
         for _ in tqdm(range(config.steps), desc="training (recorded)", unit="step",

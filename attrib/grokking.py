@@ -31,11 +31,14 @@ class GrokConfig:
     weight_decay: float = 1.0
     steps: int = 2000
     seed: int = 0
+    per_example_k: int | None = 16  # Project(k) per-example capture; None: outlier shifts only
 
     @staticmethod
     def published() -> GrokConfig:
+        # per-example projections of 4,000 pairs would write ~10 GB over 4,000 steps: the
+        # per-layer path kernel is exact without them (its residual term holds the rest)
         return GrokConfig(p=113, train_size=4000, unordered=True, d_model=64, heads=4,
-                          mlp=512, lr=1e-3, weight_decay=4.0, steps=4000)
+                          mlp=512, lr=1e-3, weight_decay=4.0, steps=4000, per_example_k=None)
 
     @staticmethod
     def quick() -> GrokConfig:

@@ -124,7 +124,8 @@ def _constant(run: Run, names: tuple[str, ...]) -> None:
 def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                 target: targets.Target = "loss", by: tuple[str, ...] = ("example",),
                 quadrature: int | str = 2, stride: int | None = None, similarity: bool = False,
-                dtype: torch.dtype = torch.float64, progress: bool = True) -> PathKernelResult:
+                stages: dict[str, range] | None = None, dtype: torch.dtype = torch.float64,
+                progress: bool = True) -> PathKernelResult:
     """Influence of every recorded training example, step and parameter on f at test points.
 
     `model_fn()` builds the architecture (parameters come from the run); `test_set` is a tuple
@@ -137,7 +138,9 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     exact, only the credit within a segment is approximated (K = 1, the default, is exact).
     `similarity=True` adds, per layer, the similarity of test points from the model's
     perspective (METHODS.md §2): Sim_ℓ(x, x') = Σ_s A_s(x)_ℓ · ∇ℓ(x'; θ_s)_ℓ, the path kernel
-    restricted to layer ℓ with x' as a training example, and its cosine-style normalisation.
+    restricted to layer ℓ with x' as a training example, and its cosine-style normalisation,
+    per stage as well as over the whole run. `stages` ({name: range of steps}) replaces the
+    recorded rec.stage() names, for the stage axis and the similarity, with analysis-time ones.
     """
     unknown = set(by) - set(AXES)
     if unknown:
@@ -203,12 +206,13 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     # Blocks from the last to the first: each block's ḡ is computed forward from θ at its
     # start, then consumed by the backward recursion, whose state carries into the previous
     # block. Every ḡ is computed once; memory holds one block, not the whole run.
+    step_stages = step_stage_names(run, stages)
     rows = InfluenceRows(tuple(by), len(labels), run.examples.column("example_id").to_numpy(),
-                 run.steps.column("stage").to_pylist(),
-                 dict(zip(run.param_names, run.params.column("module").to_pylist())))
+                         step_stages,
+                         dict(zip(run.param_names, run.params.column("module").to_pylist())))
     train_gradient = ((lambda theta: targets.gradients(model, theta, inputs, labels, "loss"))
                       if similarity else None)
-    recursion = _Recursion(run, kind, len(labels), dtype, rows, train_gradient)
+    recursion = _Recursion(run, kind, len(labels), dtype, rows, train_gradient, step_stages)
     per_step = len(labels) * sum(v.numel() for v in run.reconstruct(0).values()) * 8
     steps = BLOCK_STEPS or min(run.meta["steps_per_chunk"], max(1, GBAR_BUDGET_BYTES // per_step))
     block = max(1, steps // stride) * stride
@@ -225,6 +229,20 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     estimate = (error * len(segments) / len(sampled)).cpu().numpy()
     return PathKernelResult(rows.table(), f_at(0), f_at(run.n_steps), tuple(by), estimate,
                             recursion.similarity_table() if similarity else None)
+
+
+def step_stage_names(run: Run, stages: dict[str, range] | None) -> list[str | None]:
+    """Each step's stage: the recorded name, or the analysis-time `stages` (None outside)."""
+    if stages is None:
+        return run.steps.sort_by("step").column("stage").to_pylist()
+    names: list[str | None] = [None] * run.n_steps
+    for name, steps in stages.items():
+        if steps.start < 0 or steps.stop > run.n_steps:
+            raise ValueError(f"stage {name!r} ({steps.start}..{steps.stop - 1}) lies outside the "
+                             f"run's {run.n_steps} committed steps")
+        for step in steps:
+            names[step] = name
+    return names
 
 
 def release_freed_memory() -> None:
@@ -246,12 +264,18 @@ class _Recursion:
     """
 
     def __init__(self, run: Run, kind: str, n_test: int, dtype, rows: InfluenceRows,
-                 train_gradient: Callable | None = None) -> None:
+                 train_gradient: Callable | None = None,
+                 step_stages: list[str | None] | None = None) -> None:
         self.run, self.kind, self.dtype, self.rows = run, kind, dtype, rows
         self.train_gradient = train_gradient
         self.layers = run.params.column("module").to_pylist()
-        self.kernel = {layer: torch.zeros(n_test, n_test, dtype=dtype)
-                       for layer in dict.fromkeys(self.layers)}
+        named = list(dict.fromkeys(x for x in (step_stages or []) if x is not None))
+        # per stage only when there are several (one stage would repeat the whole run)
+        self.step_stages = step_stages if len(named) > 1 else [None] * run.n_steps
+        # (layer, stage) → kernel; stage None is the whole run
+        self.kernel = {(layer, stage): torch.zeros(n_test, n_test, dtype=dtype)
+                       for layer in dict.fromkeys(self.layers)
+                       for stage in [None, *(named if len(named) > 1 else [])]}
         self.names = run.param_names
         self.groups = run.params.column("group").to_pylist()
         self.shapes = [tuple(s) for s in run.params.column("shape").to_pylist()]
@@ -320,8 +344,10 @@ class _Recursion:
                 a = (1 - h["beta1"]) * self.memory[name]
             flat_a = a.reshape(a.shape[0], -1)
             if as_training is not None:
-                self.kernel[self.layers[j]] += flat_a @ as_training[name].reshape(
-                    flat_a.shape[0], -1).T
+                product = flat_a @ as_training[name].reshape(flat_a.shape[0], -1).T
+                self.kernel[(self.layers[j], None)] += product
+                if self.step_stages[s] is not None:
+                    self.kernel[(self.layers[j], self.step_stages[s])] += product
             if h["weight_decay"]:
                 if self.kind == "adamw":  # decoupled: −η λ θ_s enters Δθ_s directly
                     reg = -h["lr"] * h["weight_decay"] * (g.reshape(g.shape[0], -1)
@@ -340,14 +366,16 @@ class _Recursion:
         data.close()
 
     def similarity_table(self) -> pa.Table:
-        """(layer, test_id, other_id, value, normalized): value / √(|value(x,x)| |value(x',x')|)."""
+        """(layer, stage, test_id, other_id, value, normalized): stage null over the whole run;
+        normalized = value / √(|value(x,x)| |value(x',x')|)."""
         parts = []
-        for layer, kernel in self.kernel.items():
+        for (layer, stage), kernel in self.kernel.items():
             n = kernel.shape[0]
             scale = kernel.diagonal().abs().sqrt()
             normalized = kernel / (scale[:, None] * scale[None, :]).clamp_min(1e-300)
             parts.append(pa.table({
                 "layer": pa.array([layer or "(model)"] * (n * n), pa.string()),
+                "stage": pa.array([stage] * (n * n), pa.string()),
                 "test_id": np.repeat(np.arange(n, dtype=np.int32), n),
                 "other_id": np.tile(np.arange(n, dtype=np.int32), n),
                 "value": kernel.reshape(-1).cpu().numpy(),

@@ -84,19 +84,31 @@ def training_curves(steps: pa.Table, stages: list[tuple[str, int, int]], path: s
 
 
 def similarity_heatmaps(table: pa.Table, path: str | Path, title: str) -> Path:
-    """One heatmap per layer of the normalised similarity of test points (in test_id order)."""
+    """Heatmaps of the normalised similarity of test points (in test_id order): one column
+    per layer, one row for the whole run and one per stage when the table has stages."""
     plt = _pyplot()
     layers = list(dict.fromkeys(table["layer"].to_pylist()))
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 2.9), dpi=120,
-                             squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        part = table.filter(pc.field("layer") == layer).sort_by(
-            [("test_id", "ascending"), ("other_id", "ascending")])
-        n = int(np.sqrt(part.num_rows))
-        ax.imshow(part["normalized"].to_numpy().reshape(n, n), cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set_title(layer, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+    stages = list(dict.fromkeys(table["stage"].to_pylist())) if "stage" in \
+        table.column_names else [None]
+    fig, axes = plt.subplots(len(stages), len(layers), squeeze=False, dpi=120,
+                             figsize=(2.3 * len(layers), 2.4 * len(stages) + 0.4))
+    for i, stage in enumerate(stages):
+        for ax, layer in zip(axes[i], layers):
+            where = pc.field("layer") == layer
+            if "stage" in table.column_names:
+                where = where & (pc.field("stage").is_null() if stage is None
+                                 else pc.field("stage") == stage)
+            part = table.filter(where).sort_by([("test_id", "ascending"),
+                                                ("other_id", "ascending")])
+            n = int(np.sqrt(part.num_rows))
+            ax.imshow(part["normalized"].to_numpy().reshape(n, n), cmap="RdBu_r", vmin=-1,
+                      vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(layer, fontsize=9)
+            if ax is axes[i][0]:
+                ax.set_ylabel(stage or "whole run", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

@@ -42,13 +42,13 @@ def report(run: Run, out: str | Path, title: str | None = None) -> Path:
                       "over test points: positive means the stage lowered f.</p>",
                       _image(plots.stage_effects_chart(effects, tmp / "stages.png"))]
         parts += _influence_section(run, tmp)
-        similarity = _query(run, "SELECT layer, test_id, other_id, normalized FROM similarity")
+        similarity = _query(run, "SELECT * FROM similarity")
         if similarity is not None and similarity.num_rows:
             parts += ["<h2>Similarity from the model's perspective</h2>",
-                      "<p>Per layer, Σ<sub>s</sub> of the path kernel between test points "
-                      "(normalised), in test-point order.</p>",
+                      "<p>Per layer (and stage), Σ<sub>s</sub> of the path kernel between test "
+                      "points (normalised), in test-point order.</p>",
                       _image(plots.similarity_heatmaps(similarity, tmp / "similarity.png",
-                                                       "similarity per layer"))]
+                                                       "similarity per layer and stage"))]
         if run.table_files("shifts"):
             from attrib.analyzer.shifts import top_neurons
 

@@ -117,7 +117,7 @@ def run_demo(out: Path, quick: bool = False, p: int | None = None,
 
     result = attrib.analyze.path_kernel(run, model_fn, test, target="loss",
                                         by=("example", "layer"), stride=5 if quick else 10,
-                                        similarity=True, progress=progress)
+                                        similarity=True, stages=found, progress=progress)
     attrib.analyze.save(run, "path-kernel", {"influence": result.table,
                                              "completeness": result.completeness(),
                                              "similarity": result.similarity},

@@ -269,21 +269,26 @@ def test_similarity_from_the_models_perspective_per_layer(run_dir):
     xt, yt = probe_points(4)
     xt = xt.double()
     result = attrib.analyze.path_kernel(run, lambda: mlp(torch.float64), (xt, yt),
-                                        quadrature="left", similarity=True, progress=False)
+                                        quadrature="left", similarity=True, progress=False,
+                                        stages={"early": range(0, 3), "late": range(3, 8)})
     net = mlp(torch.float64)
-    expected = {"0": torch.zeros(4, 4, dtype=torch.float64),
-                "2": torch.zeros(4, 4, dtype=torch.float64)}
+    expected = {(layer, stage): torch.zeros(4, 4, dtype=torch.float64)
+                for layer in ("0", "2") for stage in (None, "early", "late")}
     for step in range(run.n_steps):
         g = per_example_grads(net, run.reconstruct(step), xt, yt, 1.0)
         lr = run.hparams()["lr"][step, 0]
-        for layer in expected:
+        for layer in ("0", "2"):
             for kind in ("weight", "bias"):
                 flat = g[f"{layer}.{kind}"].flatten(1)
-                expected[layer] -= lr * flat @ flat.T
+                for stage in (None, "early" if step < 3 else "late"):
+                    expected[(layer, stage)] -= lr * flat @ flat.T
     table = result.similarity
-    for layer, kernel in expected.items():
-        rows = table.filter(pc.equal(table["layer"], layer)).sort_by(
-            [("test_id", "ascending"), ("other_id", "ascending")])
+    assert table.num_rows == len(expected) * 16
+    for (layer, stage), kernel in expected.items():
+        where = pc.and_(pc.equal(table["layer"], layer),
+                        pc.is_null(table["stage"]) if stage is None
+                        else pc.equal(table["stage"], stage))
+        rows = table.filter(where).sort_by([("test_id", "ascending"), ("other_id", "ascending")])
         np.testing.assert_allclose(rows["value"].to_numpy().reshape(4, 4), kernel.numpy(),
                                    rtol=1e-9)
         normalized = rows["normalized"].to_numpy().reshape(4, 4)

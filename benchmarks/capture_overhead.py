@@ -3,7 +3,11 @@
 Each row records the aggregate trajectory plus one capture policy: none, Full (exact
 contributions), Project(1024) dense and kron, TopK(64). Columns as in record_overhead.py.
 Dense projection needs a k × numel matrix per tensor; where that exceeds the recorder's budget
-the row says so instead of a time. Run: `python benchmarks/capture_overhead.py [--quick]`.
+the row says so instead of a time. The peer rows compute per-example gradients without
+attrib, the way other tools do: torch.func (vmap of each example's gradient) and Opacus
+(`pip install opacus` in the benchmark environment only; not a dependency). They keep the
+gradients in memory and store nothing, so they bound the compute part of a recorded step.
+Run: `python benchmarks/capture_overhead.py [--quick]`.
 """
 
 from harness import main
@@ -16,6 +20,9 @@ SETTINGS = {
     "Project(1024, dense)": {"capture": attrib.Project(1024, kind="dense")},
     "Project(1024, kron)": {"capture": attrib.Project(1024, kind="kron")},
     "TopK(64)": {"capture": attrib.TopK(64)},
+    # peers: per-example gradients the fastest other ways, kept in memory, nothing stored
+    "peer: torch.func vmap": {"peer": "torch.func"},
+    "peer: Opacus": {"peer": "opacus"},
 }
 
 if __name__ == "__main__":

@@ -90,18 +90,52 @@ WORKLOADS = {
 }
 
 
+def per_example_peer(name: str, model: torch.nn.Module):
+    """The peer way of getting per-example gradients: (model to call, backward(x, y)) where
+    backward leaves the per-example gradients in memory and the mean in .grad."""
+    if name == "opacus":  # hooks fill p.grad_sample, then the usual backward fills .grad
+        from opacus import GradSampleModule
+
+        wrapped = GradSampleModule(model)
+
+        def opacus_backward(x, y):
+            torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+        return opacus_backward
+    from torch.func import functional_call, grad, vmap
+
+    params = dict(model.named_parameters())
+
+    def loss_one(p, xi, yi):  # one example; a sequence model's tokens stay together
+        out = functional_call(model, p, (xi[None],))
+        return torch.nn.functional.cross_entropy(out, yi.reshape(-1))
+
+    def func_backward(x, y):
+        labels = y.reshape(len(x), -1) if y.numel() != len(x) else y
+        grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(
+            {k: v.detach() for k, v in params.items()}, x, labels)
+        for name_, p in params.items():
+            p.grad = grads[name_].mean(0)
+    return func_backward
+
+
 def run_block(work: Workload, steps: int, settings: dict | None, out_dir: str | None) -> float:
-    """Seconds per step over `steps` AdamW steps with clipping (+ close() when recording)."""
+    """Seconds per step over `steps` AdamW steps with clipping (+ close() when recording);
+    settings {"peer": "torch.func" | "opacus"} time a peer's per-example gradients instead."""
     model = work.model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
     batches = [work.batch(g) for _ in range(steps + 2)]
+    peer = per_example_peer(settings["peer"], model) if settings and "peer" in settings \
+        else None
 
     def step(rec, x, y, i):
         if rec is not None:
             rec.examples(torch.arange(i * len(x), (i + 1) * len(x)))
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        if peer is not None:
+            peer(x, y)
+        else:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
@@ -111,7 +145,7 @@ def run_block(work: Workload, steps: int, settings: dict | None, out_dir: str | 
     for i, (x, y) in enumerate(batches[:2]):  # warm-up, untimed
         step(None, x, y, i)
     rec = (attrib.Recorder(out_dir, model, opt, checkpoint_every=1000, strict=True, **settings)
-           if out_dir else None)
+           if out_dir and peer is None else None)
     started = time.perf_counter()
     for i, (x, y) in enumerate(batches[2:]):
         step(rec, x, y, i)
@@ -124,7 +158,28 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def measure_peer(work: Workload, setting: str, settings: dict, steps: int,
+                 repeats: int) -> dict:
+    """A peer's per-example gradients (kept in memory, nothing stored) against plain steps."""
+    row = {"workload": work.name, "recording": setting}
+    baseline_rss = _peak_rss_mib()
+    plain, peer = [], []
+    try:
+        for _ in range(repeats):
+            plain.append(run_block(work, steps, None, None))
+            peer.append(run_block(work, steps, settings, None))
+    except Exception as e:  # a peer that cannot run this model says why
+        return {**row, "note": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    off, on = statistics.median(plain), statistics.median(peer)
+    return {**row, "off_ms": round(off * 1e3, 2), "on_ms": round(on * 1e3, 2),
+            "ratio": round(on / off, 2),
+            "extra_peak_rss": f"{_peak_rss_mib() - baseline_rss:.0f} MiB",
+            "note": "peer: per-example gradients in memory, nothing stored"}
+
+
 def measure_here(work: Workload, setting: str, settings: dict, steps: int, repeats: int) -> dict:
+    if "peer" in settings:
+        return measure_peer(work, setting, settings, steps, repeats)
     row = {"workload": work.name, "recording": setting}
     plain, recorded, writer = [run_block(work, steps, None, None)], [], []
     baseline_rss = _peak_rss_mib()

@@ -29,6 +29,4 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/record_overhead.py
-	$(BIN)/python benchmarks/capture_overhead.py
-	$(BIN)/python benchmarks/stage_accountability.py
+	$(BIN)/python benchmarks/run_all

@@ -1,12 +1,14 @@
-"""SQL over outlier shifts at scale: the named queries over 10⁶, 10⁷ and 10⁸ `shifts` rows.
+"""SQL at scale: the standard queries over 10⁶, 10⁷ and 10⁸ rows of `shifts` and `influence`.
 
 A real recorded run (a 4-layer MLP of 512-wide Linear layers, TopK capture, tokens) gets its
 `shifts` and `tokens` tables replaced by synthetic rows in the recorder's own layout: Parquet
 files of `COMPACT_ROWS` rows, each covering a step range, zstd, as `Recorder.close()` leaves
 them. Rows: 1,000 per step (TopK(1000)), batch 32 from 100,000 examples, shifts spread over the
 four weights with a few hot neurons; tokens: 64 per example from a Zipf-distributed vocabulary
-of 10,000. Each query runs through `attrib.sql` / the named queries, the way users run them;
-seconds are the median of 3 runs (DuckDB on every core).
+of 10,000. The run also gets a stored analysis with as many `influence` rows (100 test points,
+examples, steps; one Parquet file as `attrib.analyze.save` writes it) for the influence top-n
+per test point. Each query runs through `attrib.sql` / the named queries, the way users run
+them; seconds are the median of 3 runs (DuckDB on every core).
 Run: `python benchmarks/shift_queries.py [--max-rows 1e8]`.
 """
 
@@ -98,6 +100,31 @@ def fill(run: attrib.Run, rows: int) -> int:
     return size
 
 
+def fill_influence(run: attrib.Run, rows: int) -> None:
+    """A stored analysis with `rows` influence rows (test_id, term, example_id, step, value)."""
+    g = np.random.default_rng(1)
+    folder = run.dir / "analysis" / "synthetic"
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk = 10**7
+    schema = None
+    writer = None
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        index = np.arange(start, start + n)
+        table = pa.table({
+            "test_id": (index % 100).astype(np.int32),
+            "term": pa.DictionaryArray.from_arrays(np.zeros(n, np.int8), ["data"]),
+            "example_id": g.integers(0, EXAMPLES, n), "step": index // 3200,
+            "value": g.standard_normal(n) * 1e-3,
+            "analysis": pa.DictionaryArray.from_arrays(np.zeros(n, np.int8), ["synthetic"]),
+            "method": pa.DictionaryArray.from_arrays(np.zeros(n, np.int8), ["path-kernel"])})
+        if writer is None:
+            schema = table.schema
+            writer = pq.ParquetWriter(folder / "influence.parquet", schema, compression="zstd")
+        writer.write_table(table)
+    writer.close()
+
+
 def timed(fn) -> tuple[float, int]:
     seconds, rows = [], 0
     for _ in range(3):
@@ -122,12 +149,17 @@ def main() -> None:
         "token_enrichment (hot neuron)": lambda run: attrib.analyze.token_enrichment(run, HOT),
         "step range: count of 1,000 steps": lambda run: attrib.sql(
             run, "SELECT count(*) FROM shifts WHERE step BETWEEN 1000 AND 1999"),
+        "influence top-10 examples per test point": lambda run: attrib.sql(
+            run, "SELECT test_id, unnest(max_by(example_id, total, 10)) AS example_id FROM "
+                 "(SELECT test_id, example_id, sum(value) AS total FROM influence "
+                 "GROUP BY ALL) GROUP BY test_id"),
     }
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             run = recorded_run(Path(tmp) / f"run{n}")
             size = fill(run, n)
+            fill_influence(run, n)
             run = attrib.open_run(run.dir)  # the manifest now lists the synthetic parts
             for name, query in queries.items():
                 seconds, result_rows = timed(lambda q=query, r=run: q(r))

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import tempfile
 import time
 
 import numpy as np
-import pyarrow as pa
 import torch
-from harness import run_isolated
+from harness import print_table, run_isolated
 
 import attrib
-from attrib.cli.render import aligned
 
 PROJECTIONS = (256, 1024, 4096)
 MODES = {"exact (Full, stride 1)": ("full", 1),
@@ -89,10 +86,8 @@ def main() -> None:
                          "r_vs_exact": round(float(np.corrcoef(exact, result["values"])[0, 1]), 4),
                          "max_relative_gap": f"{result['max_relative_gap']:.1e}",
                          "peak_rss": f"{result['peak_rss_mib']:.0f} MiB"})
-    print(f"# analysis_throughput.py: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}; 784-64-10 MLP, SGD momentum 0.9, batch 32, float64 "
-          "analysis, 2 Gauss-Legendre nodes")
-    print(aligned(pa.Table.from_pylist(rows)))
+    print_table("784-64-10 MLP, SGD momentum 0.9, batch 32, float64 analysis, 2 "
+                "Gauss-Legendre nodes", rows)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,13 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
     }
 
 
+def print_table(description: str, rows: list[dict], max_rows: int = 100) -> None:
+    """A benchmark's output: a header line (script, date, cores, torch) and the rows."""
+    print(f"# {os.path.basename(sys.argv[0])}: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} "
+          f"cores, torch {torch.__version__}; {description}")
+    print(aligned(pa.Table.from_pylist(rows), max_rows))
+
+
 def run_isolated(*args: str) -> dict:
     """Run this script again as `--one ARGS...` in a fresh process (its own peak RSS, no
     state carried over) and return the JSON object it prints last."""

@@ -13,15 +13,14 @@ Run: `python benchmarks/scaling.py [--quick]`.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
-import pyarrow as pa
 import torch
+from harness import print_table
 
 import attrib
-from attrib.cli.render import aligned, human_bytes
+from attrib.cli.render import human_bytes
 
 
 def make(hidden: int):
@@ -84,10 +83,7 @@ def main() -> None:
         for config in configs:
             rows.append(row(*config, tmp))
             print(f"done {config}", flush=True)
-    print(f"# scaling.py: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}; MLP 784-H-10, AdamW, Project(256, kron), path kernel on 4 test "
-          "points")
-    print(aligned(pa.Table.from_pylist(rows)))
+    print_table("MLP 784-H-10, AdamW, Project(256, kron), path kernel on 4 test points", rows)
 
 
 if __name__ == "__main__":

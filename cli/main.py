@@ -37,6 +37,20 @@ def info(run: str, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=1, default=str) if as_json else render.summary(summary))
 
 
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def verify(run: str, as_json: bool) -> None:
+    """Check RUN's integrity end to end (metadata, tables, arrays, checkpoints against the
+    deltas, finiteness) and say what was checked; exit status 1 when a check fails."""
+    from attrib.analyzer.verify import verify as check_run
+
+    table = check_run(run)
+    click.echo(json.dumps(table.to_pylist()) if as_json else render.aligned(table))
+    if not all(table.column("ok").to_pylist()):
+        sys.exit(1)
+
+
 @main.command(name="sql")
 @click.argument("args", nargs=-1)
 @click.option("--query", "query_name", help="Run a named query (see --list) instead of SQL.")

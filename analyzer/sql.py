@@ -64,12 +64,18 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
 
     Views: every recorded table, every stored analysis table (a name in both, such as
     `tokens`, unions the two), and the neuron views `neuron_shifts` and `neurons`. With several
-    runs each view gains a leading `run` column (the run directory's name).
+    runs each view gains a leading `run` column (the run directory's name). External access is
+    off: queries read only files inside the runs and write none.
     """
     from attrib.analyzer.queries import NEURON_ROWS_MACRO, neuron_view_sql
     from attrib.analyzer.results import result_files
 
     con = duckdb.connect()
+    # the views read the runs' own files; the user's SQL may read nothing else and write
+    # nowhere (no read_csv('/etc/...'), COPY ... TO, INSTALL), and can't switch that back on
+    folders = ", ".join(_quote(str(run.dir.resolve())) for run in runs)
+    con.execute(f"SET allowed_directories = [{folders}]")
+    con.execute("SET enable_external_access = false")
     names = _run_names(runs)
     labels = names if len(runs) > 1 else [None] * len(runs)
     selects: dict[str, list[str]] = {}

@@ -77,3 +77,18 @@ def test_cli_info(two_runs):
     assert info["dense_bytes_raw"] == (9 * 227 * 4 * 3 + 2 * 227 * 4 + 9 * (7 * 8 + 8 + 4 * 9)
                                        + 9 * 32 * 227 * 4 + 9 * 4 * 8)
     assert info["dense_bytes_stored"] > 0 and info["dense_metadata_bytes"] > 0
+
+
+def test_sql_reads_only_the_runs_files_and_writes_nothing(tmp_path):
+    import duckdb
+
+    model = mlp()
+    train(tmp_path / "run", model, OPTIMIZERS["sgd"](model.parameters()), steps=3)
+    (tmp_path / "secret.csv").write_text("a\n1\n")
+    assert attrib.sql(tmp_path / "run", "SELECT count(*) AS n FROM steps")["n"][0].as_py() == 3
+    for query in (f"SELECT * FROM read_csv('{tmp_path / 'secret.csv'}')",
+                  f"COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'",
+                  "SET enable_external_access = true"):
+        with pytest.raises((duckdb.PermissionException, duckdb.InvalidInputException)):
+            attrib.sql(tmp_path / "run", query)
+    assert not (tmp_path / "out.csv").exists()

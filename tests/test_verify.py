@@ -115,3 +115,52 @@ def test_verify_reports_an_unreadable_run_without_raising(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / fmt.META_FILE).write_text("{not json")
     assert "not valid JSON" in failed(verify(tmp_path / "run"))["metadata"]
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys, warnings, torch
+    sys.path.insert(0, {tests!r})
+    import attrib
+    from conftest import data, mlp
+    model = mlp(); opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = data()
+    rec = attrib.Recorder({path!r}, model, opt, checkpoint_every=5, steps_per_chunk=2,
+                          strict={strict})
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for step in range(60):
+                if step == 10:  # the disk fills: files can't grow past 20 kB (EFBIG)
+                    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+                rec.examples(torch.arange(32))
+                loss = torch.nn.functional.cross_entropy(model(x[:32]), y[:32])
+                loss.backward()
+                opt.step(); opt.zero_grad()
+                losses.append(loss.item())
+            rec.close()
+        except attrib.RecordingError as e:
+            print("RAISED", e); sys.exit(3)
+    print("TRAINED", len(losses), any("recording" in str(w.message).lower() for w in caught))
+""")
+
+
+def test_a_full_disk_stops_recording_not_training(tmp_path):
+    path = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-c", FULL_DISK.format(
+        path=path, tests=os.path.dirname(__file__), strict=False)], capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "TRAINED 60 True" in result.stdout  # all steps trained, and a warning said why
+    run = attrib.open_run(path)
+    assert run.status == "incomplete" and 0 < run.n_steps < 60
+    assert failed(verify(path)) == {}  # what was committed is whole
+
+
+def test_a_full_disk_raises_in_strict_mode(tmp_path):
+    path = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-c", FULL_DISK.format(
+        path=path, tests=os.path.dirname(__file__), strict=True)], capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode == 3 and "RAISED" in result.stdout, result.stdout + result.stderr

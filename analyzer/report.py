@@ -98,9 +98,7 @@ def _query(run: Run, query: str) -> pa.Table | None:
     """The answer, or None when the run has no such analysis view (or column)."""
     try:
         return sql(run, query)
-    except duckdb.CatalogException:
-        return None
-    except duckdb.BinderException:
+    except (duckdb.CatalogException, duckdb.BinderException):
         return None
 
 

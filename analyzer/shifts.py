@@ -21,7 +21,7 @@ import torch
 from attrib.analyzer import results
 from attrib.analyzer.run import Run
 from attrib.analyzer.sql import named
-from attrib.recorder.tokens import TokenBatch, tokens_table, vocabulary_array, vocabulary_table
+from attrib.recorder.tokens import token_batch, tokens_table, vocabulary_array, vocabulary_table
 
 ABLATION = pa.schema([
     pa.field("token_id", pa.int64()), pa.field("token", pa.string()),
@@ -94,15 +94,10 @@ def save_tokens(run: Run, tokens: Any, vocabulary=None) -> None:
     if run.table_files("tokens"):
         raise ValueError(f"{run.dir} recorded its tokens already (rec.examples(ids, tokens=...))")
     ids = np.unique(run.examples.column("example_id").to_numpy())
-    if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim == 2:
-        rows = np.asarray(tokens.detach().cpu() if isinstance(tokens, torch.Tensor)
-                          else tokens)[ids]
-        batch = TokenBatch(ids, rows.reshape(-1).astype(np.int64),
-                           np.full(len(ids), rows.shape[1], np.int64))
-    else:
-        sequences = [np.asarray(tokens[int(i)]).reshape(-1) for i in ids]
-        batch = TokenBatch(ids, np.concatenate(sequences).astype(np.int64),
-                           np.array([len(s) for s in sequences], np.int64))
+    rows = (tokens[torch.as_tensor(ids)] if isinstance(tokens, torch.Tensor) else tokens[ids]) \
+        if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim == 2 \
+        else [tokens[int(i)] for i in ids]
+    batch = token_batch(ids, rows)  # the recorder's own validation and flattening
     vocab = vocabulary_array(vocabulary)
     tables = {"tokens": tokens_table(batch, vocab)}
     if vocab is not None:

@@ -19,7 +19,8 @@ def named(runs: str | Path | Run | list, name: str, **params: Any) -> pa.Table:
     from attrib.analyzer.queries import named_query
 
     query = named_query(name)
-    if not isinstance(runs, Run) and len(resolve_runs(runs)) != 1:
+    runs = [runs] if isinstance(runs, Run) else resolve_runs(runs)
+    if len(runs) != 1:
         raise ValueError(f"named query {name!r} reads one run; pass a single run directory")
     return sql(runs, query.text, query.bind(params))
 

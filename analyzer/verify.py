@@ -82,11 +82,12 @@ def _examples(run: Run) -> str:
 
 
 def _arrays(run: Run) -> str:
-    short = [(path, a.shape[0]) for path, a in _step_arrays(run) if a.shape[0] < run.n_steps]
+    arrays = _step_arrays(run)
+    short = [(path, a.shape[0]) for path, a in arrays if a.shape[0] < run.n_steps]
     if short:
         raise ValueError(f"{short[0][0]} holds {short[0][1]} steps, fewer than the "
                          f"{run.n_steps} committed")
-    return f"{len(_step_arrays(run))} step arrays cover every committed step"
+    return f"{len(arrays)} step arrays cover every committed step"
 
 
 def _step_arrays(run: Run):

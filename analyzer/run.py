@@ -50,23 +50,28 @@ class Run:
     def status(self) -> str:
         """The manifest's status, with `crashed` for a recording whose process has died."""
         status = self.manifest["status"]
-        if status == fmt.Status.RECORDING.value and self._writer_died():
+        if status == fmt.Status.RECORDING.value and self._writer_alive() is False:
             return fmt.Status.CRASHED.value
         return status
 
-    def _writer_died(self) -> bool:
+    def writer_running(self) -> bool:
+        """Whether a process on this machine (this one included) is recording into the run."""
+        return self.manifest["status"] == fmt.Status.RECORDING.value and bool(self._writer_alive())
+
+    def _writer_alive(self) -> bool | None:
+        """Whether the recording process lives; None when it can't be told (another host)."""
         pid = self.manifest.get("pid")
         if self.manifest.get("host") != platform.node() or not isinstance(pid, int):
-            return False  # can't tell for a run recorded on another machine
+            return None
         if pid == os.getpid():
-            return False
+            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return True
-        except PermissionError:
             return False
-        return False
+        except PermissionError:
+            return True
+        return True
 
     @property
     def optimizer(self) -> dict[str, Any]:

@@ -111,8 +111,8 @@ def _checkpoints(run: Run) -> str:
             rebuilt[name] = rebuilt[name] + run.deltas(name, previous, step).sum(0)
         stored = run.checkpoint(index)
         for name, value in stored.items():
-            if not torch.allclose(rebuilt[name].double(), value.double(), rtol=1e-5,
-                                  atol=1e-6):
+            if not torch.allclose(rebuilt[name].double(), value.double(),
+                                  rtol=fmt.THETA_RTOL, atol=fmt.THETA_ATOL):
                 raise ValueError(f"checkpoint {index} (step {step}) of {name!r} differs from "
                                  f"checkpoint {index - 1} plus the deltas in between")
     return f"{len(steps)} checkpoints agree with the deltas between them"
@@ -123,7 +123,7 @@ def _finite(run: Run) -> str:
     for path, array in _step_arrays(run):
         if path.startswith((fmt.DELTAS, fmt.GRADS)):
             values = np.asarray(array[: run.n_steps])
-            bad = ~np.isfinite(values.reshape(values.shape[0], -1)).all(1)
+            bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
             if bad.any():
                 flagged.append(f"{path} at steps {np.nonzero(bad)[0][:5].tolist()}")
     if flagged:

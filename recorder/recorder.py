@@ -20,14 +20,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from attrib.analyzer.run import Run
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
+from attrib.recorder.resume import ResumePoint, prepare
 from attrib.recorder.rng import RngCapture, stochastic_modules
 from attrib.recorder.shifts import ShiftInput, top_shifts
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
 from attrib.recorder.tokens import TokenBatch, token_batch, vocabulary_array, vocabulary_table
-from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
+from attrib.recorder.writer import (
+    BackgroundWriter,
+    Block,
+    RecordingError,
+    StepRecord,
+    whole_run_tables,
+)
 from attrib.schemas import format as fmt
 
 BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
@@ -132,6 +140,7 @@ class Recorder:
         rng: bool | None = None,
         vocabulary: Sequence[str] | dict[int, str] | None = None,
         overwrite: bool = False,
+        resume: bool | int = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if checkpoint_every < 1:
@@ -143,7 +152,7 @@ class Recorder:
         self.params = tracked_params(model, optimizer)
         self.checkpoint_every = checkpoint_every
         self.record_grads = record_grads
-        self._check_target(overwrite)
+        self._check_target(overwrite, resume)
         self.captures = self._resolve_capture(capture)
         self._steps_per_chunk = steps_per_chunk
         self._examples_per_step = examples_per_step
@@ -157,17 +166,13 @@ class Recorder:
                                         self.captures, strict)
                          if any(c.any for c in self.captures) else None)
 
-        codec = codec or Codec()
-        store = RunStore(self.path, self._metadata(codec, metadata or {}),
-                         {p.key: (tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch."))
-                          for p in self.params},
-                         codec)
-        store.write_table_part("params", self._params_table(), 0, 0)
-        vocabulary = vocabulary_array(vocabulary)
-        if vocabulary is not None:
-            store.write_table_part("vocabulary", vocabulary_table(vocabulary), 0, 0)
-        self._write_carry_in(store)
-        self._writer = BackgroundWriter(store, vocabulary)
+        meta = self._metadata(codec or Codec(), metadata or {})
+        if resume is False:
+            point, store = None, self._create(meta, codec or Codec(), vocabulary_array(vocabulary))
+        else:
+            point, store = self._reopen(meta, resume)
+            vocabulary = point.vocabulary if point.vocabulary is not None else vocabulary
+        self._writer = BackgroundWriter(store, vocabulary_array(vocabulary))
         self._block: Block | None = None  # created at the first step, when sizes are known
         self._scratch = ([torch.empty_like(p.param, dtype=p.storage_dtype) for p in self.params]
                          if self._on_gpu else None)  # device-side deltas before their async copy
@@ -189,7 +194,11 @@ class Recorder:
         self._theta_hat = [p.param.detach().to(p.storage_dtype).clone() for p in self.params]
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
         self._had_buffer = [False] * len(self.params)
-        self._writer.add_checkpoint(0, _snapshot(self.params, self._theta_hat))
+        self._last_checkpoint = -1
+        if point is None:
+            self._checkpoint_now()
+        else:
+            self._continue(point)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -199,7 +208,15 @@ class Recorder:
         atexit.register(self._close_at_exit)
 
     # -- set-up --------------------------------------------------------------------------------
-    def _check_target(self, overwrite: bool) -> None:
+    def _check_target(self, overwrite: bool, resume: bool | int) -> None:
+        if resume is not False:
+            if overwrite:
+                raise ValueError("pass resume= to continue a run or overwrite=True to replace "
+                                 "it, not both")
+            if not (self.path / fmt.META_FILE).exists():
+                raise FileNotFoundError(f"resume= needs a recorded run, and {self.path} holds "
+                                        "none; drop resume= to start a new run there")
+            return
         if (self.path / fmt.META_FILE).exists():
             if not overwrite:
                 raise FileExistsError(
@@ -256,8 +273,63 @@ class Recorder:
                                                     BLOCK_TARGET_BYTES // per_step))
         self._writer.store.create_step_arrays(
             specs, depth, {"steps_per_chunk": depth, "examples_per_step": examples})
+        self._start_blocks(specs)
+
+    def _start_blocks(self, specs: list[ArraySpec]) -> None:
         self._writer.start_pool(specs, self._buffers, pin_memory=self._on_gpu)
-        self._block = self._writer.acquire()
+        self._block = self._writer.acquire(self.step)
+
+    def _create(self, meta: dict, codec: Codec, vocabulary: np.ndarray | None) -> RunStore:
+        """A new run directory with its static tables."""
+        store = RunStore(self.path, meta,
+                         {p.key: (tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch."))
+                          for p in self.params},
+                         codec)
+        store.write_table_part("params", self._params_table(), 0, 0)
+        if vocabulary is not None:
+            store.write_table_part("vocabulary", vocabulary_table(vocabulary), 0, 0)
+        self._write_carry_in(store)
+        return store
+
+    def _reopen(self, meta_now: dict, resume: bool | int) -> tuple[ResumePoint, RunStore]:
+        """Check the live state against the recorded run, then cut the run back to the
+        resume step (recorded data after it, and whatever a crash left uncommitted)."""
+        run = Run(self.path)
+        point = prepare(run, resume, meta_now, self._params_table().to_pylist(),
+                        {p.name: p.param.detach().cpu() for p in self.params}, self.optimizer,
+                        self.spec, [p.param for p in self.params])
+        store = RunStore.reopen(self.path, run.meta, run.manifest, [p.key for p in self.params])
+        if store.steps_per_chunk:
+            store.open_step_arrays(self._array_specs(run.meta["examples_per_step"]))
+        store.manifest["resumes"].append({
+            "step": point.step, "discarded_steps": point.discarded, "time": now_iso(),
+            "previous_status": point.previous_status,
+            "previous_error": store.manifest.get("error")})
+        store.manifest.update(status=fmt.Status.RECORDING.value, error=None)
+        store.truncate(point.step, len(point.checkpoints),
+                       whole_run_tables(point.checkpoints, point.stage_runs))
+        if point.discarded:
+            warnings.warn(f"attrib: resuming {self.path} at step {point.step}; the "
+                          f"{point.discarded} steps recorded after it are discarded",
+                          stacklevel=3)
+        return point, store
+
+    def _continue(self, point: ResumePoint) -> None:
+        """Pick the run up at the resume step: θ̂ from its checkpoint (one is taken from the
+        live parameters when the step has none), stage, clock and writer state."""
+        self.step = point.step
+        self._stage = point.stage_runs[-1][0] if point.stage_runs else DEFAULT_STAGE
+        self._started -= point.elapsed
+        self._writer.resume(point.step, point.checkpoints, point.stage_runs, point.seen_examples)
+        store = self._writer.store
+        if store.steps_per_chunk:
+            self._start_blocks(self._array_specs(store.meta["examples_per_step"]))
+        if point.theta is None:
+            self._checkpoint_now()
+        else:
+            self._last_checkpoint = point.step
+            for p, hat in zip(self.params, self._theta_hat):
+                hat.copy_(point.theta[p.name])  # what readers rebuild θ_step from
 
     def _metadata(self, codec: Codec, user: dict[str, Any]) -> dict:
         from attrib import __version__
@@ -421,9 +493,14 @@ class Recorder:
         self._begin_next_step()
         if self._block is not None:
             self._writer.submit(self._block)
-        if self.step % self.checkpoint_every != 0:
-            self._writer.add_checkpoint(self.step, _snapshot(self.params,
-                                                             [p.param for p in self.params]))
+        if self.step != self._last_checkpoint:
+            self._checkpoint_now()
+
+    def _checkpoint_now(self) -> None:
+        """θ at the next step as a checkpoint, off the step path (start, resume, close)."""
+        self._writer.add_checkpoint(self.step, _snapshot(self.params,
+                                                         [p.param for p in self.params]))
+        self._last_checkpoint = self.step
 
     def __enter__(self) -> Recorder:
         return self
@@ -470,7 +547,7 @@ class Recorder:
         self._after_step = False
         if self._block is not None and self._block.full:
             self._writer.submit(self._block)
-            self._block = self._writer.acquire()
+            self._block = self._writer.acquire(self.step)
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self._enabled:
@@ -570,6 +647,7 @@ class Recorder:
         self._tokens = []
         if (self.step + 1) % self.checkpoint_every == 0:
             record.checkpoint = _snapshot(self.params, live)
+            self._last_checkpoint = self.step + 1
             for hat, value in zip(self._theta_hat, live):
                 hat.copy_(value)  # deltas restart from the stored checkpoint, bit for bit
         self._block.records.append(record)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
@@ -27,6 +28,7 @@ from zarr.core.sync import sync
 from attrib.schemas import format as fmt
 
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk; splits big tensors along dim 0
+STEP_TABLES = ("steps", "examples", "shifts", "rng")  # tables with a row per (step, ...)
 COMPACT_ROWS = 1 << 22  # rows per merged Parquet file of a table at close (a step range each)
 
 
@@ -77,14 +79,7 @@ class RunStore:
 
     def __init__(self, run_dir: Path, meta: dict[str, Any],
                  params: dict[str, tuple[tuple[int, ...], str]], codec: Codec) -> None:
-        self.dir = run_dir
-        self.meta = meta
-        self.steps_per_chunk = 0  # set with the step arrays, at the first step
-        self.step_arrays: dict[str, zarr.Array] = {}
-        self.compressor = codec.compressor()
-        self._sequence = 0
-        self._pending_checkpoints = 0  # appended since the last commit
-        self._obsolete: list[str] = []  # parts to delete once a commit no longer lists them
+        self._setup(run_dir, meta, codec)
         run_dir.mkdir(parents=True, exist_ok=True)
         fmt.write_json_atomic(run_dir / fmt.META_FILE, meta)
         self.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="w", zarr_format=3)
@@ -97,12 +92,60 @@ class RunStore:
             "committed_steps": 0,
             "n_checkpoints": 0,
             "tables": {name: [] for name in fmt.TABLES},
-            "pid": os.getpid(),
-            "host": platform.node(),
-            "updated": now_iso(),
             "error": None,
             "warnings": [],
+            "resumes": [],
         }
+        self._claim()
+        self.commit(0)  # the run opens (as `recording`, or `crashed`) from the first moment
+
+    def _setup(self, run_dir: Path, meta: dict[str, Any], codec: Codec) -> None:
+        self.dir = run_dir
+        self.meta = meta
+        self.steps_per_chunk = meta.get("steps_per_chunk") or 0  # set with the step arrays
+        self.step_arrays: dict[str, zarr.Array] = {}
+        self.compressor = codec.compressor()
+        self._sequence = 0
+        self._pending_checkpoints = 0  # appended since the last commit
+        self._obsolete: list[str] = []  # parts to delete once a commit no longer lists them
+
+    def _claim(self) -> None:
+        """Name this process as the run's writer (readers call a run whose writer died
+        `crashed`)."""
+        self.manifest.update(pid=os.getpid(), host=platform.node(), updated=now_iso())
+
+    @classmethod
+    def reopen(cls, run_dir: Path, meta: dict[str, Any], manifest: dict[str, Any],
+               param_keys: list[str]) -> RunStore:
+        """Open an existing run to append to it (`Recorder(resume=...)`), with its own codec."""
+        store = cls.__new__(cls)
+        store._setup(run_dir, meta, Codec(**meta["codec"]))
+        store.manifest = manifest
+        store.manifest.setdefault("resumes", [])
+        store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
+        store.checkpoint_arrays = {k: store.group[f"{fmt.CHECKPOINTS}/{k}"] for k in param_keys}
+        # new parts must not reuse the name of one a crash left unreferenced
+        store._sequence = max((int(f.stem.split("-")[1])
+                               for f in (run_dir / fmt.TABLES_DIR).glob("*/part-*.parquet")),
+                              default=0)
+        store._claim()
+        return store
+
+    def open_step_arrays(self, specs: list[ArraySpec]) -> None:
+        """Open the step arrays of a resumed run, refusing any whose layout differs."""
+        for spec in specs:
+            try:
+                array = self.group[spec.path]
+            except KeyError:
+                raise fmt.FormatError(f"{self.dir}: the run has no array {spec.path!r}; the "
+                                      "recorder is set up differently from the recorded run"
+                                      ) from None
+            if tuple(array.shape[1:]) != spec.step_shape or array.dtype != np.dtype(spec.dtype):
+                raise fmt.FormatError(
+                    f"{self.dir}: {spec.path!r} holds {array.dtype} values of shape "
+                    f"{tuple(array.shape[1:])} per step; the recorder would write {spec.dtype} "
+                    f"of shape {spec.step_shape}")
+            self.step_arrays[spec.path] = array
 
     def create_step_arrays(self, specs: list[ArraySpec], steps_per_chunk: int,
                            meta: dict[str, Any]) -> None:
@@ -157,13 +200,17 @@ class RunStore:
     # -- tables -----------------------------------------------------------------------------
     def write_table_part(self, table: str, data: pa.Table, first: int, last: int) -> int:
         """Write an immutable Parquet part (listed in the manifest at the next commit)."""
+        relative = self._write_part(table, data, first, last)
+        self.manifest["tables"][table].append(relative)
+        return (self.dir / relative).stat().st_size
+
+    def _write_part(self, table: str, data: pa.Table, first: int, last: int) -> str:
         self._sequence += 1
         relative = fmt.table_part_name(table, first, last, self._sequence)
         path = self.dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(data.cast(fmt.TABLES[table]), path, compression="zstd")
-        self.manifest["tables"][table].append(relative)
-        return path.stat().st_size
+        return relative
 
     def replace_table(self, table: str, data: pa.Table) -> None:
         """Swap a small table whole: new part now, the old parts are deleted after commit."""
@@ -185,6 +232,42 @@ class RunStore:
         for relative in self._obsolete:
             (self.dir / relative).unlink(missing_ok=True)
         self._obsolete = []
+
+    def truncate(self, steps: int, n_checkpoints: int, whole: dict[str, pa.Table]) -> None:
+        """Keep steps [0, steps) and the first `n_checkpoints` checkpoints, drop the rest
+        (resuming from an earlier step, or from a crash that left uncommitted data behind).
+
+        Step-keyed parts are cut at `steps`, `whole` replaces the whole-run tables (stages,
+        checkpoints), and the manifest commits before any array shrinks or file goes, so a
+        crash in between leaves a run whose manifest lists only what still exists.
+        """
+        for table in (*STEP_TABLES, "tokens"):
+            kept = []
+            for part in self.manifest["tables"][table]:
+                first, last = _part_steps([part])
+                if last < steps or (table == "tokens" and first < steps):
+                    kept.append(part)  # token rows are per example, harmless to keep
+                    continue
+                self._obsolete.append(part)
+                if first < steps:
+                    rows = pq.read_table(self.dir / part, schema=fmt.TABLES[table])
+                    kept.append(self._write_part(table, rows.filter(pc.field("step") < steps),
+                                                 first, steps - 1))
+            self.manifest["tables"][table] = kept
+        for table, data in whole.items():
+            self.replace_table(table, data)
+        self.manifest["n_checkpoints"] = n_checkpoints
+        self.commit(steps)
+        for array in self.step_arrays.values():
+            if array.shape[0] > steps:
+                array.resize((steps, *array.shape[1:]))
+        for array in self.checkpoint_arrays.values():
+            if array.shape[0] > n_checkpoints:
+                array.resize((n_checkpoints, *array.shape[1:]))
+        listed = {p for parts in self.manifest["tables"].values() for p in parts}
+        for file in (self.dir / fmt.TABLES_DIR).glob("*/part-*.parquet"):
+            if file.relative_to(self.dir).as_posix() not in listed:
+                file.unlink()  # left unreferenced by a crash or by the cut above
 
     def compact(self, table: str, rows_per_file: int = COMPACT_ROWS) -> None:
         """Merge a table's parts into files of about `rows_per_file` rows, so queries open a

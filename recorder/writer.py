@@ -50,10 +50,11 @@ class Block:
     buffers: dict[str, torch.Tensor]
     records: list[StepRecord] = field(default_factory=list)
     ready: Any = None  # a torch.cuda.Event the device-to-host copies must reach first
+    capacity: int = 0  # steps it takes: the buffers' depth, less after a mid-chunk resume
 
     @property
     def full(self) -> bool:
-        return len(self.records) == next(iter(self.buffers.values())).shape[0]
+        return len(self.records) == self.capacity
 
 
 def _to_python(value: Any) -> Any:
@@ -98,10 +99,22 @@ class BackgroundWriter:
         if self.error is not None:
             raise RecordingError(f"the background writer failed: {self.error!r}")
 
-    def acquire(self) -> Block:
-        """An empty block; waits while every buffer is being written (backpressure)."""
+    def acquire(self, first_step: int) -> Block:
+        """An empty block; waits while every buffer is being written (backpressure).
+
+        A block ends at a chunk boundary, so each write fills whole chunks even when the
+        run was resumed from a step in the middle of one."""
         self._check()
-        return Block(self._free.get())
+        depth = self.store.steps_per_chunk
+        return Block(self._free.get(), capacity=depth - first_step % depth)
+
+    def resume(self, committed_steps: int, checkpoints: list[tuple[int, int]],
+               stage_runs: list[list[Any]], seen_examples: np.ndarray) -> None:
+        """Continue a run that already holds `committed_steps` steps (before any submit)."""
+        self.committed_steps = committed_steps
+        self._checkpoints = list(checkpoints)
+        self._stage_runs = [list(run) for run in stage_runs]
+        self._tokens_seen.seen = np.unique(seen_examples)
 
     def submit(self, block: Block) -> None:
         """Hand a filled (or final, partial) block over for writing and committing."""
@@ -196,13 +209,18 @@ class BackgroundWriter:
 
     def _commit_tables(self) -> None:
         """Rewrite the small whole-run tables so they match what this commit makes visible."""
-        index, step = zip(*self._checkpoints) if self._checkpoints else ((), ())
-        self.store.replace_table(
-            "checkpoints", pa.table({"index": list(index), "step": list(step)},
-                                    schema=fmt.CHECKPOINTS_TABLE)
-        )
-        stages = [dict(zip(fmt.STAGES.names, run)) for run in self._stage_runs]
-        self.store.replace_table("stages", pa.Table.from_pylist(stages, schema=fmt.STAGES))
+        for table, data in whole_run_tables(self._checkpoints, self._stage_runs).items():
+            self.store.replace_table(table, data)
+
+
+def whole_run_tables(checkpoints: list[tuple[int, int]], stage_runs: list[list[Any]]
+                     ) -> dict[str, pa.Table]:
+    """The checkpoints and stages tables, rewritten whole at each commit."""
+    index, step = zip(*checkpoints) if checkpoints else ((), ())
+    stages = [dict(zip(fmt.STAGES.names, run)) for run in stage_runs]
+    return {"checkpoints": pa.table({"index": list(index), "step": list(step)},
+                                    schema=fmt.CHECKPOINTS_TABLE),
+            "stages": pa.Table.from_pylist(stages, schema=fmt.STAGES)}
 
 
 def _examples_table(records: list[StepRecord]) -> pa.Table:

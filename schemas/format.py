@@ -49,6 +49,10 @@ CONTRIB = "contrib"  # contrib/<key>: (steps, examples_per_step, *shape), Full c
 PROJ = "proj"  # proj/<key>: (steps, examples_per_step, k), Project capture R c_{s,i}
 RESIDUAL_NORM = "residual_norm"  # (steps, n_params) float64, ‖G_s − Σ_i c_{s,i}‖ / ‖G_s‖
 
+# How closely θ rebuilt from a checkpoint and float32 deltas agrees with θ stored or live (verify,
+# resume): the deltas' own rounding stays far inside it.
+THETA_RTOL, THETA_ATOL = 1e-5, 1e-6
+
 # Per-step, per-group optimizer hyperparameters stored under hparams/.
 HPARAM_NAMES = ("lr", "weight_decay", "momentum", "dampening", "beta1", "beta2", "eps")
 

@@ -1,0 +1,184 @@
+"""Resuming a recorded run: check that the model and optimizer are where the run stopped.
+
+The training script restores its own checkpoint; `Recorder(resume=...)` then continues the same
+run. Before anything is written this module checks that the recorder is set up as before, that
+the live parameters equal θ at the resume step (as readers rebuild it from checkpoints and
+deltas) and that the optimizer's step counts and recorded state match. A mismatch is refused
+with the step the parameters do match, if any, so the fix is one argument away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from attrib.analyzer.run import Run
+from attrib.recorder import optimizers as optim_info
+from attrib.schemas import format as fmt
+
+# Metadata that must be equal for the new steps to mean what the old ones do.
+SETTINGS = ("optimizer", "n_groups", "step_state", "record_grads", "capture", "residual_params",
+            "rng")
+PARAM_FIELDS = ("name", "shape", "dtype", "group")
+
+
+class ResumeError(ValueError):
+    """The live training state does not continue the recorded run."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues, and the writer state that goes with it."""
+
+    step: int
+    previous_status: str
+    discarded: int  # committed steps after `step`, dropped by the resume
+    theta: dict[str, torch.Tensor] | None  # the stored checkpoint at `step`, if there is one
+    checkpoints: list[tuple[int, int]]  # (index, step) kept
+    stage_runs: list[list[Any]]  # [stage, start, end, n_steps] cut at `step`
+    seen_examples: np.ndarray  # examples whose tokens are already stored
+    elapsed: float  # the steps table's time at `step`, so `time` keeps counting
+    vocabulary: dict[int, str] | None
+
+
+def prepare(run: Run, resume: bool | int, meta_now: dict[str, Any], params_now: list[dict],
+            live: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+            spec: optim_info.OptimizerSpec, optimizer_params: list[torch.Tensor]) -> ResumePoint:
+    """Check the live state against the run and say where it continues (nothing written)."""
+    if run.writer_running():
+        raise ResumeError(f"{run.dir} is being recorded by process {run.manifest.get('pid')} "
+                          "(this one, if a Recorder on it is still open); close that Recorder "
+                          "or stop that process before resuming")
+    _check_settings(run, meta_now, params_now)
+    step = _resume_step(run, resume)
+    if not _matches(run.reconstruct(step), live):
+        raise ResumeError(_mismatch_message(run, step, live))
+    _check_optimizer(run, step, optimizer, spec, optimizer_params)
+    return _point(run, step)
+
+
+def _check_settings(run: Run, meta_now: dict[str, Any], params_now: list[dict]) -> None:
+    fix = ("resume with the same model, optimizer and Recorder arguments as the recorded run, "
+           "or record a new run into another directory")
+    recorded = [{f: row[f] for f in PARAM_FIELDS} for row in run.params.to_pylist()]
+    now = [{f: row[f] for f in PARAM_FIELDS} for row in params_now]
+    if recorded != now:
+        differ = next((a, b) for a, b in zip(recorded + [None] * len(now),
+                                             now + [None] * len(recorded)) if a != b)
+        raise ResumeError(f"{run.dir}: the parameters differ from the recorded run's (recorded "
+                          f"{differ[0]}, now {differ[1]}); {fix}")
+    for key in SETTINGS:
+        if run.meta.get(key) != meta_now.get(key):
+            raise ResumeError(f"{run.dir}: {key} was {_short(run.meta.get(key))} when recorded, "
+                              f"now {_short(meta_now.get(key))}; {fix}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+def _resume_step(run: Run, resume: bool | int) -> int:
+    if resume is False or not isinstance(resume, (int, np.integer)):
+        raise TypeError(f"resume= takes True or a step number, got {resume!r}")
+    if not run.checkpoint_steps:
+        raise ResumeError(f"{run.dir} stopped before its first commit, so there is nothing to "
+                          "continue; record it again with overwrite=True")
+    if resume is not True and not 0 <= resume <= run.n_steps:
+        raise ResumeError(f"resume={resume}: {run.dir} has {run.n_steps} committed steps, so a "
+                          f"run can continue from step 0 … {run.n_steps}")
+    return run.n_steps if resume is True else int(resume)
+
+
+def _matches(theta: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> bool:
+    return all(_close(theta[name], value) for name, value in live.items())
+
+
+def _close(stored: torch.Tensor, value: torch.Tensor) -> bool:
+    return torch.allclose(stored.double(), value.double(), rtol=fmt.THETA_RTOL,
+                          atol=fmt.THETA_ATOL)
+
+
+def _mismatch_message(run: Run, step: int, live: dict[str, torch.Tensor]) -> str:
+    found = latest_matching_step(run, live)
+    head = (f"{run.dir}: the model's parameters are not θ at step {step}, where the run "
+            "would continue")
+    if found is None:
+        return (f"{head}, nor at any step recorded before it. Load the training checkpoint "
+                "that belongs to this run, or record a new run into another directory")
+    return (f"{head}; they are θ at step {found}. Pass resume={found} to continue from there "
+            f"(the {run.n_steps - found} steps recorded after it are discarded), or load the "
+            f"training checkpoint of step {step}")
+
+
+def latest_matching_step(run: Run, live: dict[str, torch.Tensor]) -> int | None:
+    """The last committed step whose θ equals `live`, walking each checkpoint's segment."""
+    steps = [s for s in run.checkpoint_steps if s <= run.n_steps]
+    chunk = max(1, int(run.meta.get("steps_per_chunk") or 1))
+    found = None
+    for index, start in enumerate(steps):
+        stop = steps[index + 1] if index + 1 < len(steps) else run.n_steps
+        match = np.ones(stop - start + 1, bool)  # θ_start … θ_stop
+        theta = run.checkpoint(index)
+        for name, value in live.items():
+            current, hits = theta[name], [_close(theta[name], value)]
+            for first in range(start, stop, chunk):
+                for delta in run.deltas(name, first, min(stop, first + chunk)):
+                    current += delta  # the recorder's own arithmetic, as in Run.reconstruct
+                    hits.append(_close(current, value))
+            match &= np.array(hits)
+        if match.any():
+            found = start + int(np.nonzero(match)[0][-1])
+    return found
+
+
+def _check_optimizer(run: Run, step: int, optimizer: torch.optim.Optimizer,
+                     spec: optim_info.OptimizerSpec, params: list[torch.Tensor]) -> None:
+    """Step counts and the per-step state recorded after step−1 (carry-in state at 0)."""
+    states = [optimizer.state.get(p, {}) for p in params]
+    counts = [optim_info.step_count(s) for s in states]
+    if step == 0:
+        recorded_counts = list(run.meta.get("initial_step_count") or [0] * len(params))
+        recorded_state = {n: s for n, s in run.initial_state().items()}
+    else:
+        recorded_counts = run.step_counts(step - 1, step)[0].tolist()
+        recorded_state = {n: {s: run.state(n, s, step - 1, step)[0] for s in spec.step_state}
+                          for n in run.param_names}
+    fix = ("restore the optimizer's state_dict from the same training checkpoint as the model's "
+           f"(the state after step {step - 1})" if step else
+           "restore the optimizer the run started with")
+    if counts != recorded_counts:
+        raise ResumeError(f"{run.dir}: the optimizer's step counts are {_short(counts)}, the run "
+                          f"recorded {_short(recorded_counts)} at step {step}; {fix}")
+    for name, state in zip(run.param_names, states):
+        for key, stored in recorded_state.get(name, {}).items():
+            value = optim_info.state_tensor(spec, state, key) if step else state.get(key)
+            value = torch.zeros_like(stored) if value is None else value.detach().cpu()
+            if not _close(stored, value):
+                raise ResumeError(f"{run.dir}: the optimizer's {key} of {name!r} is not the one "
+                                  f"recorded at step {step}; {fix}")
+
+
+def _point(run: Run, step: int) -> ResumePoint:
+    checkpoints = [(i, s) for i, s in enumerate(run.checkpoint_steps) if s <= step]
+    theta = run.checkpoint(checkpoints[-1][0]) if checkpoints[-1][1] == step else None
+    stage_runs = []
+    for row in run.stages.sort_by("start_step").to_pylist():
+        if row["start_step"] < step:
+            end = min(row["end_step"], step - 1)
+            stage_runs.append([row["stage"], row["start_step"], end, end - row["start_step"] + 1])
+    last = run.table_where("steps", step - 1) if step else None
+    tokens = run.table("tokens").column("example_id").to_numpy()
+    vocabulary = run.table("vocabulary")
+    return ResumePoint(
+        step=step, previous_status=run.status, discarded=run.n_steps - step, theta=theta,
+        checkpoints=checkpoints,
+        stage_runs=stage_runs, seen_examples=tokens,
+        elapsed=float(last.column("time")[0].as_py() or 0.0) if last is not None else 0.0,
+        vocabulary={i: t for i, t in zip(vocabulary.column("token_id").to_pylist(),
+                                         vocabulary.column("token").to_pylist()) if t is not None}
+        if vocabulary.num_rows else None,
+    )

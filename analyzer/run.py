@@ -230,12 +230,29 @@ class Run:
         the parameter's shape for Full capture, k values for Project capture.
         """
         self._step_range(step, step + 1)
+        if step in self.dropped_steps():
+            raise KeyError(f"step {step}'s per-example data was dropped: the disk was behind and "
+                           "the run was recorded with backpressure='drop_examples'. Use another "
+                           "step (steps.examples_dropped is false), or record with the default "
+                           "backpressure='block'")
         examples = self.table_where("examples", step).sort_by("row")
         ids = torch.tensor(examples.column("example_id").to_numpy())
         names = [param] if param is not None else [n for n, c in self.capture.items()
                                                       if "full" in c or "project" in c]
         return ids, {name: self.contribution_rows(name, step, step + 1)[0, : len(ids)]
                      for name in names}
+
+    @cached_property
+    def _dropped(self) -> frozenset[int]:
+        steps = self.steps
+        if "examples_dropped" not in steps.column_names:
+            return frozenset()
+        flags = steps.column("examples_dropped").to_numpy(zero_copy_only=False)
+        return frozenset(steps.column("step").to_numpy()[flags == True].tolist())  # noqa: E712
+
+    def dropped_steps(self) -> frozenset[int]:
+        """Steps whose per-example rows were dropped under backpressure (they read as zeros)."""
+        return self._dropped
 
     def contribution_rows(self, param: str, start: int = 0, stop: int | None = None
                           ) -> torch.Tensor:

@@ -42,6 +42,10 @@ BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
 MAX_STEPS_PER_CHUNK = 64
 BLOCK_BUFFERS = 3  # one being filled, up to two being written: bounds host memory
 DEFAULT_STAGE = "default"
+# When every block buffer is being written: training waits (nothing is lost), or the next
+# block keeps the trajectory and tables but drops its per-example rows (training never waits
+# on them; steps.examples_dropped marks the steps, whose data influence becomes residual).
+BACKPRESSURE = ("block", "drop_examples")
 
 
 @dataclass
@@ -120,7 +124,16 @@ class Recorder:
     spell the `tokens` table that `examples(ids, tokens=...)` fills.
 
     Memory: the recorder holds `buffers` blocks of `steps_per_chunk` steps on the host (pinned
-    when the model is on a GPU); when the disk falls behind, training waits for a free block.
+    when the model is on a GPU), never more. When the disk falls behind, `backpressure="block"`
+    (the default) makes training wait for a free block; `"drop_examples"` keeps recording the
+    trajectory in small aggregate-only blocks and drops those steps' per-example rows, flagged
+    in `steps.examples_dropped` (their data influence then lands in the residual term).
+
+    `resume=True` continues the run in `path` at its last committed step, after the training
+    script restored its own checkpoint; `resume=STEP` continues from an earlier step and
+    discards the steps recorded after it. The parameters and optimizer state must match the
+    recorded ones at that step (checked; a mismatch is refused and names the step that does
+    match).
     """
 
     def __init__(
@@ -141,12 +154,16 @@ class Recorder:
         vocabulary: Sequence[str] | dict[int, str] | None = None,
         overwrite: bool = False,
         resume: bool | int = False,
+        backpressure: str = "block",
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be ≥ 1, got {checkpoint_every}")
+        if backpressure not in BACKPRESSURE:
+            raise ValueError(f"backpressure={backpressure!r}: choose one of {BACKPRESSURE}")
         self.path = Path(path)
         self.strict = strict
+        self.backpressure = backpressure
         self.spec = optim_info.inspect_optimizer(optimizer)
         self.optimizer = optimizer
         self.params = tracked_params(model, optimizer)
@@ -195,6 +212,7 @@ class Recorder:
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
         self._had_buffer = [False] * len(self.params)
         self._last_checkpoint = -1
+        self._dropped_before = False
         if point is None:
             self._checkpoint_now()
         else:
@@ -276,7 +294,10 @@ class Recorder:
         self._start_blocks(specs)
 
     def _start_blocks(self, specs: list[ArraySpec]) -> None:
-        self._writer.start_pool(specs, self._buffers, pin_memory=self._on_gpu)
+        lean = [s for s in specs if not s.path.startswith((f"{fmt.CONTRIB}/", f"{fmt.PROJ}/"))]
+        dropping = self.backpressure == "drop_examples" and len(lean) < len(specs)
+        self._writer.start_pool(specs, self._buffers, pin_memory=self._on_gpu,
+                                lean=lean if dropping else None)
         self._block = self._writer.acquire(self.step)
 
     def _create(self, meta: dict, codec: Codec, vocabulary: np.ndarray | None) -> RunStore:
@@ -548,6 +569,12 @@ class Recorder:
         if self._block is not None and self._block.full:
             self._writer.submit(self._block)
             self._block = self._writer.acquire(self.step)
+            if self._block.lean and not self._dropped_before:
+                self._dropped_before = True
+                warnings.warn(f"attrib: the disk is behind at step {self.step}; per-example "
+                              "data of such steps is dropped (backpressure='drop_examples'), "
+                              "the trajectory is kept and steps.examples_dropped says which",
+                              stacklevel=4)
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self._enabled:
@@ -666,9 +693,9 @@ class Recorder:
                 f"examples_per_step={data.rows} (or more) to Recorder")
         residual = []
         for p, capture, g in zip(self.params, self.captures, consumed):
-            if capture.full is not None:
+            if capture.full is not None and not self._block.lean:
                 scatter_rows(data.full.get(p.index, []), rows[f"{fmt.CONTRIB}/{p.key}"])
-            if capture.project is not None:
+            if capture.project is not None and not self._block.lean:
                 scatter_rows(data.projected.get(p.index, []), rows[f"{fmt.PROJ}/{p.key}"])
             if not capture.any or g is None:
                 residual.append(torch.tensor(math.nan if not capture.any else 0.0))

@@ -177,10 +177,11 @@ class RunStore:
         array[...] = value
 
     def append_steps(self, first_step: int, values: dict[str, np.ndarray]) -> None:
-        """Write a block of consecutive steps for every step-indexed array."""
+        """Write a block of consecutive steps; arrays without values in `values` (dropped
+        per-example rows) grow with the others and read as their fill value there."""
         n = next(iter(values.values())).shape[0]
-        _write_all([(a, slice(first_step, first_step + n), values[p])
-                    for p, a in self.step_arrays.items()])
+        where = slice(first_step, first_step + n)
+        _write_all([(a, where, values.get(p)) for p, a in self.step_arrays.items()])
 
     def append_checkpoint(self, params: dict[str, np.ndarray]) -> int:
         """Append θ at a checkpoint step; returns its checkpoint index."""
@@ -260,6 +261,12 @@ class RunStore:
         self.commit(steps)
         for array in self.step_arrays.values():
             if array.shape[0] > steps:
+                # clear the rest of the chunk the cut falls in: rows that grow back into it
+                # unwritten (dropped per-example rows) must read as the fill value, not as
+                # the discarded steps
+                end = min(array.shape[0], -(-steps // array.chunks[0]) * array.chunks[0])
+                if end > steps:
+                    array[steps:end] = array.fill_value
                 array.resize((steps, *array.shape[1:]))
         for array in self.checkpoint_arrays.values():
             if array.shape[0] > n_checkpoints:
@@ -300,7 +307,7 @@ def _part_steps(parts: list[str]) -> tuple[int, int]:
     return first, last
 
 
-def _write_all(writes: list[tuple[zarr.Array, slice | int, np.ndarray]]) -> None:
+def _write_all(writes: list[tuple[zarr.Array, slice | int, np.ndarray | None]]) -> None:
     """Grow each array along the step axis and write its rows, all arrays concurrently.
 
     One round trip into zarr's event loop for the whole block instead of two per array: with
@@ -312,7 +319,8 @@ def _write_all(writes: list[tuple[zarr.Array, slice | int, np.ndarray]]) -> None
     async def run() -> None:
         await asyncio.gather(*(a.async_array.resize((stop(w), *a.shape[1:]))
                                for a, w, _ in writes))
-        await asyncio.gather(*(a.async_array.setitem(w, v) for a, w, v in writes))
+        await asyncio.gather(*(a.async_array.setitem(w, v) for a, w, v in writes
+                               if v is not None))
 
     sync(run())
 

@@ -51,6 +51,7 @@ class Block:
     records: list[StepRecord] = field(default_factory=list)
     ready: Any = None  # a torch.cuda.Event the device-to-host copies must reach first
     capacity: int = 0  # steps it takes: the buffers' depth, less after a mid-chunk resume
+    lean: bool = False  # aggregate arrays only: per-example rows dropped under backpressure
 
     @property
     def full(self) -> bool:
@@ -81,19 +82,28 @@ class BackgroundWriter:
         self.committed_steps = 0
         self._queue: queue.Queue = queue.Queue()  # bounded by the pool: ≤ n_buffers blocks
         self._free: queue.Queue = queue.Queue()
+        self._lean: queue.Queue | None = None  # aggregate-only buffers (drop_examples policy)
         self._checkpoints: list[tuple[int, int]] = []  # (index, step)
         self._stage_runs: list[list[Any]] = []  # [stage, start, end, n_steps]
         self._thread = threading.Thread(target=self._loop, name="attrib-writer", daemon=True)
         self._thread.start()
 
     # -- training-thread side ----------------------------------------------------------------
-    def start_pool(self, specs: list[ArraySpec], n_buffers: int, pin_memory: bool) -> None:
-        """Allocate the block buffers (zeroed, so their pages are touched once, here)."""
+    def start_pool(self, specs: list[ArraySpec], n_buffers: int, pin_memory: bool,
+                   lean: list[ArraySpec] | None = None) -> None:
+        """Allocate the block buffers (zeroed, so their pages are touched once, here); with
+        `lean` specs, as many aggregate-only buffers for steps whose per-example rows drop."""
         depth = self.store.steps_per_chunk
+
+        def buffers(of: list[ArraySpec]) -> dict[str, torch.Tensor]:
+            return {s.path: torch.zeros((depth, *s.step_shape), pin_memory=pin_memory,
+                                        dtype=getattr(torch, s.dtype)) for s in of}
+
+        self._lean = queue.Queue() if lean is not None else None
         for _ in range(max(1, n_buffers)):
-            self._free.put({s.path: torch.zeros((depth, *s.step_shape), pin_memory=pin_memory,
-                                                dtype=getattr(torch, s.dtype))
-                            for s in specs})
+            self._free.put(buffers(specs))
+            if self._lean is not None:
+                self._lean.put(buffers(lean))
 
     def _check(self) -> None:
         if self.error is not None:
@@ -106,7 +116,16 @@ class BackgroundWriter:
         run was resumed from a step in the middle of one."""
         self._check()
         depth = self.store.steps_per_chunk
-        return Block(self._free.get(), capacity=depth - first_step % depth)
+        capacity = depth - first_step % depth
+        if self._lean is not None:
+            try:
+                return Block(self._free.get_nowait(), capacity=capacity)
+            except queue.Empty:  # every full buffer is in flight: the disk is behind
+                return Block(self._lean.get(), capacity=capacity, lean=True)
+        return Block(self._free.get(), capacity=capacity)
+
+    def _release(self, block: Block) -> None:
+        (self._lean if block.lean else self._free).put(block.buffers)
 
     def resume(self, committed_steps: int, checkpoints: list[tuple[int, int]],
                stage_runs: list[list[Any]], seen_examples: np.ndarray) -> None:
@@ -125,7 +144,7 @@ class BackgroundWriter:
                 block.ready.record()
             self._queue.put(block)
         else:
-            self._free.put(block.buffers)
+            self._release(block)
 
     def add_checkpoint(self, step: int, params: dict[str, torch.Tensor]) -> None:
         """Commit θ at `step`, which must directly follow every submitted step."""
@@ -149,7 +168,7 @@ class BackgroundWriter:
                 except BaseException as e:  # reported to the training thread, never raised there
                     self.error, self.error_trace = e, traceback.format_exc()
             if isinstance(item, Block):
-                self._free.put(item.buffers)
+                self._release(item)
 
     def _write(self, item: Block | tuple[int, dict[str, torch.Tensor]]) -> None:
         if isinstance(item, Block):
@@ -192,6 +211,7 @@ class BackgroundWriter:
         seconds = (time.perf_counter() - started) / n  # the Parquet write below is not counted
         for row in rows:
             row["bytes_written"], row["write_seconds"] = per_step, seconds
+            row["examples_dropped"] = block.lean
         self.store.write_table_part("steps", pa.Table.from_pylist(rows, schema=fmt.STEPS),
                                     first, first + n - 1)
         self.committed_steps = first + n

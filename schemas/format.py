@@ -77,6 +77,9 @@ STEPS = pa.schema(
         pa.field("record_seconds", pa.float64()),  # time the training thread spent in hooks
         pa.field("bytes_written", pa.int64()),  # compressed bytes of this step's block / steps
         pa.field("write_seconds", pa.float64()),  # writer time on this step's block / steps
+        # True: the writer was behind and Recorder(backpressure="drop_examples") kept this
+        # step's trajectory but not its per-example rows (they read as zeros)
+        pa.field("examples_dropped", pa.bool_()),
     ]
 )
 

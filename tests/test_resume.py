@@ -181,11 +181,12 @@ def test_resume_refuses_a_different_setup(tmp_path):
                                           r"optimizer's state_dict"):
         attrib.Recorder(path, model, adamw(model), resume=True)
     other = mlp()  # the same seed: θ_0
-    with pytest.raises(ResumeError, match="they are θ at step 0. Pass resume=0"):
+    with pytest.raises(ResumeError, match=r"they are θ at step 0\. Pass resume=0"):
         attrib.Recorder(path, other, adamw(other), resume=True)
     with torch.no_grad():
         other[0].bias += 1e-3
-    with pytest.raises(ResumeError, match="not θ at step 10, where the run would continue, nor at any step"):
+    with pytest.raises(ResumeError, match="not θ at step 10, where the run would continue, "
+                                          "nor at any step"):
         attrib.Recorder(path, other, adamw(other), resume=True)
     with pytest.raises(ResumeError, match=r"resume=11: .* has 10 committed steps"):
         attrib.Recorder(path, model, opt, resume=11)

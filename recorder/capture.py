@@ -108,6 +108,7 @@ class ExampleCapture:
         self._batch: int | None = None
         self._offset = 0
         self._data = StepData(rows=0)
+        self._mismatch: str | None = None  # a forward on a batch of another size, this step
         self._handles = [g.module.register_forward_hook(self._forward_hook(g), with_kwargs=True)
                          for g in self.groups]
 
@@ -127,6 +128,24 @@ class ExampleCapture:
         self._batch = None
         return data
 
+    def uncaptured(self, data: StepData, active: list[bool]) -> str | None:
+        """Why a step's gradient reached parameters whose per-example rows stayed empty (its
+        data influence would silently become residual), or None when nothing is missing."""
+        failed = {i for g in self.groups if g.failed for i in g.params.values()}
+        missing = [self.names[i] for i, (capture, on) in enumerate(zip(self.captures, active))
+                   if on and capture.any and i not in data.sums and i not in failed
+                   and i not in self.unsupported]
+        mismatch, self._mismatch = self._mismatch, None
+        if not missing:
+            return None
+        if data.rows == 0:
+            return ("loss.backward() ran without rec.examples(ids) before it; call "
+                    "rec.examples(ids) before every backward of a training micro-batch")
+        if mismatch is not None:
+            return f"{mismatch}; pass one id per example of the micro-batch"
+        return (f"{missing[:3]} got gradients, but their modules never ran on the declared "
+                "micro-batch (parameters used outside their module's forward?)")
+
     # -- hooks ---------------------------------------------------------------------------------
     def _forward_hook(self, group: ModuleGroup):
         def hook(module, args, kwargs, output):
@@ -138,6 +157,11 @@ class ExampleCapture:
                 return
             bdim = pe.batch_dim(module)
             if self._batch is None or out.dim() <= bdim or out.shape[bdim] != self._batch:
+                if self._batch is not None and out.dim() > bdim:
+                    self._mismatch = (f"module {group.path or '(the model)'!r} "
+                                      f"({type(module).__name__}) ran on a batch of "
+                                      f"{out.shape[bdim]}, but rec.examples() declared "
+                                      f"{self._batch} ids")
                 return  # not a declared micro-batch (an evaluation pass, say)
             data, offset, batch = self._data, self._offset, self._batch
             out.register_hook(lambda g: self._on_output_grad(group, args, kwargs, g, data,

@@ -59,6 +59,7 @@ class TrackedParam:
     group: int
     module: str
     layer_type: str
+    layout: tuple[tuple[int, ...], torch.dtype]  # shape and dtype when the recorder attached
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -102,7 +103,7 @@ def tracked_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
                 )
             name, module, layer_type = owner[id(p)]
             params.append(TrackedParam(len(params), name, fmt.param_key(name), p, g, module,
-                                       layer_type))
+                                       layer_type, (tuple(p.shape), p.dtype)))
     keys = [p.key for p in params]
     if len(set(keys)) != len(keys):
         raise ValueError("two parameters map to the same storage key; rename the modules")
@@ -167,6 +168,7 @@ class Recorder:
         self.spec = optim_info.inspect_optimizer(optimizer)
         self.optimizer = optimizer
         self.params = tracked_params(model, optimizer)
+        self._model = model
         self.checkpoint_every = checkpoint_every
         self.record_grads = record_grads
         self._check_target(overwrite, resume)
@@ -213,6 +215,7 @@ class Recorder:
         self._had_buffer = [False] * len(self.params)
         self._last_checkpoint = -1
         self._dropped_before = False
+        self._problems_seen: set[str] = set()
         if point is None:
             self._checkpoint_now()
         else:
@@ -605,16 +608,14 @@ class Recorder:
         Batched tensor ops and copies into preallocated memory; loops run over parameter
         tensors only, never over examples or coordinates.
         """
-        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
-            raise RecordingError("the optimizer's parameters changed after Recorder was attached;"
-                                 " attach a new Recorder after add_param_group()")
+        consumed = [p.param.grad for p in self.params]
+        self._check_unchanged(consumed)
         data = self._capture.end_step() if self._capture is not None else None
         if self._block is None:
             self._initialize_storage(self._examples_per_step or (data.rows if data else 0))
         row_index = len(self._block.records)
         rows = {path: buffer[row_index] for path, buffer in self._block.buffers.items()}
         live = [p.param.detach() for p in self.params]
-        consumed = [p.param.grad for p in self.params]
 
         deltas = []
         for p, value, hat in zip(self.params, live, self._theta_hat):
@@ -680,11 +681,41 @@ class Recorder:
         self._block.records.append(record)
         return record
 
+    def _check_unchanged(self, consumed: list[torch.Tensor | None]) -> None:
+        """Refuse to record a model or optimizer changed since the recorder attached: the
+        stored arrays and the analysis assume the same tensors throughout."""
+        fix = ("attach a new Recorder (a new run) after changing the model or optimizer, and "
+               "keep each run's model as it was")
+        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
+            raise RecordingError("the optimizer's parameters changed after Recorder was attached "
+                                 f"(add_param_group()?); {fix}")
+        for p in self.params:
+            if (tuple(p.param.shape), p.param.dtype) != p.layout:
+                raise RecordingError(
+                    f"parameter {p.name} is now {p.param.dtype} of shape "
+                    f"{tuple(p.param.shape)}, not {p.layout[1]} of shape {p.layout[0]} as when "
+                    f"Recorder was attached; {fix}")
+        if any(g is None for g in consumed):  # cheap trigger: a replaced module leaves its
+            owned = {id(q) for q in self._model.parameters()}  # old parameters without grads
+            gone = [p.name for p in self.params if id(p.param) not in owned]
+            if gone:
+                raise RecordingError(f"parameters {gone} are no longer part of the model (a "
+                                     f"module was replaced after Recorder was attached); {fix}")
+
     def _store_examples(self, data: StepData, rows: dict[str, torch.Tensor],
                         consumed: list[torch.Tensor | None], clip_factor: torch.Tensor,
                         hparams: list[dict[str, float]]):
         """Per-example rows of this step, the invariant Σ_i c_i = G checked per tensor, and
         the step's TopK shifts table (None without a TopK policy)."""
+        problem = self._capture.uncaptured(data, [g is not None for g in consumed])
+        if problem is not None:
+            message = (f"step {self.step}: {problem}. The step's per-example data is missing "
+                       "and its gradient is recorded as residual")
+            if self.strict:
+                raise RecordingError(message)
+            if problem not in self._problems_seen:  # once per kind of problem, not per step
+                self._problems_seen.add(problem)
+                warnings.warn(f"attrib: {message}", stacklevel=5)
         capacity = self._writer.store.meta["examples_per_step"]
         if data.rows > capacity:
             raise RecordingError(

@@ -3,11 +3,13 @@ unless strict=True, and the run says what happened."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import OPTIMIZERS, data, mlp
 
 import attrib
+from attrib.analyzer.verify import verify
 from attrib.recorder.optimizers import UnsupportedOptimizerError
 
 
@@ -118,3 +120,86 @@ def test_log_attaches_to_the_right_step_and_stages_table(run_dir):
         {"stage": "warmup", "start_step": 3, "end_step": 5, "n_steps": 3},
         {"stage": "finetune", "start_step": 6, "end_step": 9, "n_steps": 4},
     ]
+
+
+def _train_changing(run_dir, change, strict: bool = False, steps: int = 8, ids=None):
+    """Train `steps` steps; `change(model, step)` may alter the model or return other ids."""
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    with attrib.Recorder(run_dir, model, opt, steps_per_chunk=4, strict=strict) as rec:
+        for step in range(steps):
+            ids = change(model, step)
+            if ids is not None:
+                rec.examples(ids)
+            torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+            opt.step()
+            opt.zero_grad()
+    return attrib.open_run(run_dir)
+
+
+def _replace_head(model, step):
+    if step == 5:
+        model[2] = torch.nn.Linear(16, 3)
+    return torch.arange(16)
+
+
+def _widen_head(model, step):
+    if step == 5:
+        model[2].weight.data = torch.zeros(4, 16)
+        model[2].bias.data = torch.zeros(4)
+    return torch.arange(16)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (_replace_head, r"parameters \['2.weight', '2.bias'\] are no longer part of the model"),
+    (_widen_head, r"parameter 2.weight is now torch.float32 of shape \(4, 16\), not "),
+])
+def test_model_changed_after_attach(run_dir, change, message):
+    with pytest.warns(UserWarning, match=message):
+        run = _train_changing(run_dir, change)
+    assert run.status == "incomplete" and run.n_steps == 5  # the steps before it are kept
+    assert "attach a new Recorder" in run.manifest["error"]
+    assert verify(run_dir).column("ok").to_pylist() == [True] * 7
+    with pytest.raises(attrib.RecordingError, match=message):
+        _train_changing(run_dir.with_name("strict"), change, strict=True)
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    (None, r"loss.backward\(\) ran without rec.examples\(ids\) before it"),
+    (torch.arange(15), r"module '[02]' \(Linear\) ran on a batch of 16, but rec.examples\(\) "
+                       r"declared 15 ids; pass one id per example"),
+])
+def test_missing_or_miscounted_example_ids(run_dir, ids, message):
+    """Per-example data that can't be captured is said once, recorded as residual (the run's
+    totals stay exact), and raises under strict=True."""
+    def change(model, step):
+        return ids if step == 3 else torch.arange(16)
+
+    with pytest.warns(UserWarning, match=message) as caught:
+        run = _train_changing(run_dir, change)
+    assert sum("attrib: step" in str(w.message) for w in caught) == 1
+    assert run.status == "complete" and run.n_steps == 8
+    residual = run.residual_norms()
+    np.testing.assert_allclose(residual[3], 1.0)  # all of step 3's gradient is residual
+    assert np.nanmax(np.delete(residual, 3, axis=0)) < 1e-5
+    with pytest.raises(attrib.RecordingError, match=message):
+        _train_changing(run_dir.with_name("strict"), change, strict=True)
+
+
+def test_duplicated_ids_are_separate_rows(run_dir):
+    """Sampling with replacement repeats ids in a batch: each occurrence is its own row."""
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    ids = torch.tensor([4, 7, 4, 4])
+    with attrib.Recorder(run_dir, model, opt) as rec:
+        rec.examples(ids)
+        torch.nn.functional.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
+        opt.step()
+    got, rows = attrib.open_run(run_dir).contributions(0)
+    assert got.tolist() == [4, 7, 4, 4]
+    for value in rows.values():
+        torch.testing.assert_close(value[2], value[0], rtol=0, atol=0)
+        torch.testing.assert_close(value[3], value[0], rtol=0, atol=0)
+        assert not torch.equal(value[1], value[0])

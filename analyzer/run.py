@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ class Run:
             raise fmt.FormatError(f"{self.dir} is not a directory; pass a run directory")
         self.meta = fmt.read_json(self.dir / fmt.META_FILE)
         fmt.check_version(self.meta, self.dir / fmt.META_FILE)
+        fmt.check_fields(self.meta, self.dir / fmt.META_FILE)
         self.manifest = fmt.read_json(self.dir / fmt.MANIFEST_FILE)
+        fmt.check_fields(self.manifest, self.dir / fmt.MANIFEST_FILE)
         try:
             self.group = zarr.open_group(self.dir / fmt.STORE_DIR, mode="r", zarr_format=3)
         except Exception as e:
@@ -110,15 +113,28 @@ class Run:
         files = self.table_files(name)
         if not files:
             return schema.empty_table()
-        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+        with self._readable(name):
+            return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
 
     def table_where(self, name: str, step: int) -> pa.Table:
         """The rows of a step-keyed table for one step (Parquet statistics skip the rest)."""
         files = self.table_files(name)
         if not files:
             return fmt.TABLES[name].empty_table()
-        dataset = ds.dataset([str(f) for f in files], schema=fmt.TABLES[name], format="parquet")
-        return dataset.to_table(filter=ds.field("step") == step)
+        with self._readable(name):
+            dataset = ds.dataset([str(f) for f in files], schema=fmt.TABLES[name],
+                                 format="parquet")
+            return dataset.to_table(filter=ds.field("step") == step)
+
+    @contextmanager
+    def _readable(self, table: str):
+        """A missing or damaged Parquet part is a FormatError naming the table."""
+        try:
+            yield
+        except (OSError, pa.ArrowException) as e:
+            raise fmt.FormatError(f"{self.dir}: a part of the {table} table can't be read ({e});"
+                                  " the run is damaged, `attrib verify` lists what else is"
+                                  ) from e
 
     @property
     def steps(self) -> pa.Table:
@@ -169,7 +185,21 @@ class Run:
 
     def _steps_of(self, path: str, start: int, stop: int | None) -> np.ndarray:
         start, stop = self._step_range(start, stop)
-        return self._array(path)[start:stop]
+        return self._read(path, slice(start, stop))
+
+    def _read(self, path: str, where: slice | int) -> np.ndarray:
+        """Values of a stored array; a chunk that fails to decode (its checksum, a truncated
+        file) is a FormatError naming the array and rows, not a codec's internal error."""
+        array = self._array(path)
+        try:
+            return array[where]
+        except (KeyError, IndexError):
+            raise
+        except Exception as e:
+            rows = (f"rows {where.start}–{where.stop}" if isinstance(where, slice)
+                    else f"row {where}")
+            raise fmt.FormatError(f"{self.dir}: {path} {rows} can't be read ({e}); the store "
+                                  "is damaged, `attrib verify` lists what else is") from e
 
     def deltas(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Δθ_s for steps [start, stop) of one parameter: shape (steps, *param_shape)."""
@@ -214,7 +244,9 @@ class Run:
             key = self._key(name)
             node = self.group[fmt.INITIAL_STATE].get(key)
             if node is not None:
-                out[name] = {s: torch.from_numpy(a[...]) for s, a in node.arrays()}
+                out[name] = {s: torch.from_numpy(self._read(f"{fmt.INITIAL_STATE}/{key}/{s}",
+                                                            slice(None)))
+                             for s, _ in node.arrays()}
         return out
 
     @property
@@ -273,7 +305,7 @@ class Run:
         if not 0 <= index < len(self.checkpoint_steps):
             raise IndexError(f"checkpoint {index} doesn't exist; the run has "
                              f"{len(self.checkpoint_steps)} committed checkpoints")
-        return {n: torch.from_numpy(self._array(f"{fmt.CHECKPOINTS}/{self._key(n)}")[index])
+        return {n: torch.from_numpy(self._read(f"{fmt.CHECKPOINTS}/{self._key(n)}", index))
                 for n in self.param_names}
 
     def reconstruct(self, step: int) -> dict[str, torch.Tensor]:

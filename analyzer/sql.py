@@ -95,7 +95,11 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
             con.register(f"__empty_{table}", empty)
             selects[table] = [f"SELECT * FROM __empty_{table}"]
     for table, parts in selects.items():
-        con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
+        try:
+            con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
+        except duckdb.Error as e:  # DuckDB reads each part's footer here
+            raise fmt.FormatError(f"the {table} table can't be read ({e}); the run is "
+                                  "damaged, `attrib verify` lists what else is") from e
     for view, body in neuron_view_sql(len(runs) > 1).items():
         con.execute(f"CREATE VIEW {view} AS {body}")
     con.execute(NEURON_ROWS_MACRO)

@@ -376,7 +376,8 @@ class Recorder:
                         if c.any},
             "residual_params": ([self.params[i].name for i in self._capture.unsupported]
                                 if self._capture is not None else []),
-            "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle},
+            "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle,
+                      "checksum": codec.checksum},
             "rng": self._rng is not None,
             "stochastic_modules": self._stochastic,
             "initial_step_count": [optim_info.step_count(self.optimizer.state.get(p.param, {}))

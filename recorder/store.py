@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from zarr.core.sync import sync
 
 from attrib.schemas import format as fmt
@@ -35,16 +35,18 @@ COMPACT_ROWS = 1 << 22  # rows per merged Parquet file of a table at close (a st
 @dataclass(frozen=True)
 class Codec:
     """Lossless Blosc settings for every dense array (zstd + bit shuffle by default);
-    cname="none" stores chunks uncompressed."""
+    cname="none" stores chunks uncompressed. `checksum` ends each chunk with its CRC32C, so a
+    truncated or edited chunk fails to read instead of decoding to wrong numbers."""
 
     cname: str = "zstd"
     clevel: int = 3
     shuffle: str = "bitshuffle"
+    checksum: bool = True
 
-    def compressor(self) -> BloscCodec | None:
-        if self.cname == "none":
-            return None
-        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=BloscShuffle[self.shuffle])
+    def compressor(self) -> list:
+        codecs: list = [] if self.cname == "none" else [
+            BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=BloscShuffle[self.shuffle])]
+        return [*codecs, Crc32cCodec()] if self.checksum else codecs
 
 
 @dataclass(frozen=True)

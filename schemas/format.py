@@ -241,3 +241,91 @@ def check_version(meta: dict[str, Any], path: Path) -> None:
             f"{path} was written in attrib format v{version}, newer than this attrib "
             f"(reads up to v{FORMAT_VERSION}); upgrade attrib to read it"
         )
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _strings(value: Any, allowed: Any = None) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, str) and (allowed is None or v in allowed) for v in value)
+
+
+def _optimizer(value: Any) -> bool:
+    return (isinstance(value, dict) and value.get("kind") in OPTIMIZER_KINDS
+            and isinstance(value.get("groups"), list)
+            and all(isinstance(g, dict) for g in value["groups"]))
+
+
+def _capture(value: Any) -> bool:
+    """{param: {"full": {dtype}, "project": {k, seed, kind}, "topk": {k, scope}}}"""
+    if not isinstance(value, dict):
+        return False
+    for policies in value.values():
+        if not isinstance(policies, dict) or not set(policies) <= {"full", "project", "topk"}:
+            return False
+        project = policies.get("project")
+        if project is not None and not (isinstance(project, dict) and _is_int(project.get("k"), 1)
+                                        and _is_int(project.get("seed"))
+                                        and isinstance(project.get("kind"), str)):
+            return False
+        if not all(isinstance(p, dict) for p in policies.values()):
+            return False
+    return True
+
+
+def _tables(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _strings(v)
+                                           for k, v in value.items())
+
+
+# What readers rely on in each document: key → (test, what it should be). Optional keys may be
+# absent; present ones are checked all the same.
+_STATE_NAMES = {name for names in STEP_STATE.values() for name in names}
+META_FIELDS: dict[str, tuple[Any, str]] = {
+    "optimizer": (_optimizer, f"an object with kind in {OPTIMIZER_KINDS} and a list of groups"),
+    "step_state": (lambda v: _strings(v, _STATE_NAMES), f"a list of {sorted(_STATE_NAMES)}"),
+    "hparam_names": (lambda v: _strings(v, HPARAM_NAMES), f"a list of {HPARAM_NAMES}"),
+    "record_grads": (lambda v: isinstance(v, bool), "true or false"),
+    "checkpoint_every": (lambda v: _is_int(v, 1), "an integer ≥ 1"),
+    "steps_per_chunk": (lambda v: v is None or _is_int(v, 1), "null or an integer ≥ 1"),
+    "examples_per_step": (lambda v: v is None or _is_int(v), "null or an integer ≥ 0"),
+}
+META_OPTIONAL: dict[str, tuple[Any, str]] = {
+    "capture": (_capture, "an object of capture policies per parameter"),
+    "residual_params": (_strings, "a list of parameter names"),
+    "initial_step_count": (lambda v: isinstance(v, list) and all(_is_int(c) for c in v),
+                           "a list of integers ≥ 0"),
+}
+MANIFEST_FIELDS: dict[str, tuple[Any, str]] = {
+    "status": (lambda v: isinstance(v, str) and v in {s.value for s in Status},
+               f"one of {[s.value for s in Status]}"),
+    "committed_steps": (_is_int, "an integer ≥ 0"),
+    "n_checkpoints": (_is_int, "an integer ≥ 0"),
+    "tables": (_tables, "an object of table name → list of part paths"),
+}
+MANIFEST_OPTIONAL: dict[str, tuple[Any, str]] = {
+    "pid": (lambda v: v is None or _is_int(v), "null or a process id"),
+    "host": (lambda v: v is None or isinstance(v, str), "null or a host name"),
+    "error": (lambda v: v is None or isinstance(v, str), "null or a message"),
+}
+
+
+def check_fields(document: dict[str, Any], path: Path) -> None:
+    """Refuse a metadata document whose fields readers rely on are missing or malformed (a
+    hand-edited or damaged file), naming the field, instead of failing deep in an analysis."""
+    required, optional = ((MANIFEST_FIELDS, MANIFEST_OPTIONAL) if path.name == MANIFEST_FILE
+                          else (META_FIELDS, META_OPTIONAL))
+    for key, (test, expected) in {**required, **optional}.items():
+        if key not in document:
+            if key in required:
+                raise FormatError(f"{path}: the field {key!r} is missing; the run's metadata is "
+                                  "damaged (restore the file, or record the run again)")
+            continue
+        if not test(document[key]):
+            value = repr(document[key])
+            raise FormatError(f"{path}: {key} should be {expected}, found "
+                              f"{value[:80] + '…' if len(value) > 80 else value}; the run's "
+                              "metadata is damaged (restore the file, or record the run again)")
+

@@ -42,8 +42,8 @@ def test_store_layout_and_metadata(recorded):
         assert group[f"{fmt.GRADS}/{key}"].shape == (21, *value.shape)
         assert group[f"{fmt.STATE}/{key}/exp_avg_sq"].shape == (21, *value.shape)
         codecs = group[f"{fmt.DELTAS}/{key}"].metadata.to_dict()["codecs"]
-        assert codecs[-1]["name"] == "blosc"
-        assert codecs[-1]["configuration"]["cname"] == "zstd"
+        assert [c["name"] for c in codecs[1:]] == ["blosc", "crc32c"]  # after "bytes"
+        assert codecs[1]["configuration"]["cname"] == "zstd"
     assert group[f"{fmt.HPARAMS}/lr"].shape == (21, 1)
     # checkpoints at 0, 10, 20 and the final θ_21
     assert run.checkpoint_steps == [0, 10, 20, 21]

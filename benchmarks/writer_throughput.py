@@ -19,7 +19,9 @@ from harness import WORKLOADS
 from attrib.cli.render import aligned
 from attrib.recorder.store import ArraySpec, Codec, RunStore
 
-CODECS = {"zstd-3-bitshuffle (default)": Codec(), "lz4-5-shuffle": Codec("lz4", 5, "shuffle"),
+CODECS = {"zstd-3-bitshuffle (default)": Codec(),
+          "zstd-3-bitshuffle, no crc32c": Codec(checksum=False),
+          "lz4-5-shuffle": Codec("lz4", 5, "shuffle"),
           "lz4-1-noshuffle": Codec("lz4", 1, "noshuffle"), "none": Codec("none")}
 
 

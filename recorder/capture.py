@@ -99,8 +99,9 @@ class ExampleCapture:
     """Hooks on the model that collect per-example contributions between optimizer steps."""
 
     def __init__(self, model: nn.Module, names: list[str], shapes: list[tuple[int, ...]],
-                 captures: list[TensorCapture], strict: bool) -> None:
+                 captures: list[TensorCapture], strict: bool, scale: float = 1.0) -> None:
         self.names, self.shapes, self.captures = names, shapes, captures
+        self.scale = scale  # contributions are linear in the output gradient: scale it once
         self.groups, self.unsupported = assign_modules(model, names, captures, strict)
         self.enabled = True
         self.strict = strict
@@ -173,7 +174,8 @@ class ExampleCapture:
             return
         started = time.perf_counter()
         try:
-            self._contribute(group, args, kwargs, g.detach(), data, offset, batch)
+            g = g.detach() if self.scale == 1.0 else g.detach() * self.scale
+            self._contribute(group, args, kwargs, g, data, offset, batch)
         except Exception as e:  # inside loss.backward(): never let it break training
             if self.strict:
                 raise UnsupportedModuleError(

@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from attrib.analyzer.run import Run
+from attrib.recorder import distributed
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
@@ -162,6 +163,12 @@ class Recorder:
             raise ValueError(f"checkpoint_every must be ≥ 1, got {checkpoint_every}")
         if backpressure not in BACKPRESSURE:
             raise ValueError(f"backpressure={backpressure!r}: choose one of {BACKPRESSURE}")
+        wrapper = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+        model, self.ranks = distributed.unwrap(model)
+        self._primary = self.ranks is None or self.ranks.primary
+        if self.ranks is not None and (resume is not False or backpressure != "block"):
+            raise ValueError("a distributed run records with backpressure='block' and can't be "
+                             "resumed yet; drop resume= and backpressure=")
         self.path = Path(path)
         self.strict = strict
         self.backpressure = backpressure
@@ -171,27 +178,35 @@ class Recorder:
         self._model = model
         self.checkpoint_every = checkpoint_every
         self.record_grads = record_grads
-        self._check_target(overwrite, resume)
+        if self._primary:  # rank 0 owns the directory; the others join after it is created
+            self._check_target(overwrite, resume)
         self.captures = self._resolve_capture(capture)
         self._steps_per_chunk = steps_per_chunk
         self._examples_per_step = examples_per_step
         self._buffers = buffers
         self._on_gpu = any(p.param.is_cuda for p in self.params)
         self._stochastic = stochastic_modules(model)
-        self._rng = RngCapture(model) if (bool(self._stochastic) if rng is None else rng) \
-            else None
+        keep_rng = bool(self._stochastic) if rng is None else rng
+        self._rng = RngCapture(model) if keep_rng and self._primary else None
+        # DDP averages the ranks' gradients: each rank's examples carry 1/world of theirs
         self._capture = (ExampleCapture(model, [p.name for p in self.params],
                                         [tuple(p.param.shape) for p in self.params],
-                                        self.captures, strict)
+                                        self.captures, strict,
+                                        scale=1.0 / self.ranks.world if self.ranks else 1.0)
                          if any(c.any for c in self.captures) else None)
 
         meta = self._metadata(codec or Codec(), metadata or {})
-        if resume is False:
+        if not self._primary:
+            self.ranks.barrier()  # rank 0 creates the run
+            point, store = None, RunStore.join(self.path, self.ranks.rank)
+        elif resume is False:
             point, store = None, self._create(meta, codec or Codec(), vocabulary_array(vocabulary))
+            if self.ranks is not None:
+                self.ranks.barrier()
         else:
             point, store = self._reopen(meta, resume)
             vocabulary = point.vocabulary if point.vocabulary is not None else vocabulary
-        self._writer = BackgroundWriter(store, vocabulary_array(vocabulary))
+        self._writer = BackgroundWriter(store, vocabulary_array(vocabulary), self.ranks)
         self._block: Block | None = None  # created at the first step, when sizes are known
         self._scratch = ([torch.empty_like(p.param, dtype=p.storage_dtype) for p in self.params]
                          if self._on_gpu else None)  # device-side deltas before their async copy
@@ -216,10 +231,23 @@ class Recorder:
         self._last_checkpoint = -1
         self._dropped_before = False
         self._problems_seen: set[str] = set()
-        if point is None:
-            self._checkpoint_now()
-        else:
+        if point is not None:
             self._continue(point)
+        elif self._primary:
+            self._checkpoint_now()
+        self._reduced_norms = False  # DDP: G's norms come from the all-reduce, not .grad hooks
+        if wrapper is not None and self.ranks is not None:
+            index = {id(p.param): p.index for p in self.params}
+
+            def note(param: torch.Tensor, grad: torch.Tensor) -> None:
+                if id(param) in index and self._enabled:
+                    self._pre_clip_norms[index[id(param)]] = torch.linalg.vector_norm(grad)
+
+            self._reduced_norms = distributed.watch_reduced_norms(wrapper, note)
+            if not self._reduced_norms:
+                warnings.warn("attrib: this DDP model already has a comm hook, so the gradient "
+                              "norm before clipping can't be seen; the clip factor is recorded "
+                              "as 1 (exact unless you clip gradients)", stacklevel=2)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -287,17 +315,35 @@ class Recorder:
         return specs
 
     def _initialize_storage(self, examples: int) -> None:
-        """Create the step arrays and block buffers, sized by what step 0 showed."""
-        specs = self._array_specs(examples)
+        """Create the step arrays and block buffers, sized by what step 0 showed.
+
+        Distributed: `examples` is this rank's; the arrays hold every rank's (world ×), and
+        each rank's buffers its own rows, of per-example arrays only on ranks other than 0."""
+        world = self.ranks.world if self.ranks is not None else 1
+        specs = self._array_specs(examples * world)
         per_step = sum(a.step_bytes for a in specs)
         depth = self._steps_per_chunk or max(1, min(MAX_STEPS_PER_CHUNK,
                                                     BLOCK_TARGET_BYTES // per_step))
-        self._writer.store.create_step_arrays(
-            specs, depth, {"steps_per_chunk": depth, "examples_per_step": examples})
+        store = self._writer.store
+        meta = {"steps_per_chunk": depth, "examples_per_step": examples * world}
+        if self._primary:
+            store.create_step_arrays(specs, depth, meta,
+                                     rank_rows=examples if self.ranks is not None else None)
+        if self.ranks is not None:  # a collective at step 0's hook, on every rank alike
+            self.ranks.barrier()
+            store.example_rows = slice(self.ranks.rank * examples,
+                                       (self.ranks.rank + 1) * examples)
+            local = self._array_specs(examples)
+            if not self._primary:
+                local = [s for s in local if fmt.per_example(s.path)]
+                store.open_step_arrays([s for s in specs if fmt.per_example(s.path)])
+                store.steps_per_chunk = depth
+                store.meta.update(meta)
+            specs = local
         self._start_blocks(specs)
 
     def _start_blocks(self, specs: list[ArraySpec]) -> None:
-        lean = [s for s in specs if not s.path.startswith((f"{fmt.CONTRIB}/", f"{fmt.PROJ}/"))]
+        lean = [s for s in specs if not fmt.per_example(s.path)]
         dropping = self.backpressure == "drop_examples" and len(lean) < len(specs)
         self._writer.start_pool(specs, self._buffers, pin_memory=self._on_gpu,
                                 lean=lean if dropping else None)
@@ -383,6 +429,7 @@ class Recorder:
             "initial_step_count": [optim_info.step_count(self.optimizer.state.get(p.param, {}))
                                    for p in self.params],
             "user": user,
+            "distributed": self.ranks.describe() if self.ranks is not None else None,
         }
 
     def _params_table(self):
@@ -508,6 +555,12 @@ class Recorder:
         """Merge table parts (complete runs) and write the final status (guarded: a full disk
         here must not fail the user's program after training finished)."""
         store = self._writer.store
+        if not self._primary:  # rank 0 finalizes once this marker says the rank is done
+            distributed.publish(store.dir, self.ranks.rank, self._writer.committed_steps,
+                                store.manifest["tables"], closed=True, error=self._failure)
+            return
+        if self.ranks is not None:
+            self._writer.gather_ranks(closed=True)
         if self._failure is None:
             for table in ("steps", "examples", "shifts", "rng", "tokens"):
                 store.compact(table)
@@ -518,7 +571,7 @@ class Recorder:
         self._begin_next_step()
         if self._block is not None:
             self._writer.submit(self._block)
-        if self.step != self._last_checkpoint:
+        if self.step != self._last_checkpoint and self._primary:
             self._checkpoint_now()
 
     def _checkpoint_now(self) -> None:
@@ -562,7 +615,8 @@ class Recorder:
         def hook(param: torch.Tensor) -> None:
             # ‖.grad‖ after this backward's accumulation: the last call before step() sees G_s.
             if self._enabled:
-                self._pre_clip_norms[index] = torch.linalg.vector_norm(param.grad.detach())
+                if self.ranks is None:  # DDP: the comm hook sees the reduced gradient instead
+                    self._pre_clip_norms[index] = torch.linalg.vector_norm(param.grad.detach())
                 self._after_step = False
         return hook
 
@@ -618,41 +672,14 @@ class Recorder:
         rows = {path: buffer[row_index] for path, buffer in self._block.buffers.items()}
         live = [p.param.detach() for p in self.params]
 
-        deltas = []
-        for p, value, hat in zip(self.params, live, self._theta_hat):
-            target = rows[f"{fmt.DELTAS}/{p.key}"]
-            delta = self._scratch[p.index] if self._scratch is not None else target
-            torch.sub(value, hat, out=delta)
-            hat.add_(delta)
-            if delta is not target:
-                target.copy_(delta, non_blocking=True)
-            deltas.append(delta)
-
         used = [g.detach() for g in consumed if g is not None]
         pre_norms = [n if n is not None else torch.linalg.vector_norm(g.detach())
                      for n, g in zip(self._pre_clip_norms, consumed) if g is not None]
         self._pre_clip_norms = [None] * len(self.params)
         clip_factor, uniform, grad_norm = _clip_factor(used, pre_norms)
-
-        for p, g in zip(self.params, consumed):
-            state = self.optimizer.state.get(p.param, {})
-            copies = [(f"{fmt.GRADS}/{p.key}", g)] if self.record_grads else []
-            copies += [(f"{fmt.STATE}/{p.key}/{name}",
-                        optim_info.state_tensor(self.spec, state, name))
-                       for name in self.spec.step_state]
-            for path, value in copies:
-                if value is None:
-                    rows[path].zero_()
-                else:
-                    rows[path].copy_(value.detach(), non_blocking=True)
         hparams = [optim_info.group_hparams(self.spec, g) for g in self.optimizer.param_groups]
-        for name in fmt.HPARAM_NAMES:
-            rows[f"{fmt.HPARAMS}/{name}"].copy_(torch.tensor([h[name] for h in hparams],
-                                                             dtype=torch.float64))
-        rows[fmt.CLIP_FACTOR].copy_(clip_factor, non_blocking=True)
-        rows[fmt.STEP_COUNT].copy_(torch.tensor(
-            [optim_info.step_count(self.optimizer.state.get(p.param, {})) for p in self.params]))
-        rows[fmt.ACTIVE].copy_(torch.tensor([g is not None for g in consumed]))
+        deltas = (self._trajectory_rows(rows, live, consumed, clip_factor, hparams)
+                  if self._primary else [])
         shifts = (self._store_examples(data, rows, consumed, clip_factor, hparams)
                   if data is not None else None)
 
@@ -662,7 +689,9 @@ class Recorder:
             "loss": self._upcoming["loss"], "metrics": self._upcoming["metrics"],
             "grad_norm": _host(grad_norm), "clip_factor": _host(clip_factor),
             "clip_uniform": _host(uniform), "update_norm": _host(_global_norm(deltas)),
-            "n_examples": int(sum(len(e) for e in self._examples)) if self._examples else None,
+            "n_examples": (int(sum(len(e) for e in self._examples))
+                           * (self.ranks.world if self.ranks is not None else 1)
+                           if self._examples else None),
             "time": time.perf_counter() - self._started,
         }
         if data is not None:
@@ -674,13 +703,47 @@ class Recorder:
         self._examples = []
         self._example_values = []
         self._tokens = []
-        if (self.step + 1) % self.checkpoint_every == 0:
+        if (self.step + 1) % self.checkpoint_every == 0 and self._primary:
             record.checkpoint = _snapshot(self.params, live)
             self._last_checkpoint = self.step + 1
             for hat, value in zip(self._theta_hat, live):
                 hat.copy_(value)  # deltas restart from the stored checkpoint, bit for bit
         self._block.records.append(record)
         return record
+
+    def _trajectory_rows(self, rows: dict[str, torch.Tensor], live: list[torch.Tensor],
+                         consumed: list[torch.Tensor | None], clip_factor: torch.Tensor,
+                         hparams: list[dict[str, float]]) -> list[torch.Tensor]:
+        """The step's Δθ, gradients, optimizer state and hyperparameters into the block row
+        (rank 0 only in a distributed run: every rank holds the same); returns the deltas."""
+        deltas = []
+        for p, value, hat in zip(self.params, live, self._theta_hat):
+            target = rows[f"{fmt.DELTAS}/{p.key}"]
+            delta = self._scratch[p.index] if self._scratch is not None else target
+            torch.sub(value, hat, out=delta)
+            hat.add_(delta)
+            if delta is not target:
+                target.copy_(delta, non_blocking=True)
+            deltas.append(delta)
+        for p, g in zip(self.params, consumed):
+            state = self.optimizer.state.get(p.param, {})
+            copies = [(f"{fmt.GRADS}/{p.key}", g)] if self.record_grads else []
+            copies += [(f"{fmt.STATE}/{p.key}/{name}",
+                        optim_info.state_tensor(self.spec, state, name))
+                       for name in self.spec.step_state]
+            for path, value in copies:
+                if value is None:
+                    rows[path].zero_()
+                else:
+                    rows[path].copy_(value.detach(), non_blocking=True)
+        for name in fmt.HPARAM_NAMES:
+            rows[f"{fmt.HPARAMS}/{name}"].copy_(torch.tensor([h[name] for h in hparams],
+                                                             dtype=torch.float64))
+        rows[fmt.CLIP_FACTOR].copy_(clip_factor, non_blocking=True)
+        rows[fmt.STEP_COUNT].copy_(torch.tensor(
+            [optim_info.step_count(self.optimizer.state.get(p.param, {})) for p in self.params]))
+        rows[fmt.ACTIVE].copy_(torch.tensor([g is not None for g in consumed]))
+        return deltas
 
     def _check_unchanged(self, consumed: list[torch.Tensor | None]) -> None:
         """Refuse to record a model or optimizer changed since the recorder attached: the
@@ -717,28 +780,35 @@ class Recorder:
             if problem not in self._problems_seen:  # once per kind of problem, not per step
                 self._problems_seen.add(problem)
                 warnings.warn(f"attrib: {message}", stacklevel=5)
-        capacity = self._writer.store.meta["examples_per_step"]
+        store = self._writer.store
+        mine = store.example_rows
+        capacity = mine.stop - mine.start if mine is not None else store.meta["examples_per_step"]
         if data.rows > capacity:
             raise RecordingError(
                 f"step {self.step} declared {data.rows} examples, but the per-example arrays "
                 f"hold {capacity} per step (the first step's count); pass "
-                f"examples_per_step={data.rows} (or more) to Recorder")
+                f"examples_per_step={data.rows} (or more) to Recorder"
+                + ("; in a distributed run every rank needs the same batch size"
+                   if mine is not None else ""))
         residual = []
         for p, capture, g in zip(self.params, self.captures, consumed):
             if capture.full is not None and not self._block.lean:
                 scatter_rows(data.full.get(p.index, []), rows[f"{fmt.CONTRIB}/{p.key}"])
             if capture.project is not None and not self._block.lean:
                 scatter_rows(data.projected.get(p.index, []), rows[f"{fmt.PROJ}/{p.key}"])
-            if not capture.any or g is None:
-                residual.append(torch.tensor(math.nan if not capture.any else 0.0))
+            if not capture.any or g is None or self.ranks is not None:
+                # distributed: G averages every rank's examples, this rank sees its own only
+                residual.append(torch.tensor(0.0 if capture.any and g is None
+                                             and self.ranks is None else math.nan))
                 continue
             before_clip = g.detach().double() / clip_factor
             total = data.sums.get(p.index)
             gap = before_clip if total is None else before_clip - total.double()
             residual.append(torch.linalg.vector_norm(gap)
                             / torch.linalg.vector_norm(before_clip).clamp_min(1e-300))
-        rows[fmt.RESIDUAL_NORM].copy_(torch.stack([r.to(clip_factor.device).double()
-                                                   for r in residual]), non_blocking=True)
+        if fmt.RESIDUAL_NORM in rows:
+            rows[fmt.RESIDUAL_NORM].copy_(torch.stack([r.to(clip_factor.device).double()
+                                                       for r in residual]), non_blocking=True)
         return self._top_shifts(data, clip_factor, hparams)
 
     def _top_shifts(self, data: StepData, clip_factor: torch.Tensor,

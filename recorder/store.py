@@ -29,6 +29,8 @@ from attrib.schemas import format as fmt
 
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk; splits big tensors along dim 0
 STEP_TABLES = ("steps", "examples", "shifts", "rng")  # tables with a row per (step, ...)
+PRESIZED = 1 << 40  # steps of a distributed run's per-example arrays (no chunk exists yet)
+RANK_SEQUENCES = 10**8  # part sequence numbers per rank
 COMPACT_ROWS = 1 << 22  # rows per merged Parquet file of a table at close (a step range each)
 
 
@@ -63,12 +65,17 @@ class ArraySpec:
         return math.prod(self.step_shape) * np.dtype(self.dtype).itemsize
 
 
-def inner_chunks(shape: tuple[int, ...], itemsize: int, depth: int) -> tuple[int, ...]:
-    """Chunk shape for `depth` stacked values of `shape`, split along dim 0 to stay small."""
+def inner_chunks(shape: tuple[int, ...], itemsize: int, depth: int,
+                 row_block: int | None = None) -> tuple[int, ...]:
+    """Chunk shape for `depth` stacked values of `shape`, split along dim 0 to stay small;
+    with `row_block`, a divisor of it, so each block of rows (a rank's examples) has its own
+    chunks."""
     if not shape:
         return ()
     row_bytes = math.prod(shape[1:]) * itemsize * depth
     rows = max(1, min(shape[0], CHUNK_TARGET_BYTES // max(1, row_bytes)))
+    if row_block is not None:
+        rows = max(d for d in range(1, min(rows, row_block) + 1) if row_block % d == 0)
     return (rows, *shape[1:])
 
 
@@ -110,6 +117,7 @@ class RunStore:
         self._sequence = 0
         self._pending_checkpoints = 0  # appended since the last commit
         self._obsolete: list[str] = []  # parts to delete once a commit no longer lists them
+        self.example_rows: slice | None = None  # this rank's rows of per-example arrays
 
     def _claim(self) -> None:
         """Name this process as the run's writer (readers call a run whose writer died
@@ -133,6 +141,19 @@ class RunStore:
         store._claim()
         return store
 
+    @classmethod
+    def join(cls, run_dir: Path, rank: int) -> RunStore:
+        """Another rank's side of a distributed run that rank 0 created: it writes only its
+        per-example rows and its own table parts (listed in its marker, not the manifest)."""
+        meta = fmt.read_json(run_dir / fmt.META_FILE)
+        store = cls.__new__(cls)
+        store._setup(run_dir, meta, Codec(**meta["codec"]))
+        store.manifest = {"tables": {name: [] for name in fmt.TABLES}}
+        store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
+        store.checkpoint_arrays = {}
+        store._sequence = rank * RANK_SEQUENCES  # part names never collide across ranks
+        return store
+
     def open_step_arrays(self, specs: list[ArraySpec]) -> None:
         """Open the step arrays of a resumed run, refusing any whose layout differs."""
         for spec in specs:
@@ -150,20 +171,28 @@ class RunStore:
             self.step_arrays[spec.path] = array
 
     def create_step_arrays(self, specs: list[ArraySpec], steps_per_chunk: int,
-                           meta: dict[str, Any]) -> None:
-        """Create the step-indexed arrays once the first step has shown their sizes."""
+                           meta: dict[str, Any], rank_rows: int | None = None) -> None:
+        """Create the step-indexed arrays once the first step has shown their sizes.
+
+        `rank_rows` (distributed runs): each rank's examples per step. Per-example arrays are
+        then chunked so no chunk spans two ranks, and created PRESIZED steps long, because
+        other ranks write into them without resizing (readers trust `committed_steps`)."""
         self.steps_per_chunk = steps_per_chunk
         self.step_arrays = {
-            spec.path: self._create(spec.path, (0, *spec.step_shape), spec.dtype,
-                                    steps_per_chunk, spec.fill_value)
+            spec.path: self._create(
+                spec.path, (PRESIZED if rank_rows and fmt.per_example(spec.path) else 0,
+                            *spec.step_shape),
+                spec.dtype, steps_per_chunk, spec.fill_value,
+                rank_rows if fmt.per_example(spec.path) else None)
             for spec in specs
         }
         self.meta.update(meta)
         fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)
 
-    def _create(self, path: str, shape: tuple[int, ...], dtype: str, depth: int, fill: Any):
+    def _create(self, path: str, shape: tuple[int, ...], dtype: str, depth: int, fill: Any,
+                row_block: int | None = None):
         itemsize = np.dtype(dtype).itemsize
-        chunks = (depth, *inner_chunks(shape[1:], itemsize, depth))
+        chunks = (depth, *inner_chunks(shape[1:], itemsize, depth, row_block))
         return self.group.create_array(
             path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
             compressors=self.compressor,
@@ -182,8 +211,11 @@ class RunStore:
         """Write a block of consecutive steps; arrays without values in `values` (dropped
         per-example rows) grow with the others and read as their fill value there."""
         n = next(iter(values.values())).shape[0]
-        where = slice(first_step, first_step + n)
-        _write_all([(a, where, values.get(p)) for p, a in self.step_arrays.items()])
+        steps = slice(first_step, first_step + n)
+        _write_all([(a, (steps, self.example_rows)
+                     if self.example_rows is not None and fmt.per_example(p) else steps,
+                     values.get(p))
+                    for p, a in self.step_arrays.items()])
 
     def append_checkpoint(self, params: dict[str, np.ndarray]) -> int:
         """Append θ at a checkpoint step; returns its checkpoint index."""
@@ -309,18 +341,19 @@ def _part_steps(parts: list[str]) -> tuple[int, int]:
     return first, last
 
 
-def _write_all(writes: list[tuple[zarr.Array, slice | int, np.ndarray | None]]) -> None:
+def _write_all(writes: list[tuple[zarr.Array, Any, np.ndarray | None]]) -> None:
     """Grow each array along the step axis and write its rows, all arrays concurrently.
 
     One round trip into zarr's event loop for the whole block instead of two per array: with
     the ~80 arrays of a small transformer this doubled write throughput (measured).
     """
-    def stop(where: slice | int) -> int:
+    def stop(where: Any) -> int:
+        where = where[0] if isinstance(where, tuple) else where
         return where.stop if isinstance(where, slice) else where + 1
 
-    async def run() -> None:
+    async def run() -> None:  # grow only: a presized array stays as it is
         await asyncio.gather(*(a.async_array.resize((stop(w), *a.shape[1:]))
-                               for a, w, _ in writes))
+                               for a, w, _ in writes if a.shape[0] < stop(w)))
         await asyncio.gather(*(a.async_array.setitem(w, v) for a, w, v in writes
                                if v is not None))
 

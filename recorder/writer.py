@@ -14,12 +14,14 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from attrib.recorder import distributed
 from attrib.recorder.store import ArraySpec, RunStore
 from attrib.recorder.tokens import FirstSeen, TokenBatch, tokens_table
 from attrib.schemas import format as fmt
@@ -73,8 +75,12 @@ class BackgroundWriter:
     """Owns the RunStore once started; the training thread talks to it through
     `acquire`/`submit`/`add_checkpoint`/`close`."""
 
-    def __init__(self, store: RunStore, vocabulary: np.ndarray | None = None) -> None:
+    def __init__(self, store: RunStore, vocabulary: np.ndarray | None = None,
+                 ranks: distributed.Ranks | None = None) -> None:
         self.store = store
+        self.ranks = ranks
+        self._primary = ranks is None or ranks.primary
+        self._rank_parts: set[str] = set()  # other ranks' parts already in the manifest
         self.vocabulary = vocabulary
         self._tokens_seen = FirstSeen()
         self.error: BaseException | None = None
@@ -179,8 +185,27 @@ class BackgroundWriter:
                 raise RecordingError(f"checkpoint of step {step} arrived after step "
                                      f"{self.committed_steps - 1}")
             self._write_checkpoint(step, params)
+        if not self._primary:  # rank 0 commits once every rank's marker reaches this block
+            distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
+                                self.store.manifest["tables"])
+            return
         self._commit_tables()
+        if self.ranks is not None:
+            self.gather_ranks()
         self.store.commit(self.committed_steps)
+
+    def gather_ranks(self, closed: bool = False) -> None:
+        """Rank 0: wait for every rank to reach the committed steps (and to close, at the
+        end), then list their new table parts in the manifest."""
+        markers = distributed.wait_for(self.store.dir, self.ranks.world, self.committed_steps,
+                                       closed)
+        for document in markers:
+            for table, parts in document["tables"].items():
+                for part in parts:
+                    if part not in self._rank_parts and \
+                            int(Path(part).stem.split("-")[2]) < self.committed_steps:
+                        self.store.manifest["tables"][table].append(part)
+                        self._rank_parts.add(part)
 
     def _write_block(self, block: Block) -> None:
         if block.ready is not None:
@@ -197,7 +222,9 @@ class BackgroundWriter:
         rows = [_to_python(r.row) for r in records]
         for row in rows:
             self._track_stage(row)
-        self.store.write_table_part("examples", _examples_table(records), first, first + n - 1)
+        offset = self.store.example_rows.start if self.store.example_rows is not None else 0
+        self.store.write_table_part("examples", _examples_table(records, offset), first,
+                                    first + n - 1)
         shifts = [r.shifts for r in records if r.shifts is not None and r.shifts.num_rows]
         if shifts:
             self.store.write_table_part("shifts", pa.concat_tables(shifts), first, first + n - 1)
@@ -207,14 +234,19 @@ class BackgroundWriter:
         if new_tokens is not None:
             self.store.write_table_part("tokens", tokens_table(new_tokens, self.vocabulary),
                                         first, first + n - 1)
+        if self._primary:  # the steps table is rank 0's
+            self._write_steps(rows, first, n, block.lean, started)
+        self.committed_steps = first + n
+
+    def _write_steps(self, rows: list[dict[str, Any]], first: int, n: int, lean: bool,
+                     started: float) -> None:
         per_step = round(self.store.block_bytes(first) / n)
         seconds = (time.perf_counter() - started) / n  # the Parquet write below is not counted
         for row in rows:
             row["bytes_written"], row["write_seconds"] = per_step, seconds
-            row["examples_dropped"] = block.lean
+            row["examples_dropped"] = lean
         self.store.write_table_part("steps", pa.Table.from_pylist(rows, schema=fmt.STEPS),
                                     first, first + n - 1)
-        self.committed_steps = first + n
 
     def _write_checkpoint(self, step: int, params: dict[str, torch.Tensor]) -> None:
         index = self.store.append_checkpoint({k: v.numpy() for k, v in params.items()})
@@ -243,12 +275,13 @@ def whole_run_tables(checkpoints: list[tuple[int, int]], stage_runs: list[list[A
             "stages": pa.Table.from_pylist(stages, schema=fmt.STAGES)}
 
 
-def _examples_table(records: list[StepRecord]) -> pa.Table:
-    """Long table (step, micro_batch, slot, row, example_id, loss, f), built with array ops."""
+def _examples_table(records: list[StepRecord], first_row: int = 0) -> pa.Table:
+    """Long table (step, micro_batch, slot, row, example_id, loss, f), built with array ops;
+    rows count from `first_row` (a rank's first row in a distributed run)."""
     columns: dict[str, list[np.ndarray]] = {name: [] for name in fmt.EXAMPLES.names}
     present: dict[str, list[np.ndarray]] = {name: [] for name in fmt.EXAMPLE_VALUES}
     for record in records:
-        offset = 0
+        offset = first_row
         for micro_batch, ids in enumerate(record.examples):
             values = record.example_values[micro_batch]
             for name in fmt.EXAMPLE_VALUES:

@@ -53,6 +53,11 @@ RESIDUAL_NORM = "residual_norm"  # (steps, n_params) float64, ‖G_s − Σ_i c_
 # resume): the deltas' own rounding stays far inside it.
 THETA_RTOL, THETA_ATOL = 1e-5, 1e-6
 
+def per_example(path: str) -> bool:
+    """Whether a step array holds rows per example (axis 1) rather than one value per step."""
+    return path.startswith((f"{CONTRIB}/", f"{PROJ}/"))
+
+
 # Per-step, per-group optimizer hyperparameters stored under hparams/.
 HPARAM_NAMES = ("lr", "weight_decay", "momentum", "dampening", "beta1", "beta2", "eps")
 

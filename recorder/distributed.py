@@ -1,0 +1,137 @@
+"""Recording under torch.distributed (DistributedDataParallel): who writes what, and when a
+step commits.
+
+Every rank holds the same θ and takes the same optimizer step, so rank 0 alone writes the
+trajectory, optimizer state, checkpoints and the steps table. Each rank writes the per-example
+rows of its own examples, rows [rank·B, (rank+1)·B) of each step, into chunks no other rank
+touches, plus its own Parquet parts, and then says how far it got in `ranks/rank-<r>.json`.
+Rank 0 commits a block only when every rank's marker has reached it, so a reader never sees a
+step that some rank has not finished. Files, not collectives, carry this: the writer threads
+never issue a collective that could interleave with DDP's own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from attrib.schemas import format as fmt
+
+RANKS_DIR = "ranks"
+WAIT_SECONDS = 600.0  # how long rank 0 waits for another rank's block before giving up
+POLL_SECONDS = 0.005
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def describe(self) -> dict[str, Any]:
+        return {"world_size": self.world, "backend": str(dist.get_backend())}
+
+
+def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Ranks | None]:
+    """The module to hook (DDP's `.module`) and the ranks when a multi-process job is running.
+
+    FSDP is refused: it shards θ, the gradient and the optimizer state across ranks, so no
+    rank holds the step whole, and the per-example capture would see only local shards.
+    """
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules()):
+        raise DistributedError(
+            "attrib can't record FSDP (FullyShardedDataParallel / fully_shard) yet: each rank "
+            "holds a shard of θ, the gradient and the optimizer state, so no rank sees a step "
+            "whole. Record with DistributedDataParallel, or open an issue for FSDP support "
+            "(README, 'Scaling up')")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model, None
+    return model, Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def marker(run_dir: Path, rank: int) -> Path:
+    return run_dir / RANKS_DIR / f"rank-{rank}.json"
+
+
+def publish(run_dir: Path, rank: int, committed_steps: int, tables: dict[str, list[str]],
+            closed: bool = False, error: str | None = None) -> None:
+    """A non-primary rank's progress: every step below `committed_steps` is on disk."""
+    path = marker(run_dir, rank)
+    path.parent.mkdir(exist_ok=True)
+    fmt.write_json_atomic(path, {"committed_steps": committed_steps, "tables": tables,
+                                 "closed": closed, "error": error})
+
+
+def wait_for(run_dir: Path, world: int, steps: int, closed: bool = False) -> list[dict]:
+    """Block (on rank 0's writer thread) until every other rank has written `steps` steps
+    (and closed, at the end); returns their markers."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    pending = set(range(1, world))
+    markers: dict[int, dict] = {}
+    while pending:
+        for rank in list(pending):
+            path = marker(run_dir, rank)
+            if path.exists():
+                document = fmt.read_json(path)
+                if document.get("error"):
+                    raise DistributedError(f"rank {rank} stopped recording: "
+                                           f"{document['error']}")
+                if document["committed_steps"] >= steps and (document["closed"] or not closed):
+                    markers[rank] = document
+                    pending.discard(rank)
+        if pending:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"ranks {sorted(pending)} did not write step {steps - 1} within "
+                    f"{WAIT_SECONDS:.0f} s; a rank died or stopped recording")
+            time.sleep(POLL_SECONDS)
+    return [markers[r] for r in sorted(markers)]
+
+
+def watch_reduced_norms(ddp: torch.nn.parallel.DistributedDataParallel,
+                        note: Callable[[torch.Tensor, torch.Tensor], None]) -> bool:
+    """Register DDP's default all-reduce as a comm hook that also hands each reduced (averaged,
+    not yet clipped) gradient to `note(param, grad)`: the gradient G_s whose norm the clip
+    factor needs. Per-parameter hooks see only this rank's local gradient. Returns False when
+    the user's own comm hook is already registered (the clip factor is then recorded as 1)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):  # unannotated: DDP checks annotations against real classes
+        params = bucket.parameters()
+
+        def noted(future: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            reduced = future.value()
+            for param, grad in zip(params, reduced.split([p.numel() for p in params])):
+                note(param, grad)
+            return reduced
+
+        return allreduce_hook(state, bucket).then(noted)
+
+    try:
+        ddp.register_comm_hook(None, hook)
+    except RuntimeError:
+        return False
+    return True
+

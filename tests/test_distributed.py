@@ -1,0 +1,139 @@
+"""Recording under DistributedDataParallel: 2 gloo processes on CPU record the same run as one
+process over the same global batch (to float round-off)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import data, mlp
+from test_path_kernel import assert_complete, probe_points
+
+import attrib
+from attrib.analyzer.verify import verify
+from attrib.recorder.distributed import DistributedError
+
+WORLD, LOCAL_BATCH, STEPS = 2, 8, 11
+CAPTURE = [attrib.TopK(6), attrib.Project(16, kind="dense", params=("0.weight",)),
+           attrib.Full(params=("2.*",))]
+SETTINGS = dict(steps_per_chunk=4, checkpoint_every=5)
+
+
+def global_batch(step: int) -> torch.Tensor:
+    return torch.randperm(256, generator=torch.Generator().manual_seed(step))[:WORLD * LOCAL_BATCH]
+
+
+def train(rec, model, opt, rank: int, world: int) -> None:
+    x, y = data()
+    for step in range(STEPS):
+        ids = global_batch(step).view(world, -1)[rank]
+        rec.examples(ids)
+        loss = F.cross_entropy(model(x[ids]), y[ids])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+        opt.step()
+        opt.zero_grad()
+        rec.log(loss=loss)
+
+
+def worker(rank: int, world: int, init: str, path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(mlp())
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+        with attrib.Recorder(path, model, opt, capture=CAPTURE, **SETTINGS) as rec:
+            train(rec, model, opt, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    where = tmp_path_factory.mktemp("ddp")
+    mp.spawn(worker, args=(WORLD, str(where / "init"), str(where / "ddp")), nprocs=WORLD)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    with attrib.Recorder(where / "single", model, opt, capture=CAPTURE, **SETTINGS) as rec:
+        train(rec, model, opt, 0, 1)
+    return attrib.open_run(where / "ddp"), attrib.open_run(where / "single")
+
+
+def test_ddp_run_equals_the_single_process_run(runs):
+    ddp, single = runs
+    assert ddp.status == "complete" and ddp.n_steps == single.n_steps == STEPS
+    assert ddp.meta["distributed"]["world_size"] == WORLD
+    assert verify(ddp.dir).column("ok").to_pylist() == [True] * 7
+    assert ddp.checkpoint_steps == single.checkpoint_steps
+    # the clip factor needs ‖G‖ of the all-reduced gradient (DDP's comm hook), not the local one
+    assert (single.clip_factors() < 0.99).any()
+    np.testing.assert_allclose(ddp.clip_factors(), single.clip_factors(), rtol=1e-5)
+    for step in range(STEPS + 1):
+        for name, value in single.reconstruct(step).items():
+            torch.testing.assert_close(ddp.reconstruct(step)[name], value, rtol=1e-4, atol=1e-6)
+    for name in single.param_names:
+        torch.testing.assert_close(ddp.grads(name), single.grads(name), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(ddp.state(name, "exp_avg_sq"),
+                                   single.state(name, "exp_avg_sq"), rtol=1e-4, atol=1e-10)
+
+
+def test_path_kernel_on_the_ddp_run(runs):
+    """Completeness holds, and the per-example influences match the single-process run's."""
+    ddp, single = runs
+    results = [attrib.analyze.path_kernel(run, mlp, probe_points(), progress=False)
+               for run in (ddp, single)]
+    assert_complete(results[0])
+    key = ["test_id", "example_id", "term"]
+    tables = [r.table.group_by(key).aggregate([("value", "sum")]).sort_by(
+        [(k, "ascending") for k in key]) for r in results]
+    assert tables[0].select(key).equals(tables[1].select(key))
+    np.testing.assert_allclose(tables[0]["value_sum"], tables[1]["value_sum"], rtol=1e-3,
+                               atol=1e-6)
+
+
+def test_each_rank_wrote_its_examples_rows(runs):
+    """Rank r's examples are rows [r·B, (r+1)·B) of every step, as the single process's."""
+    ddp, single = runs
+    order = [("step", "ascending"), ("row", "ascending")]
+    assert ddp.examples.sort_by(order).select(["step", "row", "example_id"]).equals(
+        single.examples.sort_by(order).select(["step", "row", "example_id"]))
+    for name in ("0.weight", "2.weight", "2.bias"):
+        torch.testing.assert_close(ddp.contribution_rows(name), single.contribution_rows(name),
+                                   rtol=1e-4, atol=1e-7)
+    # both ranks' chunks exist: no chunk of a per-example array spans the two ranks
+    ids, rows = ddp.contributions(STEPS - 1)
+    assert len(ids) == WORLD * LOCAL_BATCH and rows["2.weight"][LOCAL_BATCH:].abs().sum() > 0
+    assert np.isnan(ddp.residual_norms()).all()  # no rank sees the whole batch's examples
+
+
+def test_each_rank_keeps_its_top_shifts(runs):
+    """TopK per rank: every single-process top entry is among the ranks' (world·k rows)."""
+    ddp, single = runs
+    key = ["step", "example_id", "param", "flat_index"]
+    ours = {tuple(r[k] for k in key): r["shift"] for r in ddp.shifts.to_pylist()}
+    theirs = single.shifts.to_pylist()
+    assert ddp.shifts.num_rows == WORLD * single.shifts.num_rows
+    found = [r for r in theirs if tuple(r[k] for k in key) in ours]
+    assert len(found) >= 0.95 * len(theirs)
+    for r in found:
+        assert ours[tuple(r[k] for k in key)] == pytest.approx(r["shift"], rel=1e-3, abs=1e-9)
+
+
+def fsdp_worker(rank: int, world: int, init: str, path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = mlp()
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(DistributedError, match="can't record FSDP"):
+            attrib.Recorder(path, model, opt)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_is_refused(tmp_path):
+    mp.spawn(fsdp_worker, args=(1, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=1)

@@ -131,6 +131,8 @@ class Run:
         """A missing or damaged Parquet part is a FormatError naming the table."""
         try:
             yield
+        except MemoryError:
+            raise
         except (OSError, pa.ArrowException) as e:
             raise fmt.FormatError(f"{self.dir}: a part of the {table} table can't be read ({e});"
                                   " the run is damaged, `attrib verify` lists what else is"
@@ -193,7 +195,7 @@ class Run:
         array = self._array(path)
         try:
             return array[where]
-        except (KeyError, IndexError):
+        except (KeyError, IndexError, MemoryError):
             raise
         except Exception as e:
             rows = (f"rows {where.start}–{where.stop}" if isinstance(where, slice)

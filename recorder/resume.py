@@ -21,7 +21,7 @@ from attrib.schemas import format as fmt
 
 # Metadata that must be equal for the new steps to mean what the old ones do.
 SETTINGS = ("optimizer", "n_groups", "step_state", "record_grads", "capture", "residual_params",
-            "rng")
+            "rng", "distributed")
 PARAM_FIELDS = ("name", "shape", "dtype", "group")
 
 

@@ -15,6 +15,7 @@ from test_path_kernel import assert_complete, probe_points
 import attrib
 from attrib.analyzer.verify import verify
 from attrib.recorder.distributed import DistributedError
+from attrib.recorder.resume import ResumeError
 
 WORLD, LOCAL_BATCH, STEPS = 2, 8, 11
 CAPTURE = [attrib.TopK(6), attrib.Project(16, kind="dense", params=("0.weight",)),
@@ -137,3 +138,11 @@ def fsdp_worker(rank: int, world: int, init: str, path: str) -> None:
 
 def test_fsdp_is_refused(tmp_path):
     mp.spawn(fsdp_worker, args=(1, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=1)
+
+
+def test_resuming_a_ddp_run_in_one_process_is_refused(runs):
+    ddp, _ = runs
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    with pytest.raises(ResumeError, match="distributed was"):
+        attrib.Recorder(ddp.dir, model, opt, capture=CAPTURE, resume=True, **SETTINGS)

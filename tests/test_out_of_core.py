@@ -81,15 +81,21 @@ def test_dask_cluster_gives_the_same_numbers(run):
                                rtol=1e-12, atol=1e-15)
 
 
+def big_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(),
+                               torch.nn.Linear(256, 4))
+
+
 BIG = textwrap.dedent("""
     import sys, torch
     import attrib
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(),
-                                torch.nn.Linear(256, 4))
+    sys.path.insert(0, sys.argv[2])
+    from test_out_of_core import big_model
+    model = big_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(512, 256), torch.randint(0, 4, (512,))
-    with attrib.Recorder(sys.argv[1], model, opt, steps_per_chunk=8, record_grads=False,
+    with attrib.Recorder(sys.argv[1], model, opt, steps_per_chunk=8,
                          capture=attrib.Project(2048, params=("0.weight",))) as rec:
         for step in range(128):
             ids = torch.arange(256) + (step % 2) * 256
@@ -102,10 +108,14 @@ LIMITED = textwrap.dedent("""
     import resource, sys, numpy as np, torch, zarr
     import attrib
     from attrib.analyzer.projected import projected_influence
+    sys.path.insert(0, sys.argv[4])
+    from test_out_of_core import big_model
     run = attrib.open_run(sys.argv[1])
+    probe = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)), torch.arange(4)
     tests = {"0.weight": torch.randn(4, 256, 256, generator=torch.Generator().manual_seed(0),
                                      dtype=torch.float64)}
     projected_influence(run, tests, stop=8)  # warm up: thread pools and allocator arenas
+    attrib.analyze.path_kernel(run, big_model, probe, progress=False, stride=64)
     # reserve address space once; the limit then counts what the analysis itself adds
     size = [int(line.split()[1]) * 1024 for line in open("/proc/self/status")
             if line.startswith("VmSize")][0]
@@ -113,6 +123,9 @@ LIMITED = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_AS, (size + budget, size + budget))
     table = projected_influence(run, tests)
     np.save(sys.argv[3], table["value"].to_numpy())
+    result = attrib.analyze.path_kernel(run, big_model, probe, progress=False)
+    gaps = [abs(r["gap"]) / abs(r["delta_f"]) for r in result.completeness().to_pylist()]
+    print("path kernel gap", max(gaps))
     try:  # the limit bites: the whole array does not fit
         np.asarray(run.contribution_rows("0.weight"), dtype=np.float64)
     except MemoryError:
@@ -122,17 +135,21 @@ LIMITED = textwrap.dedent("""
 
 def test_streams_a_store_larger_than_the_memory_limit(tmp_path):
     path, budget = tmp_path / "big", 160 << 20
-    subprocess.run([sys.executable, "-c", BIG, str(path)], check=True, timeout=300)
+    tests_dir = os.path.dirname(__file__)
+    subprocess.run([sys.executable, "-c", BIG, str(path), tests_dir], check=True, timeout=300)
     stored = attrib.open_run(path).meta["examples_per_step"] * 128 * 2048 * 4
     assert stored > 1.5 * budget  # 256 MiB of projections against a 160 MiB allowance
     out = tmp_path / "values.npy"
     # glibc set up so the limit measures what the analysis holds, not address space the
     # allocator reserves: one arena (not 64 MiB per thread), freed blocks returned at once
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
-    result = subprocess.run([sys.executable, "-c", LIMITED, str(path), str(budget), str(out)],
+    result = subprocess.run([sys.executable, "-c", LIMITED, str(path), str(budget), str(out),
+                             tests_dir],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "whole array refused" in result.stdout
+    gap = float(result.stdout.split("path kernel gap")[1].split()[0])
+    assert gap < 1e-4  # the path kernel ran under the limit too, and its total is complete
     run = attrib.open_run(path)
     tests = {"0.weight": torch.randn(4, 256, 256, generator=torch.Generator().manual_seed(0),
                                      dtype=torch.float64)}

@@ -25,6 +25,7 @@ from attrib.schemas import projection
 SCORES = pa.schema([pa.field("test_id", pa.int32()), pa.field("example_id", pa.int64()),
                     pa.field("value", pa.float64())])
 ENGINES = ("torch", "dask")
+FLOAT64_SLICE = 1 << 22  # stored values made float64 at once (32 MiB)
 
 
 def projected_influence(run: Run, test_gradients: dict[str, torch.Tensor], *, start: int = 0,
@@ -95,13 +96,22 @@ def id_grid(run: Run, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
 
 def block_scores(rows: np.ndarray, ids: np.ndarray, q: np.ndarray, w: np.ndarray,
                  universe: np.ndarray) -> np.ndarray:
-    """(n_test, len(universe)) scores of one block of steps: rows (S, E, d), ids (S, E)."""
-    flat = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64)).reshape(-1, q.shape[1])
-    scores = (flat @ torch.from_numpy(q).T) * torch.from_numpy(np.repeat(w, ids.shape[1]))[:, None]
-    keep = torch.from_numpy(ids.reshape(-1) >= 0)
-    slots = torch.from_numpy(np.searchsorted(universe, ids.reshape(-1)[keep.numpy()]))
+    """(n_test, len(universe)) scores of one block of steps: rows (S, E, d), ids (S, E).
+
+    Rows become float64 a few steps at a time (≤ FLOAT64_SLICE values), so the copy stays
+    small beside the float32 block."""
+    rows = rows.reshape(rows.shape[0], rows.shape[1], -1)
     out = torch.zeros(len(universe), q.shape[0], dtype=torch.float64)
-    out.index_add_(0, slots, scores[keep])
+    test = torch.from_numpy(q)
+    per = max(1, FLOAT64_SLICE // max(1, rows.shape[1] * rows.shape[2]))
+    for a in range(0, rows.shape[0], per):
+        flat = torch.from_numpy(np.asarray(rows[a: a + per], dtype=np.float64))
+        scores = flat.reshape(-1, q.shape[1]) @ test.T
+        scores *= torch.from_numpy(np.repeat(w[a: a + per], rows.shape[1]))[:, None]
+        step_ids = ids[a: a + per].reshape(-1)
+        keep = step_ids >= 0
+        out.index_add_(0, torch.from_numpy(np.searchsorted(universe, step_ids[keep])),
+                       scores[torch.from_numpy(keep)])
     return out.T.numpy()
 
 

@@ -86,7 +86,8 @@ def publish(run_dir: Path, rank: int, committed_steps: int, tables: dict[str, li
 
 def wait_for(run_dir: Path, world: int, steps: int, closed: bool = False) -> list[dict]:
     """Block (on rank 0's writer thread) until every other rank has written `steps` steps
-    (and closed, at the end); returns their markers."""
+    (and closed, at the end); returns their markers. A rank that stopped recording before
+    `steps` raises at once; at the end its marker is returned with its `error`."""
     deadline = time.monotonic() + WAIT_SECONDS
     pending = set(range(1, world))
     markers: dict[int, dict] = {}
@@ -95,10 +96,11 @@ def wait_for(run_dir: Path, world: int, steps: int, closed: bool = False) -> lis
             path = marker(run_dir, rank)
             if path.exists():
                 document = fmt.read_json(path)
-                if document.get("error"):
+                reached = document["committed_steps"] >= steps
+                if document.get("error") and not reached and not closed:
                     raise DistributedError(f"rank {rank} stopped recording: "
                                            f"{document['error']}")
-                if document["committed_steps"] >= steps and (document["closed"] or not closed):
+                if (reached or document.get("error")) and (document["closed"] or not closed):
                     markers[rank] = document
                     pending.discard(rank)
         if pending:

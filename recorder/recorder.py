@@ -560,11 +560,25 @@ class Recorder:
                                 store.manifest["tables"], closed=True, error=self._failure)
             return
         if self.ranks is not None:
-            self._writer.gather_ranks(closed=True)
+            status = self._gather_ranks(status)
         if self._failure is None:
             for table in ("steps", "examples", "shifts", "rng", "tokens"):
                 store.compact(table)
         store.commit(self._writer.committed_steps, status)
+
+    def _gather_ranks(self, status: fmt.Status) -> fmt.Status:
+        """Rank 0 at close: list every rank's last parts; if any rank stopped recording
+        (or this one did), keep only the steps all ranks wrote, and say why."""
+        markers = self._writer.gather_ranks(closed=True)
+        stopped = [f"rank {r + 1} stopped recording: {m['error']}"
+                   for r, m in enumerate(markers) if m.get("error")]
+        if self._failure is None and not stopped:
+            return status
+        self._failure = self._failure or stopped[0]
+        self._writer.cut(min([self._writer.committed_steps]
+                             + [m["committed_steps"] for m in markers]))
+        self._writer.store.manifest["error"] = self._failure
+        return status if status is fmt.Status.CRASHED else fmt.Status.INCOMPLETE
 
     def _submit_final(self) -> None:
         """Hand over the last (partial) block and θ_N, as a checkpoint unless one was taken."""
@@ -606,6 +620,7 @@ class Recorder:
             if self._rng is not None:
                 self._rng.enabled = False
             self._failure = f"recording stopped at step {self.step}: {e!r}"
+            self._writer.tell_primary(self._failure)
             warnings.warn(f"attrib: {self._failure}; training continues, the run is marked "
                           "incomplete (pass strict=True to raise instead)", stacklevel=3)
             return None

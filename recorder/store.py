@@ -210,6 +210,8 @@ class RunStore:
     def append_steps(self, first_step: int, values: dict[str, np.ndarray]) -> None:
         """Write a block of consecutive steps; arrays without values in `values` (dropped
         per-example rows) grow with the others and read as their fill value there."""
+        if not values:  # a rank other than 0 that captures nothing per example
+            return
         n = next(iter(values.values())).shape[0]
         steps = slice(first_step, first_step + n)
         _write_all([(a, (steps, self.example_rows)
@@ -294,7 +296,7 @@ class RunStore:
         self.manifest["n_checkpoints"] = n_checkpoints
         self.commit(steps)
         for array in self.step_arrays.values():
-            if array.shape[0] > steps:
+            if steps < array.shape[0] < PRESIZED:  # presized arrays keep their length
                 # clear the rest of the chunk the cut falls in: rows that grow back into it
                 # unwritten (dropped per-example rows) must read as the fill value, not as
                 # the discarded steps

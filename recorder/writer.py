@@ -9,6 +9,7 @@ memory: at most `n_buffers` blocks are ever held.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -81,6 +82,7 @@ class BackgroundWriter:
         self.ranks = ranks
         self._primary = ranks is None or ranks.primary
         self._rank_parts: set[str] = set()  # other ranks' parts already in the manifest
+        self.stopped: str | None = None  # why this rank (not 0) stopped recording
         self.vocabulary = vocabulary
         self._tokens_seen = FirstSeen()
         self.error: BaseException | None = None
@@ -145,7 +147,7 @@ class BackgroundWriter:
         """Hand a filled (or final, partial) block over for writing and committing."""
         self._check()
         if block.records:
-            if next(iter(block.buffers.values())).is_pinned():
+            if any(b.is_pinned() for b in block.buffers.values()):
                 block.ready = torch.cuda.Event()
                 block.ready.record()
             self._queue.put(block)
@@ -173,6 +175,7 @@ class BackgroundWriter:
                     self._write(item)
                 except BaseException as e:  # reported to the training thread, never raised there
                     self.error, self.error_trace = e, traceback.format_exc()
+                    self.tell_primary(repr(e))
             if isinstance(item, Block):
                 self._release(item)
 
@@ -187,16 +190,26 @@ class BackgroundWriter:
             self._write_checkpoint(step, params)
         if not self._primary:  # rank 0 commits once every rank's marker reaches this block
             distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
-                                self.store.manifest["tables"])
+                                self.store.manifest["tables"], error=self.stopped)
             return
         self._commit_tables()
         if self.ranks is not None:
             self.gather_ranks()
         self.store.commit(self.committed_steps)
 
-    def gather_ranks(self, closed: bool = False) -> None:
+    def tell_primary(self, error: str) -> None:
+        """A rank other than 0 stopped recording: say so now, so rank 0 stops waiting for it
+        (and fails its recording with this reason) instead of timing out."""
+        if self._primary:
+            return
+        self.stopped = self.stopped or error  # every later marker keeps saying so
+        with contextlib.suppress(OSError):  # the disk failed: rank 0 times out, with a message
+            distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
+                                self.store.manifest["tables"], error=self.stopped)
+
+    def gather_ranks(self, closed: bool = False) -> list[dict]:
         """Rank 0: wait for every rank to reach the committed steps (and to close, at the
-        end), then list their new table parts in the manifest."""
+        end), then list their new table parts in the manifest; returns their markers."""
         markers = distributed.wait_for(self.store.dir, self.ranks.world, self.committed_steps,
                                        closed)
         for document in markers:
@@ -206,6 +219,16 @@ class BackgroundWriter:
                             int(Path(part).stem.split("-")[2]) < self.committed_steps:
                         self.store.manifest["tables"][table].append(part)
                         self._rank_parts.add(part)
+        return markers
+
+    def cut(self, steps: int) -> None:
+        """Keep only steps [0, steps): what every rank wrote, when one stopped early."""
+        self._checkpoints = [(i, s) for i, s in self._checkpoints if s <= steps]
+        self._stage_runs = [[stage, first, min(last, steps - 1), min(last, steps - 1) - first + 1]
+                            for stage, first, last, _ in self._stage_runs if first < steps]
+        self.store.truncate(steps, len(self._checkpoints),
+                            whole_run_tables(self._checkpoints, self._stage_runs))
+        self.committed_steps = steps
 
     def _write_block(self, block: Block) -> None:
         if block.ready is not None:

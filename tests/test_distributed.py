@@ -3,6 +3,8 @@ process over the same global batch (to float round-off)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -27,10 +29,12 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randperm(256, generator=torch.Generator().manual_seed(step))[:WORLD * LOCAL_BATCH]
 
 
-def train(rec, model, opt, rank: int, world: int) -> None:
+def train(rec, model, opt, rank: int, world: int, fail_at: int | None = None) -> None:
     x, y = data()
     for step in range(STEPS):
         ids = global_batch(step).view(world, -1)[rank]
+        if step == fail_at and rank == 1:  # twice the ids the per-example arrays hold:
+            rec.examples(ids)  # this rank's recording stops at the step (with a warning)
         rec.examples(ids)
         loss = F.cross_entropy(model(x[ids]), y[ids])
         loss.backward()
@@ -40,13 +44,15 @@ def train(rec, model, opt, rank: int, world: int) -> None:
         rec.log(loss=loss)
 
 
-def worker(rank: int, world: int, init: str, path: str) -> None:
+def worker(rank: int, world: int, init: str, path: str, capture=CAPTURE,
+           fail_at: int | None = None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    warnings.simplefilter("ignore" if fail_at is not None else "default")
     try:
         model = torch.nn.parallel.DistributedDataParallel(mlp())
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
-        with attrib.Recorder(path, model, opt, capture=CAPTURE, **SETTINGS) as rec:
-            train(rec, model, opt, rank, world)
+        with attrib.Recorder(path, model, opt, capture=capture, **SETTINGS) as rec:
+            train(rec, model, opt, rank, world, fail_at)
     finally:
         dist.destroy_process_group()
 
@@ -146,3 +152,26 @@ def test_resuming_a_ddp_run_in_one_process_is_refused(runs):
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     with pytest.raises(ResumeError, match="distributed was"):
         attrib.Recorder(ddp.dir, model, opt, capture=CAPTURE, resume=True, **SETTINGS)
+
+
+def test_ddp_without_per_example_capture(runs, tmp_path):
+    """Ranks other than 0 then write only their examples table parts."""
+    _, single = runs
+    mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), False),
+             nprocs=WORLD)
+    run = attrib.open_run(tmp_path / "run")
+    assert run.status == "complete" and run.n_steps == STEPS
+    assert verify(run.dir).column("ok").to_pylist() == [True] * 7
+    for name, value in single.reconstruct(STEPS).items():
+        torch.testing.assert_close(run.reconstruct(STEPS)[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rank_that_stops_recording_stops_the_run_not_training(tmp_path):
+    """Rank 1 fails at step 6: it tells rank 0 at once (no wait for a timeout), training goes
+    on, and the run keeps the blocks every rank had committed, marked incomplete."""
+    mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), CAPTURE, 6),
+             nprocs=WORLD)
+    run = attrib.open_run(tmp_path / "run")
+    assert run.status == "incomplete" and "rank 1 stopped recording" in run.manifest["error"]
+    assert run.n_steps == 6  # the steps every rank wrote: rank 1 stopped at step 6
+    assert verify(run.dir).column("ok").to_pylist() == [True] * 7

@@ -235,19 +235,8 @@ class Recorder:
             self._continue(point)
         elif self._primary:
             self._checkpoint_now()
-        self._reduced_norms = False  # DDP: G's norms come from the all-reduce, not .grad hooks
         if wrapper is not None and self.ranks is not None:
-            index = {id(p.param): p.index for p in self.params}
-
-            def note(param: torch.Tensor, grad: torch.Tensor) -> None:
-                if id(param) in index and self._enabled:
-                    self._pre_clip_norms[index[id(param)]] = torch.linalg.vector_norm(grad)
-
-            self._reduced_norms = distributed.watch_reduced_norms(wrapper, note)
-            if not self._reduced_norms:
-                warnings.warn("attrib: this DDP model already has a comm hook, so the gradient "
-                              "norm before clipping can't be seen; the clip factor is recorded "
-                              "as 1 (exact unless you clip gradients)", stacklevel=2)
+            self._watch_reduced_norms(wrapper)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -257,6 +246,20 @@ class Recorder:
         atexit.register(self._close_at_exit)
 
     # -- set-up --------------------------------------------------------------------------------
+    def _watch_reduced_norms(self, wrapper: torch.nn.parallel.DistributedDataParallel) -> None:
+        """DDP: ‖G‖ before clipping from the all-reduced gradient (the .grad hooks see only
+        this rank's), through a comm hook around DDP's default all-reduce."""
+        index = {id(p.param): p.index for p in self.params}
+
+        def note(param: torch.Tensor, grad: torch.Tensor) -> None:
+            if id(param) in index and self._enabled:
+                self._pre_clip_norms[index[id(param)]] = torch.linalg.vector_norm(grad)
+
+        if not distributed.watch_reduced_norms(wrapper, note):
+            warnings.warn("attrib: this DDP model already has a comm hook, so the gradient "
+                          "norm before clipping can't be seen; the clip factor is recorded as 1 "
+                          "(exact unless you clip gradients)", stacklevel=3)
+
     def _check_target(self, overwrite: bool, resume: bool | int) -> None:
         if resume is not False:
             if overwrite:

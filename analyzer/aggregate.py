@@ -15,6 +15,13 @@ COLUMNS = {"example": "example_id", "step": "step", "stage": "stage", "param": "
            "layer": "layer"}  # axis → table column
 
 
+def owned(values: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a NumPy array that owns its memory, for an Arrow column. A table
+    over a tensor's own memory (zero-copy) changes when the tensor is updated in place, and
+    breaks when torch moves that memory (into shared memory, when sent to a worker)."""
+    return values.detach().cpu().numpy().copy()
+
+
 class InfluenceRows:
     """Influence rows, summed over the axes not kept while streaming.
 
@@ -59,7 +66,7 @@ class InfluenceRows:
 
     def _table(self, term, values, step, param, examples, stage=None, layer=None
                ) -> pa.Table:
-        values = values.cpu().numpy()
+        values = owned(values)
         count = values.shape[0]
         columns = {
             "test_id": np.tile(np.arange(self.n_test, dtype=np.int32), count),

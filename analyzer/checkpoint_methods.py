@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
+from attrib.analyzer.aggregate import owned
 from attrib.analyzer.run import Run
 from attrib.schemas import projection
 
@@ -67,13 +68,12 @@ def checkpoint_scores(run: Run, model_fn: Callable[[], torch.nn.Module], train_s
 
 
 def score_table(scores: torch.Tensor) -> pa.Table:
-    """A (test points, training examples) matrix as the long (test_id, example_id, value).
-    The values are copied: a table sharing a tensor's memory breaks when torch moves that
-    memory (e.g. into shared memory when the tensor is sent to a worker process)."""
+    """A (test points, training examples) matrix as the long (test_id, example_id, value),
+    over copied values (`owned`)."""
     n_test, n_train = scores.shape
     return pa.table({"test_id": np.repeat(np.arange(n_test, dtype=np.int32), n_train),
                      "example_id": np.tile(np.arange(n_train, dtype=np.int64), n_test),
-                     "value": scores.detach().reshape(-1).cpu().numpy().copy()},
+                     "value": owned(scores.reshape(-1))},
                     schema=SCORES)
 
 

@@ -30,6 +30,7 @@ from attrib.analyzer.aggregate import (
     InfluenceRows,
     StepData,
     data_influence,
+    owned,
 )
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
@@ -378,8 +379,8 @@ class _Recursion:
                 "stage": pa.array([stage] * (n * n), pa.string()),
                 "test_id": np.repeat(np.arange(n, dtype=np.int32), n),
                 "other_id": np.tile(np.arange(n, dtype=np.int32), n),
-                "value": kernel.reshape(-1).cpu().numpy(),
-                "normalized": normalized.reshape(-1).cpu().numpy()}))
+                "value": owned(kernel.reshape(-1)),
+                "normalized": owned(normalized.reshape(-1))}))
         return pa.concat_tables(parts)
 
     def carry_in(self) -> None:

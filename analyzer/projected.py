@@ -13,11 +13,14 @@ examples) sums, never the store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from attrib.analyzer import targets
 from attrib.analyzer.run import Run
 from attrib.schemas import format as fmt
 from attrib.schemas import projection
@@ -57,6 +60,23 @@ def projected_influence(run: Run, test_gradients: dict[str, torch.Tensor], *, st
         total = sum(_stream(run, name, q, grid, universe, w, start, stop)
                     for name, q in tests.items())
     return score_rows(total, universe)
+
+
+def test_gradients(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
+                   target: targets.Target = "loss", step: int | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """∇_θ f(x_t; θ_step) in float64 (default θ_N) for every parameter with stored rows: the
+    q_t that `projected_influence` takes."""
+    model = model_fn().double().eval()
+    theta = {n: t.double() for n, t in
+             run.reconstruct(run.n_steps if step is None else step).items()}
+    inputs, labels = targets.as_tensors(test_set, torch.float64)
+    stored = [n for n, c in run.capture.items() if "full" in c or "project" in c]
+    if not stored:
+        raise KeyError(f"{run.dir} stores no per-example rows: record with capture=Full() or "
+                       "Project(k)")
+    grads = targets.gradients(model, theta, inputs, labels, target)
+    return {name: grads[name].detach() for name in stored}
 
 
 def step_weights(run: Run, start: int, stop: int) -> np.ndarray:

@@ -126,10 +126,31 @@ def _emit(table, out_format: str, output: str | None, max_rows: int) -> None:
         sys.stdout.write(text)
 
 
+def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None):
+    """Projected influence of θ_N's test gradients, in process or on a Dask scheduler."""
+    from attrib.analyzer import analyze as api
+
+    try:
+        tests = api.test_gradients(recorded, model_fn, test_set, target)
+    except KeyError as e:
+        _fail(str(e.args[0]))
+    if scheduler is None:
+        return api.projected_influence(recorded, tests)
+    if scheduler == "local":
+        return api.projected_influence(recorded, tests, engine="dask")
+    try:
+        from distributed import Client
+    except ImportError:
+        _fail("--dask ADDRESS needs Dask's distributed package: pip install 'attrib[dask]'")
+    with Client(scheduler) as client:
+        return api.projected_influence(recorded, tests, engine="dask", client=client)
+
+
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--method", type=click.Choice(["path-kernel", "linear-response", "tracin",
-                                            "grad-dot", "grad-cos", "trak", "influence"]),
+                                            "grad-dot", "grad-cos", "trak", "influence",
+                                            "projected"]),
               default="path-kernel", show_default=True)
 @click.option("--model", "model_ref", required=True,
               help="PKG.MOD:FACTORY that builds the architecture (parameters come from RUN).")
@@ -158,12 +179,15 @@ def _emit(table, out_format: str, output: str | None, max_rows: int) -> None:
               "last:5 for trak).")
 @click.option("--damping", type=float, help="λ added to the kernel (trak, default 0) or to the "
               "Gauss-Newton matrix (influence, default 1e-3).")
+@click.option("--dask", "scheduler", help="projected: run on the Dask scheduler at this "
+              "address (tcp://HOST:PORT), or 'local' for Dask's threads; default in process.")
 @click.option("--name", help="Where to store it: RUN/analysis/NAME (default: the method).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str | None,
             loss_ref: str | None, accumulation: str, target: str, by: str, quadrature: str,
             stride: int | None, similarity: bool, k: int | None, checkpoints: str | None,
-            damping: float | None, name: str | None, quiet: bool) -> None:
+            damping: float | None, scheduler: str | None, name: str | None,
+            quiet: bool) -> None:
     """Attribute f on a test set to RUN's training data; store the result in RUN/analysis/.
 
     Afterwards every result is a SQL view: attrib sql RUN "SELECT * FROM influence ..."
@@ -180,7 +204,7 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
     model_fn, test_set = load_object(model_ref), load_data(data_ref)
     parameters = {"method": method, "target": target, "model": model_ref, "data": data_ref,
                   "created": now_iso()}
-    if method != "path-kernel" and not train_ref:
+    if method not in ("path-kernel", "projected") and not train_ref:
         _fail(f"--method {method} needs --train PKG.MOD:TRAIN_SET (indexed by example_id)")
     if method == "linear-response":
         axes = tuple(a for a in by.split(",") if a)
@@ -204,6 +228,9 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
             tables["similarity"] = result.similarity
         parameters.update(by=list(axes), quadrature=quadrature, stride=stride,
                           similarity=similarity)
+    elif method == "projected":
+        tables = {"influence": _projected(recorded, model_fn, test_set, target, scheduler)}
+        parameters.update(engine="dask" if scheduler else "torch", scheduler=scheduler)
     elif method == "trak":
         options = {"checkpoints": checkpoints or "last:5", "damping": damping or 0.0}
         if k is not None:

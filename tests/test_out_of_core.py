@@ -156,3 +156,36 @@ def test_streams_a_store_larger_than_the_memory_limit(tmp_path):
     expected = projected_influence(run, tests)["value"].to_numpy()
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-12, atol=0)
     assert (path / fmt.STORE_DIR / fmt.PROJ).is_dir()
+
+
+def test_cli_projected_with_test_gradients_at_the_final_step(run, tmp_path, monkeypatch):
+    """`attrib analyze --method projected` stores what the API computes from θ_N's test
+    gradients (here through Dask's threads), queryable by SQL."""
+    from click.testing import CliRunner
+
+    from attrib.cli.main import main
+
+    (tmp_path / "projected_userdefs.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from conftest import data, mlp
+        def test_set():
+            x, y = data()
+            return x[:3] + 0.1, y[:3]
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(main, ["analyze", str(run.dir), "--method", "projected",
+                                       "--model", "projected_userdefs:mlp", "--data",
+                                       "projected_userdefs:test_set", "--dask", "local"])
+    assert result.exit_code == 0, result.output
+    import projected_userdefs
+
+    tests = attrib.analyze.test_gradients(run, mlp, projected_userdefs.test_set())
+    assert set(tests) == {"0.weight", "2.weight", "2.bias"}  # the parameters with stored rows
+    expected = as_dict(projected_influence(run, tests))
+    stored = attrib.sql(run, "SELECT test_id, example_id, value FROM influence "
+                             "WHERE analysis = 'projected'")
+    got = as_dict(stored)
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-12)

@@ -23,6 +23,7 @@ def dask_scores(run: Run, tests: dict[str, np.ndarray], grid: np.ndarray, univer
     store = str(run.dir.resolve() / fmt.STORE_DIR)
     parts = []
     for name, q in tests.items():
+        run._array(array_path(run, name))  # its codecs are ones attrib decodes
         array = da.from_zarr(store, component=array_path(run, name))[start:stop]
         # one block per stored chunk of steps, whole along the other axes (a distributed
         # run's rank-split chunks merge here)

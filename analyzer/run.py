@@ -161,13 +161,28 @@ class Run:
         return self.table("shifts")
 
     # -- dense data -----------------------------------------------------------------------------
+    def arrays(self) -> list[tuple[str, zarr.Array]]:
+        """(path, array) for every array in the store, their codecs checked (metadata only:
+        nothing is decoded)."""
+        try:
+            members = list(self.group.members(max_depth=None))
+        except Exception as e:  # unreadable metadata, an unknown codec
+            raise fmt.FormatError(f"{self.dir}: the store's arrays can't be opened ({e})") from e
+        found = [(path, node) for path, node in members if isinstance(node, zarr.Array)]
+        for path, node in found:
+            fmt.check_codecs(node.metadata.to_dict().get("codecs", []), f"{self.dir}: {path!r}")
+        return found
+
     def _array(self, path: str) -> zarr.Array:
         try:
             node = self.group[path]
         except KeyError:
             raise KeyError(f"{self.dir}: no array {path!r} in the store") from None
+        except Exception as e:  # unreadable metadata, an unknown codec
+            raise fmt.FormatError(f"{self.dir}: the array {path!r} can't be opened ({e})") from e
         if not isinstance(node, zarr.Array):
             raise fmt.FormatError(f"{self.dir}: {path!r} is a group, expected an array")
+        fmt.check_codecs(node.metadata.to_dict().get("codecs", []), f"{self.dir}: {path!r}")
         return node
 
     def _key(self, param: str) -> str:

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import zarr
 
 from attrib.schemas import format as fmt
 
@@ -31,9 +30,7 @@ def _stored_bytes(path) -> tuple[int, int]:
 def _raw_dense_bytes(run: Run) -> int:
     """Uncompressed bytes of the committed part of every array in the store."""
     total = 0
-    for path, node in run.group.members(max_depth=None):
-        if not isinstance(node, zarr.Array):
-            continue
+    for path, node in run.arrays():
         shape = node.shape
         if path.startswith(fmt.CHECKPOINTS + "/"):
             shape = (min(shape[0], len(run.checkpoint_steps)), *shape[1:])

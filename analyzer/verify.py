@@ -91,14 +91,8 @@ def _arrays(run: Run) -> str:
 
 
 def _step_arrays(run: Run):
-    import zarr
-
-    group = zarr.open_group(run.dir / fmt.STORE_DIR, mode="r")
-    found = []
-    for kind in (fmt.DELTAS, fmt.GRADS, fmt.CONTRIB, fmt.PROJ):
-        if kind in group:
-            found += [(f"{kind}/{name}", a) for name, a in group[kind].arrays()]
-    return found
+    kinds = tuple(f"{kind}/" for kind in (fmt.DELTAS, fmt.GRADS, fmt.CONTRIB, fmt.PROJ))
+    return [(path, array) for path, array in run.arrays() if path.startswith(kinds)]
 
 
 def _checkpoints(run: Run) -> str:
@@ -121,13 +115,8 @@ def _checkpoints(run: Run) -> str:
 def _chunks(run: Run) -> str:
     """Read every committed value once, slab by slab: each chunk must decode (a CRC32C ends
     each one), and non-finite deltas or gradients are flagged with their steps."""
-    import zarr
-
-    group = zarr.open_group(run.dir / fmt.STORE_DIR, mode="r")
     unreadable, flagged, count = [], [], 0
-    for path, array in group.members(max_depth=None):
-        if not isinstance(array, zarr.Array):
-            continue
+    for path, array in run.arrays():  # codecs checked before anything is decoded
         count += 1
         rows = (run.manifest["n_checkpoints"] if path.startswith(f"{fmt.CHECKPOINTS}/")
                 else None if path.startswith(f"{fmt.INITIAL_STATE}/") else run.n_steps)

@@ -53,6 +53,21 @@ RESIDUAL_NORM = "residual_norm"  # (steps, n_params) float64, ‖G_s − Σ_i c_
 # resume): the deltas' own rounding stays far inside it.
 THETA_RTOL, THETA_ATOL = 1e-5, 1e-6
 
+# Zarr codecs a reader decodes. Anything else (a codec that unpickles, say, were one ever
+# registered) is refused before a chunk is read: a run is data, never code.
+READ_CODECS = frozenset({"bytes", "blosc", "crc32c", "zstd", "gzip", "transpose"})
+
+
+def check_codecs(codecs: list[dict[str, Any]], where: str) -> None:
+    """Refuse an array whose codec chain names a codec outside READ_CODECS."""
+    names = [c.get("name") if isinstance(c, dict) else c for c in codecs]
+    unknown = [n for n in names if n not in READ_CODECS]
+    if unknown:
+        raise FormatError(f"{where} is encoded with {unknown}, which attrib does not decode "
+                          f"(it reads {sorted(READ_CODECS)}); the run was not written by attrib "
+                          "or was edited")
+
+
 def per_example(path: str) -> bool:
     """Whether a step array holds rows per example (axis 1) rather than one value per step."""
     return path.startswith((f"{CONTRIB}/", f"{PROJ}/"))

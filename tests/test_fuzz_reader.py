@@ -116,3 +116,22 @@ def test_damaged_chunks_and_table_parts(recorded, data):
         sound = read_or_explain(path)
         if target.startswith(fmt.STORE_DIR) or action != "flip":
             assert not sound, (target, action)
+
+
+@pytest.mark.parametrize("codec", [
+    {"name": "numcodecs.pickle", "configuration": {}},  # not registered: zarr can't open it
+    {"name": "sharding_indexed", "configuration": {}},  # registered, but not one attrib reads
+])
+def test_arrays_with_codecs_attrib_does_not_decode_are_refused(recorded, tmp_path, codec):
+    """A run is data, never code: an array naming any codec outside the few attrib writes
+    (pickle, were it ever registered) is refused before a chunk is decoded."""
+    path = damaged_copy(recorded, tmp_path)
+    key = attrib.open_run(path).params.column("key")[0].as_py()
+    meta = path / fmt.STORE_DIR / fmt.DELTAS / key / "zarr.json"
+    document = json.loads(meta.read_text())
+    document["codecs"].append(codec)
+    meta.write_text(json.dumps(document))
+    run = attrib.open_run(path)
+    with pytest.raises(fmt.FormatError, match=r"can't be opened|does not decode"):
+        run.deltas(run.param_names[0])
+    assert not read_or_explain(path)

@@ -30,13 +30,7 @@ from attrib.recorder.rng import RngCapture, stochastic_modules
 from attrib.recorder.shifts import ShiftInput, top_shifts
 from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
 from attrib.recorder.tokens import TokenBatch, token_batch, vocabulary_array, vocabulary_table
-from attrib.recorder.writer import (
-    BackgroundWriter,
-    Block,
-    RecordingError,
-    StepRecord,
-    whole_run_tables,
-)
+from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
 
 BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
@@ -195,12 +189,13 @@ class Recorder:
                                         scale=1.0 / self.ranks.world if self.ranks else 1.0)
                          if any(c.any for c in self.captures) else None)
 
-        meta = self._metadata(codec or Codec(), metadata or {})
+        codec = codec or Codec()
+        meta = self._metadata(codec, metadata or {})
         if not self._primary:
             self.ranks.barrier()  # rank 0 creates the run
             point, store = None, RunStore.join(self.path, self.ranks.rank)
         elif resume is False:
-            point, store = None, self._create(meta, codec or Codec(), vocabulary_array(vocabulary))
+            point, store = None, self._create(meta, codec, vocabulary_array(vocabulary))
             if self.ranks is not None:
                 self.ranks.barrier()
         else:
@@ -365,8 +360,8 @@ class Recorder:
         return store
 
     def _reopen(self, meta_now: dict, resume: bool | int) -> tuple[ResumePoint, RunStore]:
-        """Check the live state against the recorded run, then cut the run back to the
-        resume step (recorded data after it, and whatever a crash left uncommitted)."""
+        """Check the live state against the recorded run and open it to append; `_continue`
+        cuts it back to the resume step (data after it, whatever a crash left uncommitted)."""
         run = Run(self.path)
         point = prepare(run, resume, meta_now, self._params_table().to_pylist(),
                         {p.name: p.param.detach().cpu() for p in self.params}, self.optimizer,
@@ -379,8 +374,6 @@ class Recorder:
             "previous_status": point.previous_status,
             "previous_error": store.manifest.get("error")})
         store.manifest.update(status=fmt.Status.RECORDING.value, error=None)
-        store.truncate(point.step, len(point.checkpoints),
-                       whole_run_tables(point.checkpoints, point.stage_runs))
         if point.discarded:
             warnings.warn(f"attrib: resuming {self.path} at step {point.step}; the "
                           f"{point.discarded} steps recorded after it are discarded",
@@ -391,7 +384,7 @@ class Recorder:
         """Pick the run up at the resume step: θ̂ from its checkpoint (one is taken from the
         live parameters when the step has none), stage, clock and writer state."""
         self.step = point.step
-        self._stage = point.stage_runs[-1][0] if point.stage_runs else DEFAULT_STAGE
+        self._stage = point.stage or DEFAULT_STAGE
         self._started -= point.elapsed
         self._writer.resume(point.step, point.checkpoints, point.stage_runs, point.seen_examples)
         store = self._writer.store
@@ -559,8 +552,8 @@ class Recorder:
         here must not fail the user's program after training finished)."""
         store = self._writer.store
         if not self._primary:  # rank 0 finalizes once this marker says the rank is done
-            distributed.publish(store.dir, self.ranks.rank, self._writer.committed_steps,
-                                store.manifest["tables"], closed=True, error=self._failure)
+            self._writer.stopped = self._writer.stopped or self._failure
+            self._writer.publish(closed=True)
             return
         if self.ranks is not None:
             status = self._gather_ranks(status)
@@ -814,10 +807,12 @@ class Recorder:
                 scatter_rows(data.full.get(p.index, []), rows[f"{fmt.CONTRIB}/{p.key}"])
             if capture.project is not None and not self._block.lean:
                 scatter_rows(data.projected.get(p.index, []), rows[f"{fmt.PROJ}/{p.key}"])
-            if not capture.any or g is None or self.ranks is not None:
+            if not capture.any or self.ranks is not None:
                 # distributed: G averages every rank's examples, this rank sees its own only
-                residual.append(torch.tensor(0.0 if capture.any and g is None
-                                             and self.ranks is None else math.nan))
+                residual.append(torch.tensor(math.nan))
+                continue
+            if g is None:
+                residual.append(torch.tensor(0.0))
                 continue
             before_clip = g.detach().double() / clip_factor
             total = data.sums.get(p.index)

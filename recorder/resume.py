@@ -37,8 +37,9 @@ class ResumePoint:
     previous_status: str
     discarded: int  # committed steps after `step`, dropped by the resume
     theta: dict[str, torch.Tensor] | None  # the stored checkpoint at `step`, if there is one
-    checkpoints: list[tuple[int, int]]  # (index, step) kept
-    stage_runs: list[list[Any]]  # [stage, start, end, n_steps] cut at `step`
+    checkpoints: list[tuple[int, int]]  # (index, step) as recorded
+    stage_runs: list[list[Any]]  # [stage, start, end, n_steps] as recorded
+    stage: str | None  # the stage of step − 1, which the resumed steps continue
     seen_examples: np.ndarray  # examples whose tokens are already stored
     elapsed: float  # the steps table's time at `step`, so `time` keeps counting
     vocabulary: dict[int, str] | None
@@ -163,20 +164,18 @@ def _check_optimizer(run: Run, step: int, optimizer: torch.optim.Optimizer,
 
 
 def _point(run: Run, step: int) -> ResumePoint:
-    checkpoints = [(i, s) for i, s in enumerate(run.checkpoint_steps) if s <= step]
-    theta = run.checkpoint(checkpoints[-1][0]) if checkpoints[-1][1] == step else None
-    stage_runs = []
-    for row in run.stages.sort_by("start_step").to_pylist():
-        if row["start_step"] < step:
-            end = min(row["end_step"], step - 1)
-            stage_runs.append([row["stage"], row["start_step"], end, end - row["start_step"] + 1])
+    checkpoints = list(enumerate(run.checkpoint_steps))
+    at_step = [i for i, s in checkpoints if s == step]
+    stage_runs = [list(row.values()) for row in run.stages.sort_by("start_step").to_pylist()]
     last = run.table_where("steps", step - 1) if step else None
     tokens = run.table("tokens").column("example_id").to_numpy()
     vocabulary = run.table("vocabulary")
     return ResumePoint(
-        step=step, previous_status=run.status, discarded=run.n_steps - step, theta=theta,
-        checkpoints=checkpoints,
-        stage_runs=stage_runs, seen_examples=tokens,
+        step=step, previous_status=run.status, discarded=run.n_steps - step,
+        theta=run.checkpoint(at_step[0]) if at_step else None, checkpoints=checkpoints,
+        stage_runs=stage_runs,
+        stage=next((r[0] for r in reversed(stage_runs) if r[1] < step), None),
+        seen_examples=tokens,
         elapsed=float(last.column("time")[0].as_py() or 0.0) if last is not None else 0.0,
         vocabulary={i: t for i, t in zip(vocabulary.column("token_id").to_pylist(),
                                          vocabulary.column("token").to_pylist()) if t is not None}

@@ -135,7 +135,7 @@ class RunStore:
         store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
         store.checkpoint_arrays = {k: store.group[f"{fmt.CHECKPOINTS}/{k}"] for k in param_keys}
         # new parts must not reuse the name of one a crash left unreferenced
-        store._sequence = max((int(f.stem.split("-")[1])
+        store._sequence = max((fmt.part_fields(f.name)[0]
                                for f in (run_dir / fmt.TABLES_DIR).glob("*/part-*.parquet")),
                               default=0)
         store._claim()
@@ -338,9 +338,7 @@ class RunStore:
 
 def _part_steps(parts: list[str]) -> tuple[int, int]:
     """First and last step covered by consecutive parts (from their names)."""
-    first = int(Path(parts[0]).stem.split("-")[2])
-    last = int(Path(parts[-1]).stem.split("-")[3])
-    return first, last
+    return fmt.part_fields(parts[0])[1], fmt.part_fields(parts[-1])[2]
 
 
 def _write_all(writes: list[tuple[zarr.Array, Any, np.ndarray | None]]) -> None:

@@ -15,7 +15,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,13 +134,14 @@ class BackgroundWriter:
     def _release(self, block: Block) -> None:
         (self._lean if block.lean else self._free).put(block.buffers)
 
-    def resume(self, committed_steps: int, checkpoints: list[tuple[int, int]],
+    def resume(self, step: int, checkpoints: list[tuple[int, int]],
                stage_runs: list[list[Any]], seen_examples: np.ndarray) -> None:
-        """Continue a run that already holds `committed_steps` steps (before any submit)."""
-        self.committed_steps = committed_steps
+        """Continue a recorded run at `step` (before any submit): its checkpoints and stage
+        runs as recorded, cut back to the step with everything after it."""
         self._checkpoints = list(checkpoints)
         self._stage_runs = [list(run) for run in stage_runs]
         self._tokens_seen.seen = np.unique(seen_examples)
+        self.cut(step)
 
     def submit(self, block: Block) -> None:
         """Hand a filled (or final, partial) block over for writing and committing."""
@@ -189,13 +189,17 @@ class BackgroundWriter:
                                      f"{self.committed_steps - 1}")
             self._write_checkpoint(step, params)
         if not self._primary:  # rank 0 commits once every rank's marker reaches this block
-            distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
-                                self.store.manifest["tables"], error=self.stopped)
+            self.publish()
             return
         self._commit_tables()
         if self.ranks is not None:
             self.gather_ranks()
         self.store.commit(self.committed_steps)
+
+    def publish(self, closed: bool = False) -> None:
+        """A rank other than 0: its marker, with the steps written and why it stopped."""
+        distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
+                            self.store.manifest["tables"], closed, self.stopped)
 
     def tell_primary(self, error: str) -> None:
         """A rank other than 0 stopped recording: say so now, so rank 0 stops waiting for it
@@ -204,8 +208,7 @@ class BackgroundWriter:
             return
         self.stopped = self.stopped or error  # every later marker keeps saying so
         with contextlib.suppress(OSError):  # the disk failed: rank 0 times out, with a message
-            distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
-                                self.store.manifest["tables"], error=self.stopped)
+            self.publish()
 
     def gather_ranks(self, closed: bool = False) -> list[dict]:
         """Rank 0: wait for every rank to reach the committed steps (and to close, at the
@@ -216,13 +219,14 @@ class BackgroundWriter:
             for table, parts in document["tables"].items():
                 for part in parts:
                     if part not in self._rank_parts and \
-                            int(Path(part).stem.split("-")[2]) < self.committed_steps:
+                            fmt.part_fields(part)[1] < self.committed_steps:
                         self.store.manifest["tables"][table].append(part)
                         self._rank_parts.add(part)
         return markers
 
     def cut(self, steps: int) -> None:
-        """Keep only steps [0, steps): what every rank wrote, when one stopped early."""
+        """Keep only steps [0, steps) (a resume from an earlier step or after a crash; what
+        every rank wrote, when one stopped early), on disk and in the writer's state."""
         self._checkpoints = [(i, s) for i, s in self._checkpoints if s <= steps]
         self._stage_runs = [[stage, first, min(last, steps - 1), min(last, steps - 1) - first + 1]
                             for stage, first, last, _ in self._stage_runs if first < steps]

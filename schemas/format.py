@@ -217,6 +217,12 @@ def table_part_name(table: str, first_step: int, last_step: int, sequence: int) 
     return f"{TABLES_DIR}/{table}/part-{sequence:06d}-{first_step:09d}-{last_step:09d}.parquet"
 
 
+def part_fields(relative: str) -> tuple[int, int, int]:
+    """(sequence, first step, last step) of a part path: table_part_name's inverse."""
+    _, sequence, first, last = Path(relative).stem.split("-")
+    return int(sequence), int(first), int(last)
+
+
 def inside(run_dir: Path, relative: str) -> Path:
     """Resolve a path stored in a run's metadata, refusing any that escapes the run directory."""
     root = run_dir.resolve()

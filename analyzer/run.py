@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
@@ -113,7 +114,7 @@ class Run:
         files = self.table_files(name)
         if not files:
             return schema.empty_table()
-        with self._readable(name):
+        with self._damaged(f"a part of the {name} table", (OSError, pa.ArrowException)):
             return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
 
     def table_where(self, name: str, step: int) -> pa.Table:
@@ -121,22 +122,23 @@ class Run:
         files = self.table_files(name)
         if not files:
             return fmt.TABLES[name].empty_table()
-        with self._readable(name):
+        with self._damaged(f"a part of the {name} table", (OSError, pa.ArrowException)):
             dataset = ds.dataset([str(f) for f in files], schema=fmt.TABLES[name],
                                  format="parquet")
             return dataset.to_table(filter=ds.field("step") == step)
 
     @contextmanager
-    def _readable(self, table: str):
-        """A missing or damaged Parquet part is a FormatError naming the table."""
+    def _damaged(self, what: str, errors: tuple[type[BaseException], ...] = (Exception,)):
+        """A read of `what` that fails with `errors` (a missing or damaged part, a chunk
+        failing its checksum) is a FormatError naming it, not a library's internal error;
+        KeyError, IndexError and MemoryError pass unchanged."""
         try:
             yield
-        except MemoryError:
+        except (KeyError, IndexError, MemoryError):
             raise
-        except (OSError, pa.ArrowException) as e:
-            raise fmt.FormatError(f"{self.dir}: a part of the {table} table can't be read ({e});"
-                                  " the run is damaged, `attrib verify` lists what else is"
-                                  ) from e
+        except errors as e:
+            raise fmt.FormatError(f"{self.dir}: {what} can't be read ({e}); the run is "
+                                  "damaged, `attrib verify` lists what else is") from e
 
     @property
     def steps(self) -> pa.Table:
@@ -161,6 +163,15 @@ class Run:
         return self.table("shifts")
 
     # -- dense data -----------------------------------------------------------------------------
+    def committed_rows(self, path: str) -> int | None:
+        """How many rows along axis 0 of a stored array are committed: the checkpoints or
+        steps the manifest lists; None for arrays without that axis (initial state)."""
+        if path.startswith(f"{fmt.CHECKPOINTS}/"):
+            return int(self.manifest["n_checkpoints"])
+        if path.startswith(f"{fmt.INITIAL_STATE}/"):
+            return None
+        return self.n_steps
+
     def arrays(self) -> list[tuple[str, zarr.Array]]:
         """(path, array) for every array in the store, their codecs checked (metadata only:
         nothing is decoded)."""
@@ -208,15 +219,9 @@ class Run:
         """Values of a stored array; a chunk that fails to decode (its checksum, a truncated
         file) is a FormatError naming the array and rows, not a codec's internal error."""
         array = self._array(path)
-        try:
+        rows = f"rows {where.start}–{where.stop}" if isinstance(where, slice) else f"row {where}"
+        with self._damaged(f"{path} {rows}"):
             return array[where]
-        except (KeyError, IndexError, MemoryError):
-            raise
-        except Exception as e:
-            rows = (f"rows {where.start}–{where.stop}" if isinstance(where, slice)
-                    else f"row {where}")
-            raise fmt.FormatError(f"{self.dir}: {path} {rows} can't be read ({e}); the store "
-                                  "is damaged, `attrib verify` lists what else is") from e
 
     def deltas(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Δθ_s for steps [start, stop) of one parameter: shape (steps, *param_shape)."""
@@ -293,11 +298,9 @@ class Run:
 
     @cached_property
     def _dropped(self) -> frozenset[int]:
-        steps = self.steps
-        if "examples_dropped" not in steps.column_names:
-            return frozenset()
-        flags = steps.column("examples_dropped").to_numpy(zero_copy_only=False)
-        return frozenset(steps.column("step").to_numpy()[flags == True].tolist())  # noqa: E712
+        steps = self.steps  # read with the declared schema: null where a part predates it
+        flags = pc.fill_null(steps.column("examples_dropped"), False)
+        return frozenset(steps.filter(flags).column("step").to_pylist())
 
     def dropped_steps(self) -> frozenset[int]:
         """Steps whose per-example rows were dropped under backpressure (they read as zeros)."""

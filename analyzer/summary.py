@@ -31,11 +31,9 @@ def _raw_dense_bytes(run: Run) -> int:
     """Uncompressed bytes of the committed part of every array in the store."""
     total = 0
     for path, node in run.arrays():
-        shape = node.shape
-        if path.startswith(fmt.CHECKPOINTS + "/"):
-            shape = (min(shape[0], len(run.checkpoint_steps)), *shape[1:])
-        elif shape and not path.startswith(fmt.INITIAL_STATE + "/"):
-            shape = (min(shape[0], run.n_steps), *shape[1:])
+        shape, rows = node.shape, run.committed_rows(path)
+        if shape and rows is not None:
+            shape = (min(shape[0], rows), *shape[1:])
         total += math.prod(shape) * np.dtype(node.dtype).itemsize
     return total
 

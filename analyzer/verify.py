@@ -118,8 +118,7 @@ def _chunks(run: Run) -> str:
     unreadable, flagged, count = [], [], 0
     for path, array in run.arrays():  # codecs checked before anything is decoded
         count += 1
-        rows = (run.manifest["n_checkpoints"] if path.startswith(f"{fmt.CHECKPOINTS}/")
-                else None if path.startswith(f"{fmt.INITIAL_STATE}/") else run.n_steps)
+        rows = run.committed_rows(path)
         if rows is None:
             slabs = [slice(None)]
         else:

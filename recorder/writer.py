@@ -82,6 +82,7 @@ class BackgroundWriter:
         self._primary = ranks is None or ranks.primary
         self._rank_parts: set[str] = set()  # other ranks' parts already in the manifest
         self.stopped: str | None = None  # why this rank (not 0) stopped recording
+        self._publishing = threading.Lock()  # both the writer and training threads publish
         self.vocabulary = vocabulary
         self._tokens_seen = FirstSeen()
         self.error: BaseException | None = None
@@ -197,9 +198,11 @@ class BackgroundWriter:
         self.store.commit(self.committed_steps)
 
     def publish(self, closed: bool = False) -> None:
-        """A rank other than 0: its marker, with the steps written and why it stopped."""
-        distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
-                            self.store.manifest["tables"], closed, self.stopped)
+        """A rank other than 0: its marker, with the steps written and why it stopped. Under a
+        lock, so a marker read before `stopped` was set never lands after one that says it."""
+        with self._publishing:
+            distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
+                                self.store.manifest["tables"], closed, self.stopped)
 
     def tell_primary(self, error: str) -> None:
         """A rank other than 0 stopped recording: say so now, so rank 0 stops waiting for it

@@ -11,6 +11,7 @@ import enum
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +234,9 @@ def inside(run_dir: Path, relative: str) -> Path:
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write JSON so that readers see either the old or the new document, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write JSON so that readers see either the old or the new document, never a mix. The
+    temporary name is per process and thread: two threads writing one file must not share it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(document, f, indent=1, sort_keys=True)
         f.flush()

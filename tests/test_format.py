@@ -109,3 +109,33 @@ def test_reading_beyond_committed_steps_names_the_limit(recorded):
         run.reconstruct(22)
     with pytest.raises(KeyError, match="no parameter 'nope'"):
         run.deltas("nope")
+
+
+def test_json_written_by_two_threads_at_once_is_always_whole(tmp_path):
+    """A DDP rank's marker is written by its writer thread and its training thread: each write
+    must be atomic on its own (CI once saw rank 0 read an empty marker when both shared one
+    temporary file)."""
+    import threading
+
+    path = tmp_path / "marker.json"
+    fmt.write_json_atomic(path, {"writer": -1})
+    errors: list[Exception] = []
+
+    def write(name: str) -> None:
+        try:
+            for i in range(300):
+                fmt.write_json_atomic(path, {name: i, "padding": "x" * 4096})
+        except Exception as e:  # the test reports whatever a writer hit
+            errors.append(e)
+
+    writers = [threading.Thread(target=write, args=(name,)) for name in ("a", "b")]
+    for thread in writers:
+        thread.start()
+    reads = 0
+    while any(thread.is_alive() for thread in writers):
+        fmt.read_json(path)  # raises FormatError on a torn or empty document
+        reads += 1
+    for thread in writers:
+        thread.join()
+    assert not errors and reads > 0
+    assert fmt.read_json(path)["padding"] == "x" * 4096

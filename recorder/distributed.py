@@ -7,7 +7,9 @@ rows of its own examples, rows [rank·B, (rank+1)·B) of each step, into chunks 
 touches, plus its own Parquet parts, and then says how far it got in `ranks/rank-<r>.json`.
 Rank 0 commits a block only when every rank's marker has reached it, so a reader never sees a
 step that some rank has not finished. Files, not collectives, carry this: the writer threads
-never issue a collective that could interleave with DDP's own.
+never issue a collective that could interleave with DDP's own. The only collectives run on the
+training thread while the Recorder sets up (rank 0 creating the run or cutting it back for a
+resume; the step arrays at step 0), where every rank calls them alike.
 """
 
 from __future__ import annotations
@@ -46,6 +48,26 @@ class Ranks:
     def barrier(self) -> None:
         dist.barrier()
 
+    def lead(self, action: Callable[[], Any]) -> None:
+        """Rank 0 runs `action` (creating the run, or cutting it back to a resume step) while
+        the other ranks wait. If it raises, rank 0 raises that and every other rank a
+        DistributedError, where a plain barrier would leave them waiting for rank 0."""
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+        done, error = torch.zeros(1, dtype=torch.int32, device=device), None
+        if self.primary:
+            try:
+                action()
+                done += 1
+            except BaseException as e:  # re-raised below, once the others know
+                error = e
+        dist.broadcast(done, src=0)
+        if error is not None:
+            raise error
+        if not done.item():
+            raise DistributedError("rank 0 could not open the run (its error says why), so "
+                                   f"rank {self.rank} does not record either")
+
     def describe(self) -> dict[str, Any]:
         return {"world_size": self.world, "backend": str(dist.get_backend())}
 
@@ -73,6 +95,13 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Ranks | None]:
 
 def marker(run_dir: Path, rank: int) -> Path:
     return run_dir / RANKS_DIR / f"rank-{rank}.json"
+
+
+def clear_markers(run_dir: Path) -> None:
+    """Forget the ranks' progress (a resumed run): their markers counted the discarded steps
+    and listed parts the cut removed; each rank writes a fresh one as it goes on."""
+    for path in (run_dir / RANKS_DIR).glob("rank-*.json"):
+        path.unlink()
 
 
 def publish(run_dir: Path, rank: int, committed_steps: int, tables: dict[str, list[str]],

@@ -160,9 +160,9 @@ class Recorder:
         wrapper = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         model, self.ranks = distributed.unwrap(model)
         self._primary = self.ranks is None or self.ranks.primary
-        if self.ranks is not None and (resume is not False or backpressure != "block"):
-            raise ValueError("a distributed run records with backpressure='block' and can't be "
-                             "resumed yet; drop resume= and backpressure=")
+        if self.ranks is not None and backpressure != "block":
+            raise ValueError("a distributed run records with backpressure='block' (dropping "
+                             "examples per rank is not supported yet); drop backpressure=")
         self.path = Path(path)
         self.strict = strict
         self.backpressure = backpressure
@@ -172,8 +172,6 @@ class Recorder:
         self._model = model
         self.checkpoint_every = checkpoint_every
         self.record_grads = record_grads
-        if self._primary:  # rank 0 owns the directory; the others join after it is created
-            self._check_target(overwrite, resume)
         self.captures = self._resolve_capture(capture)
         self._steps_per_chunk = steps_per_chunk
         self._examples_per_step = examples_per_step
@@ -191,17 +189,17 @@ class Recorder:
 
         codec = codec or Codec()
         meta = self._metadata(codec, metadata or {})
-        if not self._primary:
-            self.ranks.barrier()  # rank 0 creates the run
-            point, store = None, RunStore.join(self.path, self.ranks.rank)
-        elif resume is False:
-            point, store = None, self._create(meta, codec, vocabulary_array(vocabulary))
-            if self.ranks is not None:
-                self.ranks.barrier()
-        else:
-            point, store = self._reopen(meta, resume)
-            vocabulary = point.vocabulary if point.vocabulary is not None else vocabulary
-        self._writer = BackgroundWriter(store, vocabulary_array(vocabulary), self.ranks)
+        point: ResumePoint | None = None
+        if self.ranks is None:
+            point = self._open(meta, codec, vocabulary, overwrite, resume)
+        else:  # rank 0 creates the run (or cuts it back) while the others wait, then they join
+            opened: list[ResumePoint | None] = []
+            self.ranks.lead(lambda: opened.append(
+                self._open(meta, codec, vocabulary, overwrite, resume)))
+            point = opened[0] if opened else None
+            if not self._primary:
+                self._writer = BackgroundWriter(RunStore.join(self.path, self.ranks.rank),
+                                                None, self.ranks)
         self._block: Block | None = None  # created at the first step, when sizes are known
         self._scratch = ([torch.empty_like(p.param, dtype=p.storage_dtype) for p in self.params]
                          if self._on_gpu else None)  # device-side deltas before their async copy
@@ -226,9 +224,11 @@ class Recorder:
         self._last_checkpoint = -1
         self._dropped_before = False
         self._problems_seen: set[str] = set()
-        if point is not None:
+        if not self._primary:
+            self._join_at(fmt.read_json(self.path / fmt.MANIFEST_FILE)["committed_steps"])
+        elif point is not None:
             self._continue(point)
-        elif self._primary:
+        else:
             self._checkpoint_now()
         if wrapper is not None and self.ranks is not None:
             self._watch_reduced_norms(wrapper)
@@ -327,17 +327,26 @@ class Recorder:
         if self._primary:
             store.create_step_arrays(specs, depth, meta,
                                      rank_rows=examples if self.ranks is not None else None)
+        else:
+            store.steps_per_chunk = depth
+            store.meta.update(meta)
         if self.ranks is not None:  # a collective at step 0's hook, on every rank alike
             self.ranks.barrier()
+        self._attach_step_arrays(examples)
+
+    def _attach_step_arrays(self, examples: int) -> None:
+        """Block buffers for the step arrays (which exist by now), `examples` of this rank's
+        per step. Distributed: rank 0 fills every array, with its examples in rows [0, B);
+        rank r only the per-example arrays, rows [r·B, (r+1)·B)."""
+        specs = self._array_specs(examples)
+        if self.ranks is not None:
+            store = self._writer.store
             store.example_rows = slice(self.ranks.rank * examples,
                                        (self.ranks.rank + 1) * examples)
-            local = self._array_specs(examples)
             if not self._primary:
-                local = [s for s in local if fmt.per_example(s.path)]
-                store.open_step_arrays([s for s in specs if fmt.per_example(s.path)])
-                store.steps_per_chunk = depth
-                store.meta.update(meta)
-            specs = local
+                specs = [s for s in specs if fmt.per_example(s.path)]
+                store.open_step_arrays([s for s in self._array_specs(examples * self.ranks.world)
+                                        if fmt.per_example(s.path)])
         self._start_blocks(specs)
 
     def _start_blocks(self, specs: list[ArraySpec]) -> None:
@@ -359,9 +368,26 @@ class Recorder:
         self._write_carry_in(store)
         return store
 
+    def _open(self, meta: dict, codec: Codec, vocabulary: Sequence[str] | dict[int, str] | None,
+              overwrite: bool, resume: bool | int) -> ResumePoint | None:
+        """Rank 0 (or the one process): create the run, or check the live state against the
+        recorded one and cut it back to the resume step (data after it, whatever a crash left
+        uncommitted); starts the writer. Returns where a resumed run continues."""
+        self._check_target(overwrite, resume)
+        if resume is False:
+            store = self._create(meta, codec, vocabulary_array(vocabulary))
+            self._writer = BackgroundWriter(store, vocabulary_array(vocabulary), self.ranks)
+            return None
+        point, store = self._reopen(meta, resume)
+        vocabulary = point.vocabulary if point.vocabulary is not None else vocabulary
+        self._writer = BackgroundWriter(store, vocabulary_array(vocabulary), self.ranks)
+        self._writer.resume(point.step, point.checkpoints, point.stage_runs, point.seen_examples)
+        if self.ranks is not None:
+            distributed.clear_markers(self.path)
+        return point
+
     def _reopen(self, meta_now: dict, resume: bool | int) -> tuple[ResumePoint, RunStore]:
-        """Check the live state against the recorded run and open it to append; `_continue`
-        cuts it back to the resume step (data after it, whatever a crash left uncommitted)."""
+        """Check the live state against the recorded run and open it to append."""
         run = Run(self.path)
         point = prepare(run, resume, meta_now, self._params_table().to_pylist(),
                         {p.name: p.param.detach().cpu() for p in self.params}, self.optimizer,
@@ -381,21 +407,26 @@ class Recorder:
         return point, store
 
     def _continue(self, point: ResumePoint) -> None:
-        """Pick the run up at the resume step: θ̂ from its checkpoint (one is taken from the
-        live parameters when the step has none), stage, clock and writer state."""
-        self.step = point.step
+        """Pick the run (cut back by `_open`) up at the resume step: θ̂ from its checkpoint
+        (one is taken from the live parameters when the step has none), stage and clock."""
         self._stage = point.stage or DEFAULT_STAGE
         self._started -= point.elapsed
-        self._writer.resume(point.step, point.checkpoints, point.stage_runs, point.seen_examples)
-        store = self._writer.store
-        if store.steps_per_chunk:
-            self._start_blocks(self._array_specs(store.meta["examples_per_step"]))
+        self._join_at(point.step)
         if point.theta is None:
             self._checkpoint_now()
         else:
             self._last_checkpoint = point.step
             for p, hat in zip(self.params, self._theta_hat):
                 hat.copy_(point.theta[p.name])  # what readers rebuild θ_step from
+
+    def _join_at(self, step: int) -> None:
+        """Record from `step` on, into the step arrays if the run has them yet (a resumed run,
+        or a rank joining rank 0's run: a new one at 0, a resumed one at its resume step)."""
+        self.step = self._writer.committed_steps = step
+        store = self._writer.store
+        if store.steps_per_chunk:
+            world = self.ranks.world if self.ranks is not None else 1
+            self._attach_step_arrays(store.meta["examples_per_step"] // world)
 
     def _metadata(self, codec: Codec, user: dict[str, Any]) -> dict:
         from attrib import __version__

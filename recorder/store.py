@@ -134,10 +134,7 @@ class RunStore:
         store.manifest.setdefault("resumes", [])
         store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
         store.checkpoint_arrays = {k: store.group[f"{fmt.CHECKPOINTS}/{k}"] for k in param_keys}
-        # new parts must not reuse the name of one a crash left unreferenced
-        store._sequence = max((fmt.part_fields(f.name)[0]
-                               for f in (run_dir / fmt.TABLES_DIR).glob("*/part-*.parquet")),
-                              default=0)
+        store._sequence = _last_sequence(run_dir, 0)
         store._claim()
         return store
 
@@ -151,7 +148,7 @@ class RunStore:
         store.manifest = {"tables": {name: [] for name in fmt.TABLES}}
         store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
         store.checkpoint_arrays = {}
-        store._sequence = rank * RANK_SEQUENCES  # part names never collide across ranks
+        store._sequence = _last_sequence(run_dir, rank)
         return store
 
     def open_step_arrays(self, specs: list[ArraySpec]) -> None:
@@ -334,6 +331,16 @@ class RunStore:
             steps = _part_steps(group)
             self.write_table_part(table, merged, steps[0], steps[1])
         self._obsolete.extend(parts)
+
+
+def _last_sequence(run_dir: Path, rank: int) -> int:
+    """The last part number `rank` used: each rank numbers its parts in its own range, so
+    names never collide across ranks, and a resumed rank goes on past every part it wrote
+    (a crash may have left one unreferenced, which must not be overwritten)."""
+    first = rank * RANK_SEQUENCES
+    used = (fmt.part_fields(f.name)[0]
+            for f in (run_dir / fmt.TABLES_DIR).glob("*/part-*.parquet"))
+    return max((n for n in used if first <= n < first + RANK_SEQUENCES), default=first)
 
 
 def _part_steps(parts: list[str]) -> tuple[int, int]:

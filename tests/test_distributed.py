@@ -3,9 +3,12 @@ process over the same global batch (to float round-off)."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,11 +16,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import data, mlp
 from test_path_kernel import assert_complete, probe_points
+from test_resume import assert_same_run
 
 import attrib
 from attrib.analyzer.verify import verify
 from attrib.recorder.distributed import DistributedError
 from attrib.recorder.resume import ResumeError
+from attrib.recorder.store import RANK_SEQUENCES, RunStore
+from attrib.schemas import format as fmt
 
 WORLD, LOCAL_BATCH, STEPS = 2, 8, 11
 CAPTURE = [attrib.TopK(6), attrib.Project(16, kind="dense", params=("0.weight",)),
@@ -29,9 +35,10 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randperm(256, generator=torch.Generator().manual_seed(step))[:WORLD * LOCAL_BATCH]
 
 
-def train(rec, model, opt, rank: int, world: int, fail_at: int | None = None) -> None:
+def train(rec, model, opt, rank: int, world: int, fail_at: int | None = None,
+          steps: range = range(STEPS)) -> None:
     x, y = data()
-    for step in range(STEPS):
+    for step in steps:
         ids = global_batch(step).view(world, -1)[rank]
         if step == fail_at and rank == 1:  # twice the ids the per-example arrays hold:
             rec.examples(ids)  # this rank's recording stops at the step (with a warning)
@@ -175,3 +182,76 @@ def test_a_rank_that_stops_recording_stops_the_run_not_training(tmp_path):
     assert run.status == "incomplete" and "rank 1 stopped recording" in run.manifest["error"]
     assert run.n_steps == 6  # the steps every rank wrote: rank 1 stopped at step 6
     assert verify(run.dir).column("ok").to_pylist() == [True] * 7
+
+
+def ddp_adamw() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.parallel.DistributedDataParallel(mlp())
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+
+def resuming_worker(rank: int, world: int, init: str, path: str, saved: str) -> None:
+    """Record steps 0…7 with a training checkpoint after step 4; the job then restarts from
+    that checkpoint: a new run into the same directory, and resume=True, are refused on every
+    rank; resume=5 discards steps 5…7 and goes on to the end."""
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    warnings.simplefilter("ignore")
+    try:
+        model, opt = ddp_adamw()
+        with attrib.Recorder(path, model, opt, capture=CAPTURE, **SETTINGS) as rec:
+            train(rec, model, opt, rank, world, steps=range(5))
+            torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()},
+                       f"{saved}-{rank}.pt")
+            train(rec, model, opt, rank, world, steps=range(5, 8))
+        model, opt = ddp_adamw()  # the restarted job: its own objects, state from the file
+        state = torch.load(f"{saved}-{rank}.pt", weights_only=True)
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        for resume, refusal in ((False, FileExistsError), (True, ResumeError)):
+            # rank 0 names the problem (here: the run exists; resume=5, not the last step),
+            # the other ranks stop too instead of waiting for rank 0 in a barrier
+            refused = (refusal, "overwrite=True" if resume is False else "Pass resume=5") \
+                if rank == 0 else (DistributedError, "rank 0 could not open the run")
+            with pytest.raises(refused[0], match=refused[1]):
+                attrib.Recorder(path, model, opt, capture=CAPTURE, resume=resume, **SETTINGS)
+        with attrib.Recorder(path, model, opt, capture=CAPTURE, resume=5, **SETTINGS) as rec:
+            # the discarded steps' progress is gone: no rank can write before rank 0 trains
+            assert not list((Path(path) / "ranks").glob("rank-*.json"))
+            train(rec, model, opt, rank, world, steps=range(5, STEPS))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resumed_ddp_run_equals_the_uninterrupted_one(runs, tmp_path):
+    """Every rank cuts back to step 5 (mid-chunk): the rows, parts and markers of the
+    discarded steps go, and the run goes on as if it had never stopped."""
+    ddp, _ = runs
+    mp.spawn(resuming_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"),
+                                    str(tmp_path / "state")), nprocs=WORLD)
+    run = attrib.open_run(tmp_path / "run")
+    assert [r["step"] for r in run.manifest["resumes"]] == [5]
+    assert run.manifest["resumes"][0]["discarded_steps"] == 3
+    assert_same_run(run, ddp)
+    key = [("step", "ascending"), ("example_id", "ascending"), ("param", "ascending"),
+           ("flat_index", "ascending")]
+    assert run.shifts.sort_by(key).equals(ddp.shifts.sort_by(key))
+
+
+def test_each_rank_numbers_its_parts_past_its_last_one(runs, tmp_path):
+    """Part names never collide: a resumed rank 0 numbers below rank 1's range even when rank
+    1's parts exist, and a rejoining rank 1 goes past every part it wrote before."""
+    ddp, _ = runs
+    shutil.copytree(ddp.dir, tmp_path / "run")
+    parts = tmp_path / "run" / fmt.TABLES_DIR / "examples"
+    template = next(parts.glob("part-*.parquet"))
+    shutil.copy(template, parts.parent.parent / fmt.table_part_name(
+        "examples", 0, 3, RANK_SEQUENCES + 41))  # a part rank 1 wrote, left by a crash
+    rows = pq.read_table(template)
+
+    def next_part(store) -> int:
+        store.write_table_part("examples", rows, 20, 20)
+        return fmt.part_fields(store.manifest["tables"]["examples"][-1])[0]
+
+    run = attrib.open_run(tmp_path / "run")
+    reopened = RunStore.reopen(run.dir, run.meta, run.manifest, [])
+    assert next_part(reopened) < RANK_SEQUENCES
+    assert next_part(RunStore.join(run.dir, 1)) == RANK_SEQUENCES + 42

@@ -232,6 +232,12 @@ class Recorder:
             self._checkpoint_now()
         if wrapper is not None and self.ranks is not None:
             self._watch_reduced_norms(wrapper)
+        elif self.ranks is not None:
+            warnings.warn("attrib: this distributed run's Recorder got a module, not its "
+                          "DistributedDataParallel wrapper, so the gradient norm before "
+                          "clipping can't be seen; the clip factor is recorded as 1 (exact "
+                          "unless you clip gradients). Pass the wrapper to record it",
+                          stacklevel=2)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),

@@ -105,12 +105,14 @@ def clear_markers(run_dir: Path) -> None:
 
 
 def publish(run_dir: Path, rank: int, committed_steps: int, tables: dict[str, list[str]],
-            closed: bool = False, error: str | None = None) -> None:
-    """A non-primary rank's progress: every step below `committed_steps` is on disk."""
+            closed: bool = False, error: str | None = None,
+            dropped: list[list[int]] | None = None) -> None:
+    """A non-primary rank's progress: every step below `committed_steps` is on disk, except
+    the per-example rows of the `dropped` [first, last] step ranges (backpressure)."""
     path = marker(run_dir, rank)
     path.parent.mkdir(exist_ok=True)
     fmt.write_json_atomic(path, {"committed_steps": committed_steps, "tables": tables,
-                                 "closed": closed, "error": error})
+                                 "closed": closed, "error": error, "dropped": dropped or []})
 
 
 def wait_for(run_dir: Path, world: int, steps: int, closed: bool = False) -> list[dict]:

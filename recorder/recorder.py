@@ -160,9 +160,6 @@ class Recorder:
         wrapper = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         model, self.ranks = distributed.unwrap(model)
         self._primary = self.ranks is None or self.ranks.primary
-        if self.ranks is not None and backpressure != "block":
-            raise ValueError("a distributed run records with backpressure='block' (dropping "
-                             "examples per rank is not supported yet); drop backpressure=")
         self.path = Path(path)
         self.strict = strict
         self.backpressure = backpressure

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from attrib.recorder import distributed
@@ -82,6 +83,7 @@ class BackgroundWriter:
         self._primary = ranks is None or ranks.primary
         self._rank_parts: set[str] = set()  # other ranks' parts already in the manifest
         self.stopped: str | None = None  # why this rank (not 0) stopped recording
+        self._dropped: list[list[int]] = []  # [first, last] step ranges of lean blocks (rank ≠ 0)
         self._publishing = threading.Lock()  # both the writer and training threads publish
         self.vocabulary = vocabulary
         self._tokens_seen = FirstSeen()
@@ -181,8 +183,9 @@ class BackgroundWriter:
                 self._release(item)
 
     def _write(self, item: Block | tuple[int, dict[str, torch.Tensor]]) -> None:
+        steps: pa.Table | None = None
         if isinstance(item, Block):
-            self._write_block(item)
+            steps = self._write_block(item)
         else:
             step, params = item
             if step != self.committed_steps:
@@ -192,9 +195,16 @@ class BackgroundWriter:
         if not self._primary:  # rank 0 commits once every rank's marker reaches this block
             self.publish()
             return
+        dropped: list[list[int]] = []
+        try:  # every rank has written the block: their drops are flagged too
+            if self.ranks is not None:
+                dropped = [r for m in self.gather_ranks() for r in m.get("dropped", [])]
+        finally:  # even when a rank stopped: the cut at close keeps what every rank wrote
+            if steps is not None:
+                self.store.write_table_part("steps", _flag_dropped(steps, dropped),
+                                            self.committed_steps - steps.num_rows,
+                                            self.committed_steps - 1)
         self._commit_tables()
-        if self.ranks is not None:
-            self.gather_ranks()
         self.store.commit(self.committed_steps)
 
     def publish(self, closed: bool = False) -> None:
@@ -202,7 +212,8 @@ class BackgroundWriter:
         lock, so a marker read before `stopped` was set never lands after one that says it."""
         with self._publishing:
             distributed.publish(self.store.dir, self.ranks.rank, self.committed_steps,
-                                self.store.manifest["tables"], closed, self.stopped)
+                                self.store.manifest["tables"], closed, self.stopped,
+                                self._dropped)
 
     def tell_primary(self, error: str) -> None:
         """A rank other than 0 stopped recording: say so now, so rank 0 stops waiting for it
@@ -237,7 +248,9 @@ class BackgroundWriter:
                             whole_run_tables(self._checkpoints, self._stage_runs))
         self.committed_steps = steps
 
-    def _write_block(self, block: Block) -> None:
+    def _write_block(self, block: Block) -> pa.Table | None:
+        """Write a block's arrays and table parts; rank 0 gets its steps-table rows back, to
+        write once every rank's drops for the block are known."""
         if block.ready is not None:
             block.ready.synchronize()
         started = time.perf_counter()
@@ -264,19 +277,31 @@ class BackgroundWriter:
         if new_tokens is not None:
             self.store.write_table_part("tokens", tokens_table(new_tokens, self.vocabulary),
                                         first, first + n - 1)
-        if self._primary:  # the steps table is rank 0's
-            self._write_steps(rows, first, n, block.lean, started)
         self.committed_steps = first + n
+        if self._primary:  # the steps table is rank 0's
+            return self._steps_rows(rows, first, n, block.lean, started)
+        if block.lean:
+            self._note_dropped(first, first + n - 1)
+        return None
 
-    def _write_steps(self, rows: list[dict[str, Any]], first: int, n: int, lean: bool,
-                     started: float) -> None:
+    def _note_dropped(self, first: int, last: int) -> None:
+        """A rank other than 0 dropped these steps' rows: its marker says so until rank 0 has
+        committed past them (the manifest's count), so the list stays as short as the lag."""
+        committed = fmt.read_json(self.store.dir / fmt.MANIFEST_FILE)["committed_steps"]
+        self._dropped = [r for r in self._dropped if r[1] >= committed]
+        if self._dropped and self._dropped[-1][1] == first - 1:
+            self._dropped[-1][1] = last
+        else:
+            self._dropped.append([first, last])
+
+    def _steps_rows(self, rows: list[dict[str, Any]], first: int, n: int, lean: bool,
+                    started: float) -> pa.Table:
         per_step = round(self.store.block_bytes(first) / n)
-        seconds = (time.perf_counter() - started) / n  # the Parquet write below is not counted
+        seconds = (time.perf_counter() - started) / n  # the Parquet write is not counted
         for row in rows:
             row["bytes_written"], row["write_seconds"] = per_step, seconds
             row["examples_dropped"] = lean
-        self.store.write_table_part("steps", pa.Table.from_pylist(rows, schema=fmt.STEPS),
-                                    first, first + n - 1)
+        return pa.Table.from_pylist(rows, schema=fmt.STEPS)
 
     def _write_checkpoint(self, step: int, params: dict[str, torch.Tensor]) -> None:
         index = self.store.append_checkpoint({k: v.numpy() for k, v in params.items()})
@@ -293,6 +318,18 @@ class BackgroundWriter:
         """Rewrite the small whole-run tables so they match what this commit makes visible."""
         for table, data in whole_run_tables(self._checkpoints, self._stage_runs).items():
             self.store.replace_table(table, data)
+
+
+def _flag_dropped(steps: pa.Table, dropped: list[list[int]]) -> pa.Table:
+    """examples_dropped is true where any rank dropped the step's rows."""
+    if not dropped:
+        return steps
+    listed = pa.array([s for first, last in dropped for s in range(first, last + 1)],
+                      steps.schema.field("step").type)
+    flags = pc.or_(steps.column("examples_dropped"),
+                   pc.is_in(steps.column("step"), value_set=listed))
+    return steps.set_column(steps.schema.get_field_index("examples_dropped"),
+                            steps.schema.field("examples_dropped"), flags)
 
 
 def whole_run_tables(checkpoints: list[tuple[int, int]], stage_runs: list[list[Any]]

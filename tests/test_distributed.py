@@ -4,6 +4,7 @@ process over the same global batch (to float round-off)."""
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -255,3 +256,51 @@ def test_each_rank_numbers_its_parts_past_its_last_one(runs, tmp_path):
     reopened = RunStore.reopen(run.dir, run.meta, run.manifest, [])
     assert next_part(reopened) < RANK_SEQUENCES
     assert next_part(RunStore.join(run.dir, 1)) == RANK_SEQUENCES + 42
+
+
+def dropping_worker(rank: int, world: int, init: str, path: str) -> None:
+    """Rank 1 writes to a slow disk with backpressure="drop_examples"; rank 0 keeps every row
+    (the default policy), so each flagged step comes from rank 1's marker."""
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    warnings.simplefilter("ignore")
+    if rank == 1:
+        append = RunStore.append_steps
+
+        def slow(self, first_step, values):  # a block with rows takes 0.2 s, a lean one 0
+            time.sleep(0.2 if values else 0)
+            append(self, first_step, values)
+
+        RunStore.append_steps = slow
+    try:
+        model, opt = ddp_adamw()
+        with attrib.Recorder(path, model, opt, capture=attrib.Full(), steps_per_chunk=1,
+                             buffers=2, backpressure="drop_examples" if rank else "block") as rec:
+            train(rec, model, opt, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_drops_examples_flags_the_steps_for_all(tmp_path):
+    """A step is flagged in steps.examples_dropped when any rank dropped its rows; those
+    steps' contributions are refused, the others sum to the gradient, completeness holds."""
+    mp.spawn(dropping_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run")),
+             nprocs=WORLD)
+    run = attrib.open_run(tmp_path / "run")
+    assert run.status == "complete" and run.n_steps == STEPS
+    rows = {name: run.contribution_rows(name) for name in run.param_names}
+    rank_1_empty = {s for s in range(STEPS)
+                    if all(not r[s, LOCAL_BATCH:].any() for r in rows.values())}
+    assert all(r[:, :LOCAL_BATCH].abs().sum((1, *range(2, r.dim()))).all()
+               for r in rows.values())  # rank 0 blocked: it kept every row
+    assert 0 < len(rank_1_empty) < STEPS and run.dropped_steps() == rank_1_empty
+    alpha = run.clip_factors()
+    for step in range(STEPS):
+        if step in rank_1_empty:
+            with pytest.raises(KeyError, match="drop_examples"):
+                run.contributions(step)
+            continue
+        for name, value in run.contributions(step)[1].items():
+            torch.testing.assert_close(value.sum(0) * alpha[step],
+                                       run.grads(name, step, step + 1)[0], rtol=1e-4, atol=1e-7)
+    assert verify(run.dir).column("ok").to_pylist() == [True] * 7
+    assert_complete(attrib.analyze.path_kernel(run, mlp, probe_points(), progress=False))

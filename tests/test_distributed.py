@@ -3,7 +3,9 @@ process over the same global batch (to float round-off)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -190,10 +192,11 @@ def ddp_adamw() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
 
 
-def resuming_worker(rank: int, world: int, init: str, path: str, saved: str) -> None:
-    """Record steps 0…7 with a training checkpoint after step 4; the job then restarts from
-    that checkpoint: a new run into the same directory, and resume=True, are refused on every
-    rank; resume=5 discards steps 5…7 and goes on to the end."""
+def stopping_worker(rank: int, world: int, init: str, path: str, saved: str,
+                    crash: bool) -> None:
+    """Record with a training checkpoint after step 4, then stop: planned, after step 7; or
+    rank 0 is killed (SIGKILL) after step 9, once steps 0…7 are committed, while rank 1 goes
+    on to write steps 8 and 9, which no commit lists."""
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     warnings.simplefilter("ignore")
     try:
@@ -202,8 +205,25 @@ def resuming_worker(rank: int, world: int, init: str, path: str, saved: str) -> 
             train(rec, model, opt, rank, world, steps=range(5))
             torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()},
                        f"{saved}-{rank}.pt")
-            train(rec, model, opt, rank, world, steps=range(5, 8))
-        model, opt = ddp_adamw()  # the restarted job: its own objects, state from the file
+            train(rec, model, opt, rank, world, steps=range(5, 10 if crash else 8))
+            marker = Path(path) / "ranks" / "rank-1.json"
+            while crash and rank == 0:  # rank 1 has closed: its steps 8 and 9 are on disk
+                if attrib.open_run(path).n_steps >= 8 and marker.exists() and \
+                        fmt.read_json(marker)["closed"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(0.01)
+    finally:
+        dist.destroy_process_group()
+
+
+def restarting_worker(rank: int, world: int, init: str, path: str, saved: str) -> None:
+    """The restarted job, from the checkpoint after step 4: a new run into the same directory,
+    and resume=True, are refused on every rank; resume=5 discards the later steps and goes
+    on to the end."""
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    warnings.simplefilter("ignore")
+    try:
+        model, opt = ddp_adamw()
         state = torch.load(f"{saved}-{rank}.pt", weights_only=True)
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -222,15 +242,31 @@ def resuming_worker(rank: int, world: int, init: str, path: str, saved: str) -> 
         dist.destroy_process_group()
 
 
-def test_resumed_ddp_run_equals_the_uninterrupted_one(runs, tmp_path):
+@pytest.mark.parametrize("crash", [False, True], ids=["planned stop", "rank 0 killed"])
+def test_resumed_ddp_run_equals_the_uninterrupted_one(runs, tmp_path, crash):
     """Every rank cuts back to step 5 (mid-chunk): the rows, parts and markers of the
-    discarded steps go, and the run goes on as if it had never stopped."""
+    discarded steps go (committed ones, and after the kill, rank 1's that no commit lists),
+    and the run goes on as if it had never stopped."""
     ddp, _ = runs
-    mp.spawn(resuming_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"),
-                                    str(tmp_path / "state")), nprocs=WORLD)
+    args = (WORLD, str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path / "state"))
+    if crash:
+        with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+            mp.spawn(stopping_worker, args=(*args, True), nprocs=WORLD)
+        crashed = attrib.open_run(tmp_path / "run")
+        assert crashed.status == "crashed" and crashed.n_steps == 8
+        listed = {p for parts in crashed.manifest["tables"].values() for p in parts}
+        debris = [p for p in (tmp_path / "run" / fmt.TABLES_DIR).glob("*/part-*.parquet")
+                  if p.relative_to(crashed.dir).as_posix() not in listed]
+        assert any(fmt.part_fields(p.name)[1] == 8 for p in debris)  # rank 1's steps 8, 9
+        (tmp_path / "init").unlink(missing_ok=True)  # the file rendezvous of the killed job
+    else:
+        mp.spawn(stopping_worker, args=(*args, False), nprocs=WORLD)
+    mp.spawn(restarting_worker, args=(WORLD, str(tmp_path / "init2"), *args[2:]), nprocs=WORLD)
     run = attrib.open_run(tmp_path / "run")
     assert [r["step"] for r in run.manifest["resumes"]] == [5]
-    assert run.manifest["resumes"][0]["discarded_steps"] == 3
+    resumed = run.manifest["resumes"][0]
+    assert resumed["discarded_steps"] == 3  # steps 5…7: 8 and 9 were never committed
+    assert resumed["previous_status"] == ("crashed" if crash else "complete")
     assert_same_run(run, ddp)
     key = [("step", "ascending"), ("example_id", "ascending"), ("param", "ascending"),
            ("flat_index", "ascending")]

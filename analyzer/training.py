@@ -95,6 +95,12 @@ class TrainingBatches:
                 f"the model draws random numbers in training mode ({', '.join(self.stochastic)})"
                 f" but {run.dir} holds no generator states, so its masks can't be replayed: "
                 "record with Recorder(..., rng=True), or build the model without dropout")
+        if run.meta.get("distributed"):
+            raise ReplayError(
+                f"the model draws random numbers in training mode ({', '.join(self.stochastic)})"
+                f" and {run.dir} was recorded under DDP: each rank drew its own masks, but only "
+                "rank 0's generator states are recorded, so the other ranks' can't be replayed."
+                " Use method='frozen' or 'path', or the path kernel, which need no replay")
         states: dict[tuple[int, int], list[tuple[str, bytes]]] = {}
         for step, forward, device, state in zip(*(table.column(c).to_pylist() for c in
                                                  ("step", "forward", "device", "state"))):

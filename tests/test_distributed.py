@@ -22,6 +22,7 @@ from test_path_kernel import assert_complete, probe_points
 from test_resume import assert_same_run
 
 import attrib
+from attrib.analyzer.training import ReplayError
 from attrib.analyzer.verify import verify
 from attrib.recorder.distributed import DistributedError
 from attrib.recorder.resume import ResumeError
@@ -55,11 +56,11 @@ def train(rec, model, opt, rank: int, world: int, fail_at: int | None = None,
 
 
 def worker(rank: int, world: int, init: str, path: str, capture=CAPTURE,
-           fail_at: int | None = None) -> None:
+           fail_at: int | None = None, model_fn=mlp) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     warnings.simplefilter("ignore" if fail_at is not None else "default")
     try:
-        model = torch.nn.parallel.DistributedDataParallel(mlp())
+        model = torch.nn.parallel.DistributedDataParallel(model_fn())
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
         with attrib.Recorder(path, model, opt, capture=capture, **SETTINGS) as rec:
             train(rec, model, opt, rank, world, fail_at)
@@ -340,3 +341,22 @@ def test_a_rank_that_drops_examples_flags_the_steps_for_all(tmp_path):
                                        run.grads(name, step, step + 1)[0], rtol=1e-4, atol=1e-7)
     assert verify(run.dir).column("ok").to_pylist() == [True] * 7
     assert_complete(attrib.analyze.path_kernel(run, mlp, probe_points(), progress=False))
+
+
+def dropout_mlp() -> torch.nn.Module:
+    net = mlp()
+    return torch.nn.Sequential(net[0], net[1], torch.nn.Dropout(0.3), net[2])
+
+
+def test_replaying_dropout_of_a_ddp_run_is_refused(tmp_path):
+    """Each rank draws its own dropout masks and only rank 0's generator states are
+    recorded: replay and linear response say so instead of failing the gradient check."""
+    mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), False, None,
+                           dropout_mlp), nprocs=WORLD)
+    run = attrib.open_run(tmp_path / "run")
+    assert run.table("rng").num_rows > 0  # rank 0's states were recorded
+    x, y = data()
+    for method in ("replay", "linear-response"):
+        with pytest.raises(ReplayError, match="only rank 0's generator states"):
+            attrib.analyze.stages(run, dropout_mlp, (x, y), (x[:4], y[:4]),
+                                  stages={"a": range(0, 2)}, method=method, progress=False)

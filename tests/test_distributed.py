@@ -3,11 +3,13 @@ process over the same global batch (to float round-off)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,17 +57,28 @@ def train(rec, model, opt, rank: int, world: int, fail_at: int | None = None,
         rec.log(loss=loss)
 
 
-def worker(rank: int, world: int, init: str, path: str, capture=CAPTURE,
-           fail_at: int | None = None, model_fn=mlp) -> None:
+@contextlib.contextmanager
+def process_group(rank: int, world: int, init: str, quiet: bool = True) -> Iterator[None]:
+    """This spawned process's place in a gloo job, left on the way out."""
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    warnings.simplefilter("ignore" if fail_at is not None else "default")
+    warnings.simplefilter("ignore" if quiet else "default")
     try:
-        model = torch.nn.parallel.DistributedDataParallel(model_fn())
-        opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
-        with attrib.Recorder(path, model, opt, capture=capture, **SETTINGS) as rec:
-            train(rec, model, opt, rank, world, fail_at)
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def ddp_adamw(model_fn=mlp) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.parallel.DistributedDataParallel(model_fn())
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+
+def worker(rank: int, world: int, init: str, path: str, capture=CAPTURE,
+           fail_at: int | None = None, model_fn=mlp) -> None:
+    with process_group(rank, world, init, quiet=fail_at is not None):
+        model, opt = ddp_adamw(model_fn)
+        with attrib.Recorder(path, model, opt, capture=capture, **SETTINGS) as rec:
+            train(rec, model, opt, rank, world, fail_at)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +153,7 @@ def test_each_rank_keeps_its_top_shifts(runs):
 
 
 def fsdp_worker(rank: int, world: int, init: str, path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, init, quiet=False):
         from torch.distributed.fsdp import fully_shard
 
         model = mlp()
@@ -149,8 +161,6 @@ def fsdp_worker(rank: int, world: int, init: str, path: str) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with pytest.raises(DistributedError, match="can't record FSDP"):
             attrib.Recorder(path, model, opt)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp_is_refused(tmp_path):
@@ -188,19 +198,12 @@ def test_a_rank_that_stops_recording_stops_the_run_not_training(tmp_path):
     assert verify(run.dir).column("ok").to_pylist() == [True] * 7
 
 
-def ddp_adamw() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = torch.nn.parallel.DistributedDataParallel(mlp())
-    return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
-
-
 def stopping_worker(rank: int, world: int, init: str, path: str, saved: str,
                     crash: bool) -> None:
     """Record with a training checkpoint after step 4, then stop: planned, after step 7; or
     rank 0 is killed (SIGKILL) after step 9, once steps 0…7 are committed, while rank 1 goes
     on to write steps 8 and 9, which no commit lists."""
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    warnings.simplefilter("ignore")
-    try:
+    with process_group(rank, world, init):
         model, opt = ddp_adamw()
         with attrib.Recorder(path, model, opt, capture=CAPTURE, **SETTINGS) as rec:
             train(rec, model, opt, rank, world, steps=range(5))
@@ -213,17 +216,13 @@ def stopping_worker(rank: int, world: int, init: str, path: str, saved: str,
                         fmt.read_json(marker)["closed"]:
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(0.01)
-    finally:
-        dist.destroy_process_group()
 
 
 def restarting_worker(rank: int, world: int, init: str, path: str, saved: str) -> None:
     """The restarted job, from the checkpoint after step 4: a new run into the same directory,
     and resume=True, are refused on every rank; resume=5 discards the later steps and goes
     on to the end."""
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    warnings.simplefilter("ignore")
-    try:
+    with process_group(rank, world, init):
         model, opt = ddp_adamw()
         state = torch.load(f"{saved}-{rank}.pt", weights_only=True)
         model.module.load_state_dict(state["model"])
@@ -239,8 +238,6 @@ def restarting_worker(rank: int, world: int, init: str, path: str, saved: str) -
             # the discarded steps' progress is gone: no rank can write before rank 0 trains
             assert not list((Path(path) / "ranks").glob("rank-*.json"))
             train(rec, model, opt, rank, world, steps=range(5, STEPS))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("crash", [False, True], ids=["planned stop", "rank 0 killed"])
@@ -298,8 +295,6 @@ def test_each_rank_numbers_its_parts_past_its_last_one(runs, tmp_path):
 def dropping_worker(rank: int, world: int, init: str, path: str) -> None:
     """Rank 1 writes to a slow disk with backpressure="drop_examples"; rank 0 keeps every row
     (the default policy), so each flagged step comes from rank 1's marker."""
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    warnings.simplefilter("ignore")
     if rank == 1:
         append = RunStore.append_steps
 
@@ -308,13 +303,11 @@ def dropping_worker(rank: int, world: int, init: str, path: str) -> None:
             append(self, first_step, values)
 
         RunStore.append_steps = slow
-    try:
+    with process_group(rank, world, init):
         model, opt = ddp_adamw()
         with attrib.Recorder(path, model, opt, capture=attrib.Full(), steps_per_chunk=1,
                              buffers=2, backpressure="drop_examples" if rank else "block") as rec:
             train(rec, model, opt, rank, world)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_rank_that_drops_examples_flags_the_steps_for_all(tmp_path):

@@ -143,28 +143,12 @@ def wait_for(run_dir: Path, world: int, steps: int, closed: bool = False) -> lis
     return [markers[r] for r in sorted(markers)]
 
 
-def watch_reduced_norms(ddp: torch.nn.parallel.DistributedDataParallel,
-                        note: Callable[[torch.Tensor, torch.Tensor], None]) -> bool:
-    """Register DDP's default all-reduce as a comm hook that also hands each reduced (averaged,
-    not yet clipped) gradient to `note(param, grad)`: the gradient G_s whose norm the clip
-    factor needs. Per-parameter hooks see only this rank's local gradient. Returns False when
-    the user's own comm hook is already registered (the clip factor is then recorded as 1)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    def hook(state, bucket):  # unannotated: DDP checks annotations against real classes
-        params = bucket.parameters()
-
-        def noted(future: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-            reduced = future.value()
-            for param, grad in zip(params, reduced.split([p.numel() for p in params])):
-                note(param, grad)
-            return reduced
-
-        return allreduce_hook(state, bucket).then(noted)
-
-    try:
-        ddp.register_comm_hook(None, hook)
-    except RuntimeError:
-        return False
-    return True
-
+def after_reduction(callback: Callable[[], None]) -> None:
+    """Run `callback` once this backward's gradients are all-reduced into `.grad`; call it
+    from a gradient hook. DDP writes the averaged gradients at the end of the backward, from
+    a callback it queues on the autograd engine during the backward; a callback queued now
+    runs before that one, so it queues `callback` again, behind it (the engine runs callbacks
+    that callbacks queue). No comm hook is needed, so the user's own stays as it is, and the
+    module works as well as its DDP wrapper."""
+    engine = torch.autograd.Variable._execution_engine
+    engine.queue_callback(lambda: engine.queue_callback(callback))

@@ -157,7 +157,6 @@ class Recorder:
             raise ValueError(f"checkpoint_every must be ≥ 1, got {checkpoint_every}")
         if backpressure not in BACKPRESSURE:
             raise ValueError(f"backpressure={backpressure!r}: choose one of {BACKPRESSURE}")
-        wrapper = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         model, self.ranks = distributed.unwrap(model)
         self._primary = self.ranks is None or self.ranks.primary
         self.path = Path(path)
@@ -217,6 +216,7 @@ class Recorder:
         self._started = time.perf_counter()
         self._theta_hat = [p.param.detach().to(p.storage_dtype).clone() for p in self.params]
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
+        self._reduction_watched = False  # DDP: the end of this backward is being watched
         self._had_buffer = [False] * len(self.params)
         self._last_checkpoint = -1
         self._dropped_before = False
@@ -227,14 +227,6 @@ class Recorder:
             self._continue(point)
         else:
             self._checkpoint_now()
-        if wrapper is not None and self.ranks is not None:
-            self._watch_reduced_norms(wrapper)
-        elif self.ranks is not None:
-            warnings.warn("attrib: this distributed run's Recorder got a module, not its "
-                          "DistributedDataParallel wrapper, so the gradient norm before "
-                          "clipping can't be seen; the clip factor is recorded as 1 (exact "
-                          "unless you clip gradients). Pass the wrapper to record it",
-                          stacklevel=2)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -244,20 +236,6 @@ class Recorder:
         atexit.register(self._close_at_exit)
 
     # -- set-up --------------------------------------------------------------------------------
-    def _watch_reduced_norms(self, wrapper: torch.nn.parallel.DistributedDataParallel) -> None:
-        """DDP: ‖G‖ before clipping from the all-reduced gradient (the .grad hooks see only
-        this rank's), through a comm hook around DDP's default all-reduce."""
-        index = {id(p.param): p.index for p in self.params}
-
-        def note(param: torch.Tensor, grad: torch.Tensor) -> None:
-            if id(param) in index and self._enabled:
-                self._pre_clip_norms[index[id(param)]] = torch.linalg.vector_norm(grad)
-
-        if not distributed.watch_reduced_norms(wrapper, note):
-            warnings.warn("attrib: this DDP model already has a comm hook, so the gradient "
-                          "norm before clipping can't be seen; the clip factor is recorded as 1 "
-                          "(exact unless you clip gradients)", stacklevel=3)
-
     def _check_target(self, overwrite: bool, resume: bool | int) -> None:
         if resume is not False:
             if overwrite:
@@ -660,10 +638,20 @@ class Recorder:
         def hook(param: torch.Tensor) -> None:
             # ‖.grad‖ after this backward's accumulation: the last call before step() sees G_s.
             if self._enabled:
-                if self.ranks is None:  # DDP: the comm hook sees the reduced gradient instead
+                if self.ranks is None:
                     self._pre_clip_norms[index] = torch.linalg.vector_norm(param.grad.detach())
+                elif not self._reduction_watched:  # DDP: .grad is this rank's until reduced
+                    self._reduction_watched = True
+                    distributed.after_reduction(self._note_reduced_norms)
                 self._after_step = False
         return hook
+
+    def _note_reduced_norms(self) -> None:
+        """‖G_s‖ per parameter from the all-reduced .grad, before the user clips it."""
+        self._reduction_watched = False
+        for p in self.params:
+            if p.param.grad is not None:
+                self._pre_clip_norms[p.index] = torch.linalg.vector_norm(p.param.grad.detach())
 
     def _begin_next_step(self) -> None:
         """The last step's row is final: a full block can go to the writer."""
@@ -721,6 +709,7 @@ class Recorder:
         pre_norms = [n if n is not None else torch.linalg.vector_norm(g.detach())
                      for n, g in zip(self._pre_clip_norms, consumed) if g is not None]
         self._pre_clip_norms = [None] * len(self.params)
+        self._reduction_watched = False  # also after a backward that raised before its end
         clip_factor, uniform, grad_norm = _clip_factor(used, pre_norms)
         hparams = [optim_info.group_hparams(self.spec, g) for g in self.optimizer.param_groups]
         deltas = (self._trajectory_rows(rows, live, consumed, clip_factor, hparams)

@@ -74,9 +74,11 @@ def ddp_adamw(model_fn=mlp) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def worker(rank: int, world: int, init: str, path: str, capture=CAPTURE,
-           fail_at: int | None = None, model_fn=mlp) -> None:
+           fail_at: int | None = None, model_fn=mlp, comm_hook=None) -> None:
     with process_group(rank, world, init, quiet=fail_at is not None):
         model, opt = ddp_adamw(model_fn)
+        if comm_hook is not None:  # the user's own, which the recorder leaves alone
+            model.register_comm_hook(None, comm_hook)
         with attrib.Recorder(path, model, opt, capture=capture, **SETTINGS) as rec:
             train(rec, model, opt, rank, world, fail_at)
 
@@ -176,12 +178,16 @@ def test_resuming_a_ddp_run_in_one_process_is_refused(runs):
 
 
 def test_ddp_without_per_example_capture(runs, tmp_path):
-    """Ranks other than 0 then write only their examples table parts."""
+    """Ranks other than 0 then write only their examples table parts. The job registers its
+    own comm hook: the clip factors still come from the all-reduced gradients."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
     _, single = runs
-    mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), False),
-             nprocs=WORLD)
+    mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), False, None,
+                           mlp, allreduce_hook), nprocs=WORLD)
     run = attrib.open_run(tmp_path / "run")
     assert run.status == "complete" and run.n_steps == STEPS
+    np.testing.assert_allclose(run.clip_factors(), single.clip_factors(), rtol=1e-5)
     assert verify(run.dir).column("ok").to_pylist() == [True] * 7
     for name, value in single.reconstruct(STEPS).items():
         torch.testing.assert_close(run.reconstruct(STEPS)[name], value, rtol=1e-4, atol=1e-6)

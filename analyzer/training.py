@@ -73,10 +73,20 @@ class TrainingBatches:
         if examples.num_rows == 0:
             raise ReplayError(f"{run.dir} recorded no example ids (rec.examples(ids)); replaying "
                               "its training needs them")
+        # DDP: each rank ran its own forwards (own dropout masks, own batch-norm statistics),
+        # rank r's examples being rows [r·B, (r+1)·B); the step's gradient is the ranks' mean
+        # (a DDP run recorded without per-example capture before 2026-11-29 has no row
+        # layout, examples_per_step 0: its ranks' examples replay as one forward)
+        per_step = int(run.meta.get("examples_per_step") or 0)
+        self.world = int((run.meta.get("distributed") or {}).get("world_size", 1)) \
+            if per_step else 1
+        ranks = examples.column("row").to_numpy() // (per_step // self.world) \
+            if self.world > 1 else np.zeros(examples.num_rows, np.int64)
         order = np.lexsort((examples.column("slot").to_numpy(),
-                            examples.column("micro_batch").to_numpy(),
+                            examples.column("micro_batch").to_numpy(), ranks,
                             examples.column("step").to_numpy()))
         self._steps = examples.column("step").to_numpy()[order]
+        self._ranks = ranks[order]
         self._micro = examples.column("micro_batch").to_numpy()[order]
         self._ids = examples.column("example_id").to_numpy()[order]
         if self._ids.min() < 0 or self._ids.max() >= len(self.labels):
@@ -95,32 +105,40 @@ class TrainingBatches:
                 f"the model draws random numbers in training mode ({', '.join(self.stochastic)})"
                 f" but {run.dir} holds no generator states, so its masks can't be replayed: "
                 "record with Recorder(..., rng=True), or build the model without dropout")
-        if run.meta.get("distributed"):
+        ranks = table.column("rank").fill_null(0).to_pylist()
+        if self.world > 1 and set(ranks) != set(range(self.world)):
             raise ReplayError(
                 f"the model draws random numbers in training mode ({', '.join(self.stochastic)})"
-                f" and {run.dir} was recorded under DDP: each rank drew its own masks, but only "
-                "rank 0's generator states are recorded, so the other ranks' can't be replayed."
-                " Use method='frozen' or 'path', or the path kernel, which need no replay")
-        states: dict[tuple[int, int], list[tuple[str, bytes]]] = {}
-        for step, forward, device, state in zip(*(table.column(c).to_pylist() for c in
-                                                 ("step", "forward", "device", "state"))):
-            states.setdefault((step, forward), []).append((device, state))
+                f" and {run.dir} was recorded under DDP, where each rank draws its own masks, "
+                f"but it holds generator states of ranks {sorted(set(ranks))} only (recorded "
+                "by an attrib before 2026-11-29). Use method='frozen' or 'path', or the path "
+                "kernel, which need no replay")
+        states: dict[tuple[int, int, int], list[tuple[str, bytes]]] = {}
+        for rank, step, forward, device, state in zip(ranks, *(
+                table.column(c).to_pylist() for c in ("step", "forward", "device", "state"))):
+            states.setdefault((rank, step, forward), []).append((device, state))
         return states
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
+        """The step's forwards: each rank's micro-batches (one rank outside DDP), weighted so
+        their losses add up to the step's loss."""
         lo, hi = np.searchsorted(self._steps, [step, step + 1])
-        micro, ids = self._micro[lo:hi], self._ids[lo:hi]
-        indices = np.unique(micro)
-        weight = 1.0 / len(indices) if self.accumulation == "mean" else 1.0
+        ranks, micro, ids = self._ranks[lo:hi], self._micro[lo:hi], self._ids[lo:hi]
         batches = []
-        for k, m in enumerate(indices):
-            rng = None
-            if self.stochastic:
-                rng = self._rng.get((step, k))
-                if rng is None:
-                    raise ReplayError(f"step {step} has no generator state for micro-batch {k}: "
-                                      "the recorded forwards don't match its micro-batches")
-            batches.append(MicroBatch(ids[micro == m], weight, rng))
+        for rank in np.unique(ranks).tolist():
+            mine = ranks == rank
+            indices = np.unique(micro[mine])
+            weight = (1.0 / len(indices) if self.accumulation == "mean" else 1.0) / self.world
+            for k, m in enumerate(indices):
+                rng = None
+                if self.stochastic:
+                    rng = self._rng.get((rank, step, k))
+                    if rng is None:
+                        raise ReplayError(
+                            f"step {step} has no generator state for micro-batch {k}"
+                            + (f" of rank {rank}" if self.world > 1 else "")
+                            + ": the recorded forwards don't match its micro-batches")
+                batches.append(MicroBatch(ids[mine & (micro == m)], weight, rng))
         return batches
 
     def recast(self, dtype: torch.dtype) -> TrainingBatches:

@@ -175,7 +175,7 @@ class Recorder:
         self._on_gpu = any(p.param.is_cuda for p in self.params)
         self._stochastic = stochastic_modules(model)
         keep_rng = bool(self._stochastic) if rng is None else rng
-        self._rng = RngCapture(model) if keep_rng and self._primary else None
+        self._rng = RngCapture(model) if keep_rng else None  # DDP: every rank its own
         # DDP averages the ranks' gradients: each rank's examples carry 1/world of theirs
         self._capture = (ExampleCapture(model, [p.name for p in self.params],
                                         [tuple(p.param.shape) for p in self.params],
@@ -700,7 +700,8 @@ class Recorder:
         self._check_unchanged(consumed)
         data = self._capture.end_step() if self._capture is not None else None
         if self._block is None:
-            self._initialize_storage(self._examples_per_step or (data.rows if data else 0))
+            self._initialize_storage(self._examples_per_step or (
+                data.rows if data else sum(len(ids) for ids in self._examples)))
         row_index = len(self._block.records)
         rows = {path: buffer[row_index] for path, buffer in self._block.buffers.items()}
         live = [p.param.detach() for p in self.params]

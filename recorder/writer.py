@@ -272,7 +272,8 @@ class BackgroundWriter:
         if shifts:
             self.store.write_table_part("shifts", pa.concat_tables(shifts), first, first + n - 1)
         if any(r.rng for r in records):
-            self.store.write_table_part("rng", _rng_table(records), first, first + n - 1)
+            self.store.write_table_part("rng", _rng_table(records, self.ranks), first,
+                                        first + n - 1)
         new_tokens = self._tokens_seen.select([b for r in records for b in r.tokens])
         if new_tokens is not None:
             self.store.write_table_part("tokens", tokens_table(new_tokens, self.vocabulary),
@@ -369,7 +370,8 @@ def _examples_table(records: list[StepRecord], first_row: int = 0) -> pa.Table:
                      for name, values in arrays.items()}, schema=fmt.EXAMPLES)
 
 
-def _rng_table(records: list[StepRecord]) -> pa.Table:
-    rows = [{"step": r.step, "forward": k, "device": device, "state": state}
+def _rng_table(records: list[StepRecord], ranks: distributed.Ranks | None) -> pa.Table:
+    rank = ranks.rank if ranks is not None else 0
+    rows = [{"step": r.step, "forward": k, "device": device, "state": state, "rank": rank}
             for r in records for k, states in enumerate(r.rng) for device, state in states]
     return pa.Table.from_pylist(rows, schema=fmt.RNG)

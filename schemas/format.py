@@ -168,6 +168,7 @@ RNG = pa.schema(
         pa.field("forward", pa.int32(), nullable=False),  # k-th training forward of the step
         pa.field("device", pa.string(), nullable=False),  # "cpu" or "cuda:N"
         pa.field("state", pa.binary(), nullable=False),  # torch.get_rng_state() bytes
+        pa.field("rank", pa.int32()),  # the DDP rank whose forward it was; null (older) = 0
     ]
 )
 

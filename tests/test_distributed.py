@@ -177,8 +177,9 @@ def test_resuming_a_ddp_run_in_one_process_is_refused(runs):
 
 
 def test_ddp_without_per_example_capture(runs, tmp_path):
-    """Ranks other than 0 then write only their examples table parts. The job registers its
-    own comm hook: the clip factors still come from the all-reduced gradients."""
+    """Ranks other than 0 then write only their examples table parts, rows numbered as one
+    process would. The job registers its own comm hook: the clip factors still come from the
+    all-reduced gradients."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     _, single = runs
@@ -187,6 +188,9 @@ def test_ddp_without_per_example_capture(runs, tmp_path):
     run = attrib.open_run(tmp_path / "run")
     assert run.status == "complete" and run.n_steps == STEPS
     np.testing.assert_allclose(run.clip_factors(), single.clip_factors(), rtol=1e-5)
+    order = [("step", "ascending"), ("row", "ascending")]  # rank r's rows follow r ranks'
+    assert run.examples.sort_by(order).select(["step", "row", "example_id"]).equals(
+        single.examples.sort_by(order).select(["step", "row", "example_id"]))
     assert verify(run.dir).column("ok").to_pylist() == [True] * 7
     for name, value in single.reconstruct(STEPS).items():
         torch.testing.assert_close(run.reconstruct(STEPS)[name], value, rtol=1e-4, atol=1e-6)

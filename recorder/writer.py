@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from attrib.recorder import distributed
@@ -234,9 +235,28 @@ class BackgroundWriter:
                 for part in parts:
                     if part not in self._rank_parts and \
                             fmt.part_fields(part)[1] < self.committed_steps:
-                        self.store.manifest["tables"][table].append(part)
                         self._rank_parts.add(part)
+                        if table == "tokens":
+                            self._list_first_tokens(part)
+                        else:
+                            self.store.manifest["tables"][table].append(part)
         return markers
+
+    def _list_first_tokens(self, part: str) -> None:
+        """Rank 0: list another rank's tokens part with only the examples no rank wrote
+        before (each rank knows only the examples it saw itself), rewritten when needed."""
+        path = self.store.dir / part
+        rows = pq.read_table(path, schema=fmt.TOKENS)
+        ids = rows.column("example_id").to_numpy()
+        fresh = ~np.isin(ids, self._tokens_seen.seen)
+        self._tokens_seen.seen = np.union1d(self._tokens_seen.seen, ids)
+        if fresh.all():
+            self.store.manifest["tables"]["tokens"].append(part)
+            return
+        if fresh.any():
+            _, first, last = fmt.part_fields(part)
+            self.store.write_table_part("tokens", rows.filter(pa.array(fresh)), first, last)
+        path.unlink()  # never listed: no reader can have it open
 
     def cut(self, steps: int) -> None:
         """Keep only steps [0, steps) (a resume from an earlier step or after a crash; what

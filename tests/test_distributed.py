@@ -47,7 +47,7 @@ def train(rec, model, opt, rank: int, world: int, fail_at: int | None = None,
         ids = global_batch(step).view(world, -1)[rank]
         if step == fail_at and rank == 1:  # twice the ids the per-example arrays hold:
             rec.examples(ids)  # this rank's recording stops at the step (with a warning)
-        rec.examples(ids)
+        rec.examples(ids, tokens=torch.stack([ids % 7, ids % 11], 1))
         loss = F.cross_entropy(model(x[ids]), y[ids])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
@@ -126,11 +126,18 @@ def test_path_kernel_on_the_ddp_run(runs):
 
 
 def test_each_rank_wrote_its_examples_rows(runs):
-    """Rank r's examples are rows [r·B, (r+1)·B) of every step, as the single process's."""
+    """Rank r's examples are rows [r·B, (r+1)·B) of every step, as the single process's, and
+    each example's tokens are stored once, though both ranks saw some examples."""
     ddp, single = runs
     order = [("step", "ascending"), ("row", "ascending")]
     assert ddp.examples.sort_by(order).select(["step", "row", "example_id"]).equals(
         single.examples.sort_by(order).select(["step", "row", "example_id"]))
+    seen_by = {}
+    for row in ddp.examples.to_pylist():
+        seen_by.setdefault(row["example_id"], set()).add(row["row"] // LOCAL_BATCH)
+    assert any(len(ranks) == WORLD for ranks in seen_by.values())
+    order = [("example_id", "ascending"), ("position", "ascending")]
+    assert ddp.table("tokens").sort_by(order).equals(single.table("tokens").sort_by(order))
     for name in ("0.weight", "2.weight", "2.bias"):
         torch.testing.assert_close(ddp.contribution_rows(name), single.contribution_rows(name),
                                    rtol=1e-4, atol=1e-7)

@@ -99,7 +99,7 @@ def test_ddp_run_equals_the_single_process_run(runs):
     assert ddp.meta["distributed"]["world_size"] == WORLD
     assert verify(ddp.dir).column("ok").to_pylist() == [True] * 7
     assert ddp.checkpoint_steps == single.checkpoint_steps
-    # the clip factor needs ‖G‖ of the all-reduced gradient (DDP's comm hook), not the local one
+    # the clip factor needs ‖G‖ of the all-reduced gradient, not the local one
     assert (single.clip_factors() < 0.99).any()
     np.testing.assert_allclose(ddp.clip_factors(), single.clip_factors(), rtol=1e-5)
     for step in range(STEPS + 1):

@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from attrib.schemas import format as fmt
 
+T = TypeVar("T")
 RANKS_DIR = "ranks"
 WAIT_SECONDS = 600.0  # how long rank 0 waits for another rank's block before giving up
 POLL_SECONDS = 0.005
@@ -48,16 +49,17 @@ class Ranks:
     def barrier(self) -> None:
         dist.barrier()
 
-    def lead(self, action: Callable[[], Any]) -> None:
+    def lead(self, action: Callable[[], T]) -> T | None:
         """Rank 0 runs `action` (creating the run, or cutting it back to a resume step) while
-        the other ranks wait. If it raises, rank 0 raises that and every other rank a
-        DistributedError, where a plain barrier would leave them waiting for rank 0."""
+        the other ranks wait; returns its result on rank 0, None elsewhere. If it raises, rank
+        0 raises that and every other rank a DistributedError, where a plain barrier would
+        leave them waiting for rank 0."""
         device = (torch.device("cuda", torch.cuda.current_device())
                   if dist.get_backend() == "nccl" else torch.device("cpu"))
-        done, error = torch.zeros(1, dtype=torch.int32, device=device), None
+        done, error, result = torch.zeros(1, dtype=torch.int32, device=device), None, None
         if self.primary:
             try:
-                action()
+                result = action()
                 done += 1
             except BaseException as e:  # re-raised below, once the others know
                 error = e
@@ -67,6 +69,7 @@ class Ranks:
         if not done.item():
             raise DistributedError("rank 0 could not open the run (its error says why), so "
                                    f"rank {self.rank} does not record either")
+        return result
 
     def describe(self) -> dict[str, Any]:
         return {"world_size": self.world, "backend": str(dist.get_backend())}

@@ -185,14 +185,11 @@ class Recorder:
 
         codec = codec or Codec()
         meta = self._metadata(codec, metadata or {})
-        point: ResumePoint | None = None
         if self.ranks is None:
             point = self._open(meta, codec, vocabulary, overwrite, resume)
         else:  # rank 0 creates the run (or cuts it back) while the others wait, then they join
-            opened: list[ResumePoint | None] = []
-            self.ranks.lead(lambda: opened.append(
-                self._open(meta, codec, vocabulary, overwrite, resume)))
-            point = opened[0] if opened else None
+            point = self.ranks.lead(lambda: self._open(meta, codec, vocabulary, overwrite,
+                                                       resume))
             if not self._primary:
                 self._writer = BackgroundWriter(RunStore.join(self.path, self.ranks.rank),
                                                 None, self.ranks)

@@ -97,8 +97,13 @@ class FirstSeen:
         _, first = np.unique(ids, return_index=True)  # the first row of an id within the block
         keep = np.zeros(len(ids), bool)
         keep[first] = True
-        keep &= ~np.isin(ids, self.seen)
+        keep &= self.take(ids)
         if not keep.any():
             return None
-        self.seen = np.union1d(self.seen, ids[keep])
         return TokenBatch(ids[keep], flat[np.repeat(keep, lengths)], lengths[keep])
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Which of `ids` no earlier call saw (a mask); all of them count as seen from now."""
+        fresh = ~np.isin(ids, self.seen)
+        self.seen = np.union1d(self.seen, ids)
+        return fresh

@@ -247,9 +247,7 @@ class BackgroundWriter:
         before (each rank knows only the examples it saw itself), rewritten when needed."""
         path = self.store.dir / part
         rows = pq.read_table(path, schema=fmt.TOKENS)
-        ids = rows.column("example_id").to_numpy()
-        fresh = ~np.isin(ids, self._tokens_seen.seen)
-        self._tokens_seen.seen = np.union1d(self._tokens_seen.seen, ids)
+        fresh = self._tokens_seen.take(rows.column("example_id").to_numpy())
         if fresh.all():
             self.store.manifest["tables"]["tokens"].append(part)
             return

@@ -179,6 +179,9 @@ def check_gradients(run: Run, batches: TrainingBatches, steps: list[int]) -> flo
                           "stage estimators need the consumed gradients")
     worst, noisiest = 0.0, (0.0, 0)
     alphas = run.clip_factors()
+    recorded_dtype = getattr(torch, run.params.column("dtype")[0].as_py())
+    # the same batches in the recorded precision: what rounding alone moves G_s by
+    low = batches.recast(recorded_dtype) if recorded_dtype != batches.dtype else None
     for step in steps:
         stored = run.reconstruct(step)
         theta = {n: t.to(batches.dtype) for n, t in stored.items()}
@@ -187,7 +190,8 @@ def check_gradients(run: Run, batches: TrainingBatches, steps: list[int]) -> flo
                     for n in run.param_names}
         scale = float(_norm(recorded.values())) or 1e-30
         error = float(_norm(got[n] - recorded[n] for n in recorded))
-        rounding = _rounding(batches, stored, step, got)
+        rounding = 0.0 if low is None else float(_norm(
+            g.to(batches.dtype) - got[n] for n, g in low.gradient(stored, step).items()))
         worst = max(worst, error / scale)
         noisiest = max(noisiest, (rounding / scale, step))
         if error > GRADIENT_TOLERANCE * scale + ROUNDING_ALLOWANCE * rounding:
@@ -209,17 +213,6 @@ def check_gradients(run: Run, batches: TrainingBatches, steps: list[int]) -> flo
 
 def _norm(tensors) -> torch.Tensor:
     return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
-
-
-def _rounding(batches: TrainingBatches, stored: dict[str, torch.Tensor], step: int,
-              exact: dict[str, torch.Tensor]) -> float:
-    """‖∇L_s in the recorded precision − ∇L_s in the analysis precision‖: what rounding alone
-    moves the recorded gradient by (0 when the run was recorded in the analysis dtype)."""
-    recorded_dtype = next(iter(stored.values())).dtype
-    if recorded_dtype == batches.dtype:
-        return 0.0
-    low = batches.recast(recorded_dtype).gradient(stored, step)
-    return float(_norm(low[n].to(batches.dtype) - exact[n] for n in exact))
 
 
 def _loss_at(run: Run, step: int) -> str:

@@ -36,7 +36,9 @@ from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
 from attrib.recorder.optimizers import adam_update_scale, momentum_intake
 
-TERMS = ("data", "residual", "regularization", "carry_in")
+# replay: a v2 run's replay gap (stored θ − replayed θ at a checkpoint, part of that step's Δθ),
+# zero where the replay is bit for bit (the same kernels as training)
+TERMS = ("data", "residual", "regularization", "carry_in", "replay")
 
 
 ERROR_SAMPLE_SEGMENTS = 8
@@ -177,12 +179,13 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
 
     def forward(first: int, stop: int):
         """θ_s and ḡ_s for steps [first, stop); `first` starts a segment."""
-        gbars, thetas = [], []
+        gbars, thetas, gaps = [], [], []
         segment_start, segment_delta = first, None
         for view in iter_steps(run, first, stop):
             theta = {n: view.theta[n].to(dtype, copy=True) for n in names}
             delta = {n: view.values["deltas"][n].to(dtype) for n in names}
             thetas.append(theta)
+            gaps.append(view.gap)
             if view.step == segment_start:
                 segment_delta = {n: torch.zeros_like(delta[n]) for n in names}
             for n in names:
@@ -197,7 +200,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                                for n in names).abs())
             gbars.extend([gbar] * (view.step + 1 - segment_start))
             segment_start = view.step + 1
-        return gbars, thetas
+        return gbars, thetas, gaps
 
     def f_at(step: int) -> np.ndarray:
         params = {n: v.to(dtype) for n, v in run.reconstruct(step).items()}
@@ -221,9 +224,9 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
               unit="step") as bar:
         for first in reversed(range(0, run.n_steps, block)):
             stop = min(first + block, run.n_steps)
-            gbars, thetas = forward(first, stop)
-            recursion.steps(first, gbars, thetas)
-            del gbars, thetas
+            gbars, thetas, gaps = forward(first, stop)
+            recursion.steps(first, gbars, thetas, gaps)
+            del gbars, thetas, gaps
             release_freed_memory()
             bar.update(stop - first)
     recursion.carry_in()
@@ -293,7 +296,7 @@ class _Recursion:
                        for n, shape in zip(self.names, self.shapes)}
         self.block: dict = {}  # the current block's stored arrays (see steps)
 
-    def steps(self, first: int, gbars: list, thetas: list) -> None:
+    def steps(self, first: int, gbars: list, thetas: list, gaps: list) -> None:
         """Process steps first + len(gbars) − 1 down to first.
 
         Each stored array of the block is read once (a per-step read decompresses whole chunks
@@ -312,6 +315,10 @@ class _Recursion:
         }
         for s in range(stop - 1, first - 1, -1):
             self.step(s, s - first, gbars[s - first], thetas[s - first])
+            for name, gap in gaps[s - first].items():  # ḡ_s · (stored − replayed θ_{s+1})
+                g = gbars[s - first][name]
+                self.rows.add("replay", g.reshape(g.shape[0], -1) @ gap.reshape(-1).to(dtype),
+                              s, name)
         self.block = {}
 
     def step(self, s: int, i: int, gbar: dict, thetas: dict) -> None:

@@ -21,11 +21,17 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from attrib.analyzer.trajectory import Replay
 from attrib.schemas import format as fmt
 
 
 class Run:
-    """A recorded run directory (format v1). Open with `attrib.open_run(path)`."""
+    """A recorded run directory (format v1 or v2). Open with `attrib.open_run(path)`.
+
+    v1 stores Δθ_s and the optimizer's per-step state; v2 stores the consumed gradients and
+    checkpoints of θ with the whole optimizer state, and rebuilds the rest by replaying the
+    recorded torch.optim optimizer (attrib.analyzer.trajectory). Both answer the same calls.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.dir = Path(path)
@@ -80,6 +86,18 @@ class Run:
     @property
     def optimizer(self) -> dict[str, Any]:
         return self.meta["optimizer"]
+
+    @property
+    def format_version(self) -> int:
+        return int(self.meta["format_version"])
+
+    @cached_property
+    def replay(self) -> Replay:
+        """The optimizer replay that rebuilds a v2 run's θ, Δθ and state (one per Run: it
+        keeps its position and last window, so streaming reads replay each step once)."""
+        if self.format_version < 2:
+            raise TypeError(f"{self.dir} is a format v1 run: it stores Δθ and needs no replay")
+        return Replay(self)
 
     @cached_property
     def param_names(self) -> list[str]:
@@ -166,7 +184,8 @@ class Run:
     def committed_rows(self, path: str) -> int | None:
         """How many rows along axis 0 of a stored array are committed: the checkpoints or
         steps the manifest lists; None for arrays without that axis (initial state)."""
-        if path.startswith(f"{fmt.CHECKPOINTS}/"):
+        if (path.startswith((f"{fmt.CHECKPOINTS}/", f"{fmt.CHECKPOINT_STATE}/"))
+                or path == fmt.CHECKPOINT_STATE_PRESENT):
             return int(self.manifest["n_checkpoints"])
         if path.startswith(f"{fmt.INITIAL_STATE}/"):
             return None
@@ -225,6 +244,10 @@ class Run:
 
     def deltas(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Δθ_s for steps [start, stop) of one parameter: shape (steps, *param_shape)."""
+        if self.format_version >= 2:
+            self._key(param)
+            start, stop = self._step_range(start, stop)
+            return self.replay.window(start, stop).deltas(param)
         return torch.from_numpy(self._steps_of(f"{fmt.DELTAS}/{self._key(param)}", start, stop))
 
     def grads(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -234,10 +257,15 @@ class Run:
         return torch.from_numpy(self._steps_of(f"{fmt.GRADS}/{self._key(param)}", start, stop))
 
     def state(self, param: str, name: str, start: int = 0, stop: int | None = None):
-        """Per-step optimizer state (e.g. Adam's exp_avg_sq, AMSGrad's running max)."""
+        """Per-step optimizer state after each step (e.g. Adam's exp_avg_sq, AMSGrad's
+        running max under that name)."""
         if name not in self.meta["step_state"]:
             recorded = self.meta["step_state"]
             raise KeyError(f"{name!r} is not recorded per step; recorded: {recorded}")
+        if self.format_version >= 2:
+            self._key(param)
+            start, stop = self._step_range(start, stop)
+            return self.replay.window(start, stop).state[param][name]
         return torch.from_numpy(
             self._steps_of(f"{fmt.STATE}/{self._key(param)}/{name}", start, stop))
 
@@ -328,13 +356,37 @@ class Run:
         return {n: torch.from_numpy(self._read(f"{fmt.CHECKPOINTS}/{self._key(n)}", index))
                 for n in self.param_names}
 
-    def reconstruct(self, step: int) -> dict[str, torch.Tensor]:
-        """θ_step: the nearest checkpoint at or before `step` plus the recorded deltas.
+    def checkpoint_state(self, index: int) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                    np.ndarray]:
+        """The optimizer's state at the `index`-th checkpoint (v2): {param: {name: tensor}}
+        and, per parameter, whether the optimizer held state for it (else it reads as zeros)."""
+        if self.format_version < 2:
+            raise KeyError(f"{self.dir} is a format v1 run: its checkpoints hold θ only")
+        if not 0 <= index < len(self.checkpoint_steps):
+            raise IndexError(f"checkpoint {index} doesn't exist; the run has "
+                             f"{len(self.checkpoint_steps)} committed checkpoints")
+        names = fmt.checkpoint_state_names(self.optimizer["kind"],
+                                           bool(self.optimizer.get("amsgrad", False)))
+        state = {n: {s: torch.from_numpy(self._read(
+                     f"{fmt.CHECKPOINT_STATE}/{self._key(n)}/{s}", index)) for s in names}
+                 for n in self.param_names}
+        return state, self._read(fmt.CHECKPOINT_STATE_PRESENT, index)
 
-        The additions repeat the recorder's own float arithmetic in the same order, so the
-        result is the recorder's reconstructed trajectory bit for bit.
-        """
+    def fingerprints(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(steps, 2, parameters): Σ θ ⊙ r per tensor of θ_s before step s and of θ_{s+1}
+        after it, as training saw them (v2; see attrib.recorder.fingerprint)."""
+        if self.format_version < 2:
+            raise KeyError(f"{self.dir} is a format v1 run: it has no fingerprints")
+        return self._steps_of(fmt.FINGERPRINT, start, stop)
+
+    def reconstruct(self, step: int) -> dict[str, torch.Tensor]:
+        """θ_step. v2: replayed from the nearest checkpoint with the recorded gradients (bit for
+        bit the trained θ where the replay runs the same kernels); v1: the nearest checkpoint
+        plus the recorded deltas, in the recorder's own order of float additions."""
         self._step_range(0, step)
+        if self.format_version >= 2:
+            self.replay.seek(step)
+            return self.replay.theta()
         index = int(np.searchsorted(self.checkpoint_steps, step, side="right")) - 1
         start = self.checkpoint_steps[index]
         theta = self.checkpoint(index)

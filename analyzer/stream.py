@@ -1,13 +1,14 @@
 """Stream a run's trajectory step by step, reading each Zarr chunk once.
 
 Every offline analysis walks θ_0 → θ_N with some per-step arrays beside it; this iterator reads
-them in chunk-aligned blocks and rebuilds θ_s with exactly `Run.reconstruct`'s arithmetic.
+them in chunk-aligned blocks. θ_s is exactly `Run.reconstruct`'s: v1 adds the stored deltas in
+the recorder's order, v2 takes it from the optimizer replay's window.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,12 +19,15 @@ from attrib.analyzer.run import Run
 class StepView:
     """One step: θ_s (before the step) and the requested per-step values, keyed by param name.
 
-    Tensors are reused by the iterator; clone anything kept past the next iteration.
+    Tensors are reused by the iterator; clone anything kept past the next iteration. `gap`:
+    v2's replay gap of this step (stored θ_{s+1} − replayed θ_{s+1}, part of Δθ_s), per
+    parameter where it is not zero; empty where the replay is exact.
     """
 
     step: int
     theta: dict[str, torch.Tensor]
     values: dict[str, dict[str, torch.Tensor]]
+    gap: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _reader(run: Run, field: str):
@@ -40,20 +44,27 @@ def _reader(run: Run, field: str):
 
 def iter_steps(run: Run, start: int = 0, stop: int | None = None,
                fields: tuple[str, ...] = ()) -> Iterator[StepView]:
-    """Yield StepView for steps [start, stop), θ_s reconstructed as `run.reconstruct` does."""
+    """Yield StepView for steps [start, stop), θ_s as `run.reconstruct` gives it."""
     start, stop = run._step_range(start, stop)
     readers = {f: _reader(run, f) for f in ("deltas", *fields)}
+    replayed = run.format_version >= 2
     checkpoints = dict(zip(run.checkpoint_steps, range(len(run.checkpoint_steps))))
-    theta = run.reconstruct(start)
+    theta = None if replayed else run.reconstruct(start)
     block = run.meta["steps_per_chunk"]
     s = start
     while s < stop:
         end = min(stop, (s // block + 1) * block)
         data = {f: {n: read(n, s, end) for n in run.param_names} for f, read in readers.items()}
+        window = run.replay.window(s, end) if replayed else None
         for i in range(end - s):
             step = s + i
+            if replayed:
+                theta = {n: window.theta[n][i] for n in run.param_names}
             yield StepView(step, theta, {f: {n: v[i] for n, v in per.items()}
-                                         for f, per in data.items()})
+                                         for f, per in data.items()},
+                           run.replay.gaps.get(step, {}) if replayed else {})
+            if replayed:
+                continue
             if step + 1 in checkpoints:
                 theta = run.checkpoint(checkpoints[step + 1])
             else:

@@ -61,6 +61,7 @@ def run_summary(run: Run) -> dict[str, Any]:
     steps = run.steps
     examples = run.examples
     distinct = pc.count_distinct(examples.column("example_id")).as_py()
+    numel = int(sum(params.column("numel").to_pylist()))
     dense_raw = _raw_dense_bytes(run)
     dense_stored, dense_metadata = _stored_bytes(run.dir / fmt.STORE_DIR)
     table_bytes = sum(f.stat().st_size for t in fmt.TABLES for f in run.table_files(t))
@@ -80,7 +81,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "stages": [{"stage": s["stage"], "start": s["start_step"], "end": s["end_step"],
                     "steps": s["n_steps"]} for s in run.stages.to_pylist()],
         "params": params.num_rows,
-        "numel": int(sum(params.column("numel").to_pylist())),
+        "numel": numel,
         "optimizer": run.optimizer,
         "hparams_at_step_0": {k: v for k, v in first.items() if any(x is not None for x in v)},
         "per_example": _capture_summary(run),
@@ -92,5 +93,8 @@ def run_summary(run: Run) -> dict[str, Any]:
         "dense_metadata_bytes": dense_metadata,
         "table_bytes": table_bytes,
         "compression_ratio": dense_raw / dense_stored if dense_stored else None,
+        # what recording cost on disk: every stored byte over parameters × steps
+        "bytes_per_param_step": ((dense_stored + dense_metadata + table_bytes)
+                                 / (numel * run.n_steps) if numel and run.n_steps else None),
         "error": run.manifest.get("error"),
     }

@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import torch
 
 from attrib.analyzer.run import Run, open_run
+from attrib.analyzer.stream import iter_steps
 from attrib.schemas import format as fmt
+from attrib.schemas.fingerprint import Fingerprint
 
 CHECKS = pa.schema([pa.field("check", pa.string()), pa.field("ok", pa.bool_()),
                     pa.field("detail", pa.string())])
@@ -42,7 +44,10 @@ def verify(path) -> pa.Table:
     check("steps table", lambda: _steps(run))
     check("examples table", lambda: _examples(run))
     check("step arrays", lambda: _arrays(run))
-    check("checkpoints", lambda: _checkpoints(run))
+    if run.format_version >= 2:
+        check("replay", lambda: _replay(run))
+    else:
+        check("checkpoints", lambda: _checkpoints(run))
     check("chunks", lambda: _chunks(run))
     return pa.Table.from_pylist(rows, schema=CHECKS)
 
@@ -92,6 +97,7 @@ def _arrays(run: Run) -> str:
 
 def _step_arrays(run: Run):
     kinds = tuple(f"{kind}/" for kind in (fmt.DELTAS, fmt.GRADS, fmt.CONTRIB, fmt.PROJ))
+    kinds += (fmt.FINGERPRINT,)
     return [(path, array) for path, array in run.arrays() if path.startswith(kinds)]
 
 
@@ -110,6 +116,61 @@ def _checkpoints(run: Run) -> str:
                 raise ValueError(f"checkpoint {index} (step {step}) of {name!r} differs from "
                                  f"checkpoint {index - 1} plus the deltas in between")
     return f"{len(steps)} checkpoints agree with the deltas between them"
+
+
+def _replay(run: Run) -> str:
+    """v2: the optimizer replayed through the recorded gradients reaches every stored
+    checkpoint, and θ_s matches the fingerprints training took before and after each step."""
+    if not run.meta.get("record_grads", True) or run.n_steps == 0:
+        return "no gradients recorded: nothing to replay"
+    prints = run.fingerprints()
+    fingerprint = Fingerprint(run.replay.params)
+    missed: list[str] = []  # "param before/after step s", in step order
+
+    def compare(step: int, side: int, theta: list[torch.Tensor]) -> None:
+        expected = torch.from_numpy(prints[step, side])
+        off = (fingerprint(theta) - expected).abs() > fingerprint.tolerance(theta)
+        off &= ~torch.isnan(expected)
+        if off.any():
+            missed.append(f"θ of {run.param_names[int(off.nonzero()[0])]!r} "
+                          f"{'before' if side == 0 else 'after'} step {step}")
+
+    for view in iter_steps(run):  # replays every step, which also finds every gap
+        compare(view.step, 0, [view.theta[n] for n in run.param_names])
+    compare(run.n_steps - 1, 1, list(run.reconstruct(run.n_steps).values()))
+    problems = []
+    worst, where = _largest_gap(run)
+    if worst > fmt.THETA_RTOL:
+        problems.append(f"the replay misses the stored checkpoint after step {where} by "
+                        f"{worst:.2g} of θ")
+    edits = np.nonzero(np.abs(prints[1:, 0] - prints[:-1, 1]).max(axis=1, initial=0)
+                       > 1e-5 * np.abs(prints[:-1, 1]).max(axis=1, initial=0) + 1e-30)[0]
+    if len(edits):
+        problems.append(f"parameters were changed outside the optimizer between steps "
+                        f"{int(edits[0])} and {int(edits[0]) + 1}"
+                        + (f" (and {len(edits) - 1} more times)" if len(edits) > 1 else "")
+                        + ": the replay can't follow them")
+    if missed:
+        problems.append(f"{missed[0]} is not what training had"
+                        + (f" ({len(missed) - 1} more steps differ)" if len(missed) > 1 else ""))
+    if problems:
+        raise ValueError("; ".join(problems))
+    gap = (f"; it misses stored checkpoints by up to {worst:.2g} of θ (kept as each step's "
+           "replay gap)" if worst else ", bit for bit at every checkpoint")
+    return (f"the optimizer replayed through {run.n_steps} steps matches the fingerprints "
+            f"of θ{gap}")
+
+
+def _largest_gap(run: Run) -> tuple[float, int | None]:
+    """The largest replay gap relative to ‖θ‖ at the checkpoint, and its step."""
+    worst, where = 0.0, None
+    for step, gaps in run.replay.gaps.items():
+        stored = run.reconstruct(step + 1)
+        for name, gap in gaps.items():
+            relative = float(gap.double().norm() / stored[name].double().norm().clamp_min(1e-30))
+            if relative > worst:
+                worst, where = relative, step
+    return worst, where
 
 
 def _chunks(run: Run) -> str:

@@ -96,6 +96,9 @@ def summary(info: dict[str, Any]) -> str:
         + f", {human_bytes(info['dense_metadata_bytes'])} Zarr metadata",
         f"tables       {human_bytes(info['table_bytes'])} Parquet",
     ]
+    if info["bytes_per_param_step"] is not None:
+        lines.append(f"on disk      {info['bytes_per_param_step']:.2f} bytes per parameter per "
+                     "step, everything included")
     if info["error"]:
         lines.append(f"error        {info['error']}")
     return "\n".join(lines)

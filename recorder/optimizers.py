@@ -17,6 +17,12 @@ from attrib.schemas import format as fmt
 SUPPORTED = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
 
 
+# Per-group constructor flags that pick torch.optim's kernels or semantics: a replay passes them
+# back so it runs the code that trained (None: torch chose by device, as it will again).
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable",
+                        "decoupled_weight_decay")
+
+
 class UnsupportedOptimizerError(TypeError):
     pass
 
@@ -87,6 +93,8 @@ def static_config(spec: OptimizerSpec, optimizer: torch.optim.Optimizer) -> dict
     for group in optimizer.param_groups:
         flags = {"nesterov": bool(group.get("nesterov", False))} if spec.kind == "sgd" else {}
         flags["amsgrad"] = bool(group.get("amsgrad", False))
+        # the implementation a replay must use to rebuild θ bit for bit (format v2)
+        flags.update({k: group[k] for k in IMPLEMENTATION_FLAGS if k in group})
         groups.append(flags)
     return {"kind": spec.kind, "class": spec.class_name, "amsgrad": spec.amsgrad, "groups": groups}
 

@@ -2,7 +2,9 @@
 
 Hooks only (optimizer step pre/post hooks and post-accumulate-grad hooks on parameters): the
 user's loop is not patched. The hot path does a few batched tensor operations per step and
-hands host copies to the background writer.
+hands host copies to the background writer. Format v2: per step the consumed gradient, the
+hyperparameters and a fingerprint of θ; θ and the optimizer's whole state at checkpoints. Δθ and
+the moments are not stored: readers rebuild them by replaying the optimizer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_ru
 from attrib.recorder.tokens import TokenBatch, token_batch, vocabulary_array, vocabulary_table
 from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
+from attrib.schemas.fingerprint import Fingerprint
+from attrib.schemas.format import FormatError
 
 BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
 MAX_STEPS_PER_CHUNK = 64
@@ -68,16 +72,25 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", non_blocking=True) if t.device.type != "cpu" else t.clone()
 
 
-def _snapshot(params: list[TrackedParam], tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """θ for a checkpoint: a blocking host copy in the storage dtype (rare, off the step path)."""
-    return {p.key: t.detach().to("cpu", p.storage_dtype, copy=True)
-            for p, t in zip(params, tensors)}
-
-
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+def _snapshot(params: list[TrackedParam], optimizer: torch.optim.Optimizer,
+              state_names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """θ and the optimizer's whole state for a checkpoint, keyed by array path: blocking host
+    copies in the storage dtype (rare, off the step path). State the optimizer does not hold
+    (yet) is stored as zeros and flagged absent."""
+    values, present = {}, []
+    for p in params:
+        values[f"{fmt.CHECKPOINTS}/{p.key}"] = p.param.detach().to("cpu", p.storage_dtype,
+                                                                   copy=True)
+        state = optimizer.state.get(p.param, {})
+        present.append(isinstance(state.get(state_names[0]), torch.Tensor))
+        for name in state_names:
+            value = state.get(name)
+            values[f"{fmt.CHECKPOINT_STATE}/{p.key}/{name}"] = (
+                value.detach().to("cpu", p.storage_dtype, copy=True)
+                if isinstance(value, torch.Tensor)
+                else torch.zeros(p.param.shape, dtype=p.storage_dtype))
+    values[fmt.CHECKPOINT_STATE_PRESENT] = torch.tensor(present, dtype=torch.bool)
+    return values
 
 
 def tracked_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[TrackedParam]:
@@ -106,7 +119,7 @@ def tracked_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 class Recorder:
-    """Record an optimizer's trajectory into a run directory (format v1).
+    """Record an optimizer's trajectory into a run directory (format v2).
 
     Use as a context manager around the training loop; call `examples(ids)` before each
     backward, optionally `log(...)`, `stage(name)` and `epoch(n)`. With `strict=False` (the
@@ -194,8 +207,6 @@ class Recorder:
                 self._writer = BackgroundWriter(RunStore.join(self.path, self.ranks.rank),
                                                 None, self.ranks)
         self._block: Block | None = None  # created at the first step, when sizes are known
-        self._scratch = ([torch.empty_like(p.param, dtype=p.storage_dtype) for p in self.params]
-                         if self._on_gpu else None)  # device-side deltas before their async copy
 
         self.step = 0  # index of the next optimizer step
         self._epoch: int | None = None
@@ -211,7 +222,10 @@ class Recorder:
         self._tokens: list[TokenBatch] = []
         self._hook_seconds = 0.0
         self._started = time.perf_counter()
-        self._theta_hat = [p.param.detach().to(p.storage_dtype).clone() for p in self.params]
+        self._fingerprint = Fingerprint([p.param for p in self.params])
+        self._before: torch.Tensor | None = None  # fingerprint of θ_s, taken before step s
+        self._after: torch.Tensor | None = None  # fingerprint of θ_s, taken after step s − 1
+        self._moved: list[tuple[int, torch.Tensor]] = []  # GPU: checked once per block
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
         self._reduction_watched = False  # DDP: the end of this backward is being watched
         self._had_buffer = [False] * len(self.params)
@@ -263,15 +277,27 @@ class Recorder:
                        [tuple(p.param.shape) for p in self.params],
                        [str(p.storage_dtype).removeprefix("torch.") for p in self.params])
 
+    @property
+    def _checkpoint_state_names(self) -> tuple[str, ...]:
+        return fmt.checkpoint_state_names(self.spec.kind, self.spec.amsgrad)
+
+    def _checkpoint_specs(self) -> list[ArraySpec]:
+        """The arrays a checkpoint appends to: θ, the optimizer's state, which state exists."""
+        specs = []
+        for p in self.params:
+            shape, dtype = tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch.")
+            specs.append(ArraySpec(f"{fmt.CHECKPOINTS}/{p.key}", shape, dtype))
+            specs += [ArraySpec(f"{fmt.CHECKPOINT_STATE}/{p.key}/{s}", shape, dtype)
+                      for s in self._checkpoint_state_names]
+        return [*specs, ArraySpec(fmt.CHECKPOINT_STATE_PRESENT, (len(self.params),), "bool",
+                                  False)]
+
     def _array_specs(self, examples: int) -> list[ArraySpec]:
         specs = []
         for p, capture in zip(self.params, self.captures):
             shape, dtype = tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch.")
-            specs.append(ArraySpec(f"{fmt.DELTAS}/{p.key}", shape, dtype))
             if self.record_grads:
                 specs.append(ArraySpec(f"{fmt.GRADS}/{p.key}", shape, dtype))
-            specs += [ArraySpec(f"{fmt.STATE}/{p.key}/{s}", shape, dtype)
-                      for s in self.spec.step_state]
             if capture.full is not None:
                 specs.append(ArraySpec(f"{fmt.CONTRIB}/{p.key}", (examples, *shape),
                                        capture.full_dtype))
@@ -285,6 +311,7 @@ class Recorder:
             ArraySpec(fmt.CLIP_FACTOR, (), "float64", math.nan),
             ArraySpec(fmt.STEP_COUNT, n, "int64", 0),
             ArraySpec(fmt.ACTIVE, n, "bool", False),
+            ArraySpec(fmt.FINGERPRINT, (2, *n), "float64", math.nan),
         ]
         if self._capture is not None:
             specs.append(ArraySpec(fmt.RESIDUAL_NORM, n, "float64", math.nan))
@@ -336,10 +363,7 @@ class Recorder:
 
     def _create(self, meta: dict, codec: Codec, vocabulary: np.ndarray | None) -> RunStore:
         """A new run directory with its static tables."""
-        store = RunStore(self.path, meta,
-                         {p.key: (tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch."))
-                          for p in self.params},
-                         codec)
+        store = RunStore(self.path, meta, self._checkpoint_specs(), codec)
         store.write_table_part("params", self._params_table(), 0, 0)
         if vocabulary is not None:
             store.write_table_part("vocabulary", vocabulary_table(vocabulary), 0, 0)
@@ -367,10 +391,15 @@ class Recorder:
     def _reopen(self, meta_now: dict, resume: bool | int) -> tuple[ResumePoint, RunStore]:
         """Check the live state against the recorded run and open it to append."""
         run = Run(self.path)
+        if run.format_version != fmt.FORMAT_VERSION:
+            raise FormatError(f"{self.path} was recorded in format v{run.format_version}; this "
+                              f"attrib appends v{fmt.FORMAT_VERSION} steps only, so it can't "
+                              "resume it: record the continuation into a new directory")
         point = prepare(run, resume, meta_now, self._params_table().to_pylist(),
                         {p.name: p.param.detach().cpu() for p in self.params}, self.optimizer,
                         self.spec, [p.param for p in self.params])
-        store = RunStore.reopen(self.path, run.meta, run.manifest, [p.key for p in self.params])
+        store = RunStore.reopen(self.path, run.meta, run.manifest,
+                                [s.path for s in self._checkpoint_specs()])
         if store.steps_per_chunk:
             store.open_step_arrays(self._array_specs(run.meta["examples_per_step"]))
         store.manifest["resumes"].append({
@@ -394,8 +423,6 @@ class Recorder:
             self._checkpoint_now()
         else:
             self._last_checkpoint = point.step
-            for p, hat in zip(self.params, self._theta_hat):
-                hat.copy_(point.theta[p.name])  # what readers rebuild θ_step from
 
     def _join_at(self, step: int) -> None:
         """Record from `step` on, into the step arrays if the run has them yet (a resumed run,
@@ -595,8 +622,8 @@ class Recorder:
 
     def _checkpoint_now(self) -> None:
         """θ at the next step as a checkpoint, off the step path (start, resume, close)."""
-        self._writer.add_checkpoint(self.step, _snapshot(self.params,
-                                                         [p.param for p in self.params]))
+        self._writer.add_checkpoint(self.step, _snapshot(self.params, self.optimizer,
+                                                         self._checkpoint_state_names))
         self._last_checkpoint = self.step
 
     def __enter__(self) -> Recorder:
@@ -655,6 +682,7 @@ class Recorder:
         self._pending = None
         self._after_step = False
         if self._block is not None and self._block.full:
+            self._warn_moved()
             self._writer.submit(self._block)
             self._block = self._writer.acquire(self.step)
             if self._block.lean and not self._dropped_before:
@@ -664,6 +692,22 @@ class Recorder:
                               "the trajectory is kept and steps.examples_dropped says which",
                               stacklevel=4)
 
+    def _warn_moved(self) -> None:
+        """Warn where θ changed between a step's end and the next step's start: an in-place
+        edit or `.data =` outside the optimizer, which a replay of the gradients can't see."""
+        moved, self._moved = self._moved, []
+        for step, changed in moved:
+            if changed.any():
+                names = [p.name for p, c in zip(self.params, changed.tolist()) if c]
+                warnings.warn(
+                    f"attrib: parameters {names} changed between step {step - 1} and step "
+                    f"{step} outside the optimizer (an in-place edit or .data =): the recorded "
+                    "gradients don't explain that change, so replays and influences of this run "
+                    "are wrong from there on (`attrib verify` flags it). Change parameters "
+                    "through the optimizer, or start a new run after the edit",
+                    stacklevel=4)
+                return
+
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self._enabled:
             return
@@ -672,6 +716,12 @@ class Recorder:
         if self.spec.kind == "sgd":  # SGD's first momentum step skips dampening (K_{s,s})
             self._had_buffer = [self.optimizer.state.get(p.param, {}).get("momentum_buffer")
                                 is not None for p in self.params]
+        if self._primary:
+            self._before = self._fingerprint([p.param for p in self.params])
+            if self._after is not None:
+                self._moved.append((self.step, self._before != self._after))
+                if not self._on_gpu:  # on a GPU this would wait for the step: once per block
+                    self._warn_moved()
         self._hook_seconds += time.perf_counter() - started
 
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -710,8 +760,8 @@ class Recorder:
         self._reduction_watched = False  # also after a backward that raised before its end
         clip_factor, uniform, grad_norm = _clip_factor(used, pre_norms)
         hparams = [optim_info.group_hparams(self.spec, g) for g in self.optimizer.param_groups]
-        deltas = (self._trajectory_rows(rows, live, consumed, clip_factor, hparams)
-                  if self._primary else [])
+        if self._primary:
+            self._trajectory_rows(rows, live, consumed, clip_factor, hparams)
         shifts = (self._store_examples(data, rows, consumed, clip_factor, hparams)
                   if data is not None else None)
 
@@ -720,7 +770,7 @@ class Recorder:
             "lr": [h["lr"] for h in hparams],
             "loss": self._upcoming["loss"], "metrics": self._upcoming["metrics"],
             "grad_norm": _host(grad_norm), "clip_factor": _host(clip_factor),
-            "clip_uniform": _host(uniform), "update_norm": _host(_global_norm(deltas)),
+            "clip_uniform": _host(uniform), "update_norm": None,
             "n_examples": (int(sum(len(e) for e in self._examples))
                            * (self.ranks.world if self.ranks is not None else 1)
                            if self._examples else None),
@@ -736,38 +786,28 @@ class Recorder:
         self._example_values = []
         self._tokens = []
         if (self.step + 1) % self.checkpoint_every == 0 and self._primary:
-            record.checkpoint = _snapshot(self.params, live)
+            record.checkpoint = _snapshot(self.params, self.optimizer,
+                                          self._checkpoint_state_names)
             self._last_checkpoint = self.step + 1
-            for hat, value in zip(self._theta_hat, live):
-                hat.copy_(value)  # deltas restart from the stored checkpoint, bit for bit
         self._block.records.append(record)
         return record
 
     def _trajectory_rows(self, rows: dict[str, torch.Tensor], live: list[torch.Tensor],
                          consumed: list[torch.Tensor | None], clip_factor: torch.Tensor,
-                         hparams: list[dict[str, float]]) -> list[torch.Tensor]:
-        """The step's Δθ, gradients, optimizer state and hyperparameters into the block row
-        (rank 0 only in a distributed run: every rank holds the same); returns the deltas."""
-        deltas = []
-        for p, value, hat in zip(self.params, live, self._theta_hat):
-            target = rows[f"{fmt.DELTAS}/{p.key}"]
-            delta = self._scratch[p.index] if self._scratch is not None else target
-            torch.sub(value, hat, out=delta)
-            hat.add_(delta)
-            if delta is not target:
-                target.copy_(delta, non_blocking=True)
-            deltas.append(delta)
-        for p, g in zip(self.params, consumed):
-            state = self.optimizer.state.get(p.param, {})
-            copies = [(f"{fmt.GRADS}/{p.key}", g)] if self.record_grads else []
-            copies += [(f"{fmt.STATE}/{p.key}/{name}",
-                        optim_info.state_tensor(self.spec, state, name))
-                       for name in self.spec.step_state]
-            for path, value in copies:
-                if value is None:
-                    rows[path].zero_()
+                         hparams: list[dict[str, float]]) -> None:
+        """The step's gradients, θ fingerprints and hyperparameters into the block row (rank 0
+        only in a distributed run: every rank holds the same)."""
+        if self.record_grads:
+            for p, g in zip(self.params, consumed):
+                target = rows[f"{fmt.GRADS}/{p.key}"]
+                if g is None:
+                    target.zero_()
                 else:
-                    rows[path].copy_(value.detach(), non_blocking=True)
+                    target.copy_(g.detach(), non_blocking=True)
+        fingerprint = rows[fmt.FINGERPRINT]
+        fingerprint[0].copy_(self._before, non_blocking=True)
+        self._after = self._fingerprint(live)
+        fingerprint[1].copy_(self._after, non_blocking=True)
         for name in fmt.HPARAM_NAMES:
             rows[f"{fmt.HPARAMS}/{name}"].copy_(torch.tensor([h[name] for h in hparams],
                                                              dtype=torch.float64))
@@ -775,7 +815,6 @@ class Recorder:
         rows[fmt.STEP_COUNT].copy_(torch.tensor(
             [optim_info.step_count(self.optimizer.state.get(p.param, {})) for p in self.params]))
         rows[fmt.ACTIVE].copy_(torch.tensor([g is not None for g in consumed]))
-        return deltas
 
     def _check_unchanged(self, consumed: list[torch.Tensor | None]) -> None:
         """Refuse to record a model or optimizer changed since the recorder attached: the

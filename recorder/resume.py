@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from attrib.analyzer.run import Run
+from attrib.analyzer.stream import iter_steps
 from attrib.recorder import optimizers as optim_info
 from attrib.schemas import format as fmt
 
@@ -116,23 +117,18 @@ def _mismatch_message(run: Run, step: int, live: dict[str, torch.Tensor]) -> str
 
 
 def latest_matching_step(run: Run, live: dict[str, torch.Tensor]) -> int | None:
-    """The last committed step whose θ equals `live`, walking each checkpoint's segment."""
-    steps = [s for s in run.checkpoint_steps if s <= run.n_steps]
-    chunk = max(1, int(run.meta.get("steps_per_chunk") or 1))
+    """The last committed step whose θ equals `live`, θ_s as Run.reconstruct gives it."""
+    if not run.checkpoint_steps:
+        return None
+    if run.format_version >= 2 and not run.meta.get("record_grads", True):  # θ at checkpoints
+        hits = [s for i, s in enumerate(run.checkpoint_steps) if _matches(run.checkpoint(i), live)]
+        return hits[-1] if hits else None
+    if _matches(run.reconstruct(run.n_steps), live):
+        return run.n_steps
     found = None
-    for index, start in enumerate(steps):
-        stop = steps[index + 1] if index + 1 < len(steps) else run.n_steps
-        match = np.ones(stop - start + 1, bool)  # θ_start … θ_stop
-        theta = run.checkpoint(index)
-        for name, value in live.items():
-            current, hits = theta[name], [_close(theta[name], value)]
-            for first in range(start, stop, chunk):
-                for delta in run.deltas(name, first, min(stop, first + chunk)):
-                    current += delta  # the recorder's own arithmetic, as in Run.reconstruct
-                    hits.append(_close(current, value))
-            match &= np.array(hits)
-        if match.any():
-            found = start + int(np.nonzero(match)[0][-1])
+    for view in iter_steps(run):
+        if _matches(view.theta, live):
+            found = view.step
     return found
 
 

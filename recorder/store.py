@@ -1,4 +1,4 @@
-"""Creating and appending to a run directory (format v1): Zarr arrays, Parquet parts, manifest.
+"""Creating and appending to a run directory (format v2): Zarr arrays, Parquet parts, manifest.
 
 Every write here is followed, not preceded, by the manifest commit that makes it visible: a
 reader only trusts `committed_steps` and the table parts the manifest lists, so a process that
@@ -86,15 +86,16 @@ def now_iso() -> str:
 class RunStore:
     """Write side of one run directory. Not thread-safe: one writer thread owns it."""
 
-    def __init__(self, run_dir: Path, meta: dict[str, Any],
-                 params: dict[str, tuple[tuple[int, ...], str]], codec: Codec) -> None:
+    def __init__(self, run_dir: Path, meta: dict[str, Any], checkpoint: list[ArraySpec],
+                 codec: Codec) -> None:
         self._setup(run_dir, meta, codec)
         run_dir.mkdir(parents=True, exist_ok=True)
         fmt.write_json_atomic(run_dir / fmt.META_FILE, meta)
         self.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="w", zarr_format=3)
-        self.checkpoint_arrays = {
-            key: self._create(f"{fmt.CHECKPOINTS}/{key}", (0, *shape), dtype, 1, 0.0)
-            for key, (shape, dtype) in params.items()
+        self.checkpoint_arrays = {  # one row per checkpoint: θ, the optimizer's state
+            spec.path: self._create(spec.path, (0, *spec.step_shape), spec.dtype, 1,
+                                    spec.fill_value)
+            for spec in checkpoint
         }
         self.manifest: dict[str, Any] = {
             "status": fmt.Status.RECORDING.value,
@@ -126,14 +127,14 @@ class RunStore:
 
     @classmethod
     def reopen(cls, run_dir: Path, meta: dict[str, Any], manifest: dict[str, Any],
-               param_keys: list[str]) -> RunStore:
+               checkpoint_paths: list[str]) -> RunStore:
         """Open an existing run to append to it (`Recorder(resume=...)`), with its own codec."""
         store = cls.__new__(cls)
         store._setup(run_dir, meta, Codec(**meta["codec"]))
         store.manifest = manifest
         store.manifest.setdefault("resumes", [])
         store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
-        store.checkpoint_arrays = {k: store.group[f"{fmt.CHECKPOINTS}/{k}"] for k in param_keys}
+        store.checkpoint_arrays = {p: store.group[p] for p in checkpoint_paths}
         store._sequence = _last_sequence(run_dir, 0)
         store._claim()
         return store
@@ -216,10 +217,11 @@ class RunStore:
                      values.get(p))
                     for p, a in self.step_arrays.items()])
 
-    def append_checkpoint(self, params: dict[str, np.ndarray]) -> int:
-        """Append θ at a checkpoint step; returns its checkpoint index."""
+    def append_checkpoint(self, values: dict[str, np.ndarray]) -> int:
+        """Append a checkpoint (array path → value: θ and the optimizer's state); returns its
+        checkpoint index."""
         index = self.manifest["n_checkpoints"] + self._pending_checkpoints
-        _write_all([(a, index, params[k]) for k, a in self.checkpoint_arrays.items()])
+        _write_all([(a, index, values[p]) for p, a in self.checkpoint_arrays.items()])
         self._pending_checkpoints += 1
         return index
 

@@ -159,7 +159,8 @@ class BackgroundWriter:
             self._release(block)
 
     def add_checkpoint(self, step: int, params: dict[str, torch.Tensor]) -> None:
-        """Commit θ at `step`, which must directly follow every submitted step."""
+        """Commit a checkpoint (θ and the optimizer state) at `step`, which must directly
+        follow every submitted step."""
         self._check()
         self._queue.put((step, params))
 

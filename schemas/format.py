@@ -1,4 +1,4 @@
-"""On-disk format v1 of a recorded run: names, Arrow schemas and metadata documents.
+"""On-disk format of a recorded run (v2; v1 stays readable): names, Arrow schemas, metadata.
 
 This module is the single contract between the recorder (writer) and the analyzer (reader):
 both import every path, array name and table schema from here, so the two can't drift.
@@ -18,7 +18,10 @@ from typing import Any
 import pyarrow as pa
 
 FORMAT_NAME = "attrib-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# v1 stored Δθ and the per-step optimizer state; v2 stores the consumed gradient and derives
+# them by replaying torch.optim from checkpoints of θ and the full optimizer state.
+READABLE_VERSIONS = (1, 2)
 
 # Files and folders inside a run directory.
 META_FILE = "attrib.json"  # static metadata, written once at creation
@@ -38,9 +41,17 @@ class Status(str, enum.Enum):
 
 # Zarr node names. Step-indexed arrays have shape (steps, *param_shape).
 CHECKPOINTS = "checkpoints"  # checkpoints/<key>: (n_checkpoints, *shape), θ at checkpoint steps
-DELTAS = "deltas"  # deltas/<key>: (steps, *shape), Δθ_s against the reconstructed trajectory
+DELTAS = "deltas"  # v1 only: deltas/<key>: (steps, *shape), Δθ_s (v2 derives it by replay)
 GRADS = "grads"  # grads/<key>: (steps, *shape), the gradient the optimizer consumed (G̃_s)
-STATE = "state"  # state/<key>/<state_name>: (steps, *shape), optimizer state after step s
+STATE = "state"  # v1 only: state/<key>/<state_name>: (steps, *shape), state after step s
+# v2: checkpoint_state/<key>/<name>: (n_checkpoints, *shape), the optimizer's whole state at each
+# checkpoint (zeros where absent), and which of it existed: (n_checkpoints, n_params) bool
+CHECKPOINT_STATE = "checkpoint_state"
+CHECKPOINT_STATE_PRESENT = "checkpoint_state_present"
+# v2: (steps, 2, n_params) float64, Σ θ ⊙ r per tensor (r a fixed pseudo-random vector) of θ_s
+# before step s and θ_{s+1} after it: parameters changed outside the optimizer show up as a
+# jump between a step's "after" and the next one's "before", or as a replay that misses them
+FINGERPRINT = "fingerprint"
 INITIAL_STATE = "initial_state"  # initial_state/<key>/<state_name>: (*shape), carry-in state
 HPARAMS = "hparams"  # hparams/<name>: (steps, n_groups) float64, NaN where not applicable
 CLIP_FACTOR = "clip_factor"  # (steps,) float64, α_s = ‖G̃_s‖ / ‖G_s‖ (G_s: .grad before clipping)
@@ -80,6 +91,15 @@ HPARAM_NAMES = ("lr", "weight_decay", "momentum", "dampening", "beta1", "beta2",
 # Optimizer kinds and the per-step state each one needs (METHODS.md §1).
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw")
 STEP_STATE = {"sgd": (), "adam": ("exp_avg_sq",), "adamw": ("exp_avg_sq",)}
+# The torch.optim state a checkpoint stores (v2) to resume a replay: everything but `step`,
+# which the step_count array holds.
+CHECKPOINT_STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
+                          "adamw": ("exp_avg", "exp_avg_sq")}
+AMSGRAD_STATE = "max_exp_avg_sq"
+
+
+def checkpoint_state_names(kind: str, amsgrad: bool) -> tuple[str, ...]:
+    return CHECKPOINT_STATE_NAMES[kind] + ((AMSGRAD_STATE,) if amsgrad else ())
 
 STEPS = pa.schema(
     [
@@ -92,7 +112,7 @@ STEPS = pa.schema(
         pa.field("grad_norm", pa.float64()),  # ‖G_s‖ before clipping
         pa.field("clip_factor", pa.float64()),
         pa.field("clip_uniform", pa.bool_()),  # False: .grad was not a uniform rescale of G_s
-        pa.field("update_norm", pa.float64()),  # ‖Δθ_s‖
+        pa.field("update_norm", pa.float64()),  # ‖Δθ_s‖ (v1; null in v2: Run.deltas has it)
         pa.field("n_examples", pa.int64()),
         pa.field("time", pa.float64()),  # seconds since the recorder started, at step end
         pa.field("record_seconds", pa.float64()),  # time the training thread spent in hooks
@@ -270,6 +290,9 @@ def check_version(meta: dict[str, Any], path: Path) -> None:
             f"{path} was written in attrib format v{version}, newer than this attrib "
             f"(reads up to v{FORMAT_VERSION}); upgrade attrib to read it"
         )
+    if version not in READABLE_VERSIONS:
+        raise FormatError(f"{path}: format v{version} is not one attrib reads "
+                          f"({READABLE_VERSIONS})")
 
 
 def _is_int(value: Any, low: int = 0) -> bool:

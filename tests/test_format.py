@@ -1,4 +1,4 @@
-"""Format v1 round trip: what the recorder writes is what schemas.format declares and the reader
+"""Format v2 round trip: what the recorder writes is what schemas.format declares and the reader
 returns; damaged or foreign run directories fail with errors that name the fix."""
 
 from __future__ import annotations
@@ -38,13 +38,16 @@ def test_store_layout_and_metadata(recorded):
     group = zarr.open_group(run.dir / fmt.STORE_DIR, mode="r")
     for name, value in trained.thetas[0].items():
         key = fmt.param_key(name)
-        assert group[f"{fmt.DELTAS}/{key}"].shape == (21, *value.shape)
         assert group[f"{fmt.GRADS}/{key}"].shape == (21, *value.shape)
-        assert group[f"{fmt.STATE}/{key}/exp_avg_sq"].shape == (21, *value.shape)
-        codecs = group[f"{fmt.DELTAS}/{key}"].metadata.to_dict()["codecs"]
+        for state in ("exp_avg", "exp_avg_sq"):  # the optimizer's whole state, at checkpoints
+            assert group[f"{fmt.CHECKPOINT_STATE}/{key}/{state}"].shape == (4, *value.shape)
+        codecs = group[f"{fmt.GRADS}/{key}"].metadata.to_dict()["codecs"]
         assert [c["name"] for c in codecs[1:]] == ["blosc", "crc32c"]  # after "bytes"
         assert codecs[1]["configuration"]["cname"] == "zstd"
+    assert fmt.DELTAS not in group and fmt.STATE not in group  # derived by replay, not stored
     assert group[f"{fmt.HPARAMS}/lr"].shape == (21, 1)
+    assert group[fmt.FINGERPRINT].shape == (21, 2, len(trained.thetas[0]))
+    assert group[fmt.CHECKPOINT_STATE_PRESENT][:].tolist() == [[False] * 4] + [[True] * 4] * 3
     # checkpoints at 0, 10, 20 and the final θ_21
     assert run.checkpoint_steps == [0, 10, 20, 21]
     assert run.table("checkpoints").column("step").to_pylist() == [0, 10, 20, 21]

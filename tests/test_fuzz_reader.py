@@ -127,11 +127,13 @@ def test_arrays_with_codecs_attrib_does_not_decode_are_refused(recorded, tmp_pat
     (pickle, were it ever registered) is refused before a chunk is decoded."""
     path = damaged_copy(recorded, tmp_path)
     key = attrib.open_run(path).params.column("key")[0].as_py()
-    meta = path / fmt.STORE_DIR / fmt.DELTAS / key / "zarr.json"
+    meta = path / fmt.STORE_DIR / fmt.GRADS / key / "zarr.json"
     document = json.loads(meta.read_text())
     document["codecs"].append(codec)
     meta.write_text(json.dumps(document))
     run = attrib.open_run(path)
     with pytest.raises(fmt.FormatError, match=r"can't be opened|does not decode"):
-        run.deltas(run.param_names[0])
+        run.grads(run.param_names[0])
+    with pytest.raises(fmt.FormatError, match=r"can't be opened|does not decode"):
+        run.deltas(run.param_names[0])  # the replay reads the gradients
     assert not read_or_explain(path)

@@ -70,12 +70,15 @@ def test_cli_info(two_runs):
                      "4 tensors, 227 scalars", "compression", "checkpoints  2"):
         assert expected in result.output
     info = json.loads(CliRunner().invoke(main, ["info", "--json", str(two_runs / "exp2")]).output)
-    # 9 steps × 227 float32 × (delta, grad, exp_avg_sq) + checkpoints θ_0, θ_9 + per step:
-    # 7 float64 hparams, float64 clip factor, int64 step count and bool active per tensor,
-    # + the default Full capture of a small model: 32 examples × 227 float32 per step, and a
-    # float64 residual norm per tensor
-    assert info["dense_bytes_raw"] == (9 * 227 * 4 * 3 + 2 * 227 * 4 + 9 * (7 * 8 + 8 + 4 * 9)
+    # 9 steps × 227 float32 gradients + checkpoints θ_0, θ_9 with AdamW's exp_avg and
+    # exp_avg_sq (and a bool per tensor: state present) + per step: 7 float64 hparams, float64
+    # clip factor, int64 step count and bool active per tensor, 2 float64 fingerprints per
+    # tensor + the default Full capture of a small model: 32 examples × 227 float32 per step,
+    # and a float64 residual norm per tensor
+    assert info["dense_bytes_raw"] == (9 * 227 * 4 + 2 * (227 * 4 * 3 + 4)
+                                       + 9 * (7 * 8 + 8 + 4 * 9 + 2 * 4 * 8)
                                        + 9 * 32 * 227 * 4 + 9 * 4 * 8)
+    assert "bytes per parameter per step" in result.output
     assert info["dense_bytes_stored"] > 0 and info["dense_metadata_bytes"] > 0
 
 

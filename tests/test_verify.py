@@ -33,7 +33,7 @@ def test_a_sound_run_passes_every_check(run_dir):
     table = verify(run_dir)
     assert failed(table) == {} and table.num_rows == 7
     result = CliRunner().invoke(main, ["verify", str(run_dir)])
-    assert result.exit_code == 0 and "checkpoints agree with the deltas" in result.output
+    assert result.exit_code == 0 and "matches the fingerprints of θ, bit for bit" in result.output
 
 
 LONG_TRAINING = textwrap.dedent("""
@@ -82,12 +82,13 @@ def test_tampering_is_caught(run_dir):
     run = attrib.open_run(run_dir)
     group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+")
     key = run.params.column("key")[0].as_py()
-    deltas = group[f"{fmt.DELTAS}/{key}"]
-    deltas[12] = np.asarray(deltas[12]) + 1.0  # a hand-edited step between checkpoints
+    grads = group[f"{fmt.GRADS}/{key}"]
+    grads[12] = np.asarray(grads[12]) + 1.0  # a hand-edited step between checkpoints
     steps_file = run.table_files("steps")[0]
     pq.write_table(pq.read_table(steps_file).slice(0, 10), steps_file)  # a truncated table
     problems = failed(verify(run_dir))
-    assert "checkpoint 2 (step 20) of" in problems["checkpoints"]
+    assert "misses the stored checkpoint after step 19" in problems["replay"]
+    assert "before step 13 is not what training had" in problems["replay"]
     assert "10 rows for 23 committed steps" in problems["steps table"]
     result = CliRunner().invoke(main, ["verify", str(run_dir)])
     assert result.exit_code == 1

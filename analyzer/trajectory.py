@@ -1,0 +1,219 @@
+"""Format v2's trajectory: θ_s, Δθ_s and the optimizer state, rebuilt by replaying torch.optim.
+
+A v2 run stores the gradient each step consumed, the per-step hyperparameters, and at every
+checkpoint θ with the optimizer's whole state. Stepping the recorded optimizer class (same
+flags, hence the same kernels) from a checkpoint with those gradients repeats training's float
+arithmetic, so θ, Δθ and every moment come back bit for bit where the implementation is the same.
+Where it isn't (a GPU-trained run replayed on the CPU, fused kernels), each checkpoint interval
+starts again from its stored checkpoint, and the stored θ minus the replayed one there is the
+step's *replay gap*: Δθ_s still ends at the stored θ, so sums over steps stay complete, and
+analyses name the gap as its own term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from attrib.schemas import format as fmt
+
+if TYPE_CHECKING:
+    from attrib.analyzer.run import Run
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+class TrajectoryError(KeyError):
+    """A part of the trajectory the run did not record (no gradients were kept)."""
+
+
+@dataclass
+class Window:
+    """Steps [start, stop) of the trajectory; tensors in the storage dtype."""
+
+    start: int
+    stop: int
+    theta: dict[str, torch.Tensor]  # (n + 1, *shape): θ_start … θ_stop
+    state: dict[str, dict[str, torch.Tensor]]  # param → state name → (n, *shape), after step s
+    _deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def deltas(self, name: str) -> torch.Tensor:
+        """Δθ_s = θ_{s+1} − θ_s for the window's steps, (n, *shape)."""
+        if name not in self._deltas:
+            self._deltas[name] = self.theta[name][1:] - self.theta[name][:-1]
+        return self._deltas[name]
+
+
+def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def build_optimizer(run: Run, params: list[torch.Tensor]) -> tuple[torch.optim.Optimizer,
+                                                                    list[int]]:
+    """A fresh optimizer of the recorded class, groups and implementation flags, and the
+    recorded group index of each of its groups (groups without parameters are left out)."""
+    kind = run.optimizer["kind"]
+    groups_of = run.params.column("group").to_pylist()
+    hp = run.hparams(0, 1) if run.n_steps else {}
+    groups, indices = [], []
+    for g, flags in enumerate(run.optimizer["groups"]):
+        members = [p for p, i in zip(params, groups_of) if i == g]
+        if not members:
+            continue
+        group = {"params": members, **flags}
+        if kind == "sgd" and group.get("nesterov"):  # torch checks momentum > 0 at construction
+            group["momentum"] = float(hp["momentum"][0, g]) if hp else 0.9
+        groups.append(group)
+        indices.append(g)
+    return OPTIMIZERS[kind](groups, lr=1.0), indices
+
+
+class Replay:
+    """The recorded optimizer, stepped through a v2 run's gradients from its checkpoints."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.names = run.param_names
+        self.kind = run.optimizer["kind"]
+        self.amsgrad = bool(run.optimizer.get("amsgrad", False))
+        dtypes = [getattr(torch, d) for d in run.params.column("dtype").to_pylist()]
+        self.params = [torch.nn.Parameter(torch.zeros(run.param_shapes[n], dtype=d))
+                       for n, d in zip(self.names, dtypes)]
+        self.storage = [_storage_dtype(d) for d in dtypes]
+        self.optimizer, self.group_index = build_optimizer(run, self.params)
+        self.hparams = run.hparams()
+        self.active = run.active()
+        self.counts = run.step_counts()
+        self.checkpoints = {s: i for i, s in enumerate(run.checkpoint_steps)}
+        self.has_grads = bool(run.meta.get("record_grads", True))
+        self.position: int | None = None  # the step whose θ the parameters hold
+        self.gaps: dict[int, dict[str, torch.Tensor]] = {}  # step → stored − replayed θ_{s+1}
+        self._grads: tuple[int, int, dict[str, np.ndarray]] | None = None
+        self._window: Window | None = None
+
+    # -- positioning ------------------------------------------------------------------------
+    def load(self, index: int) -> None:
+        """θ and the optimizer state of the `index`-th checkpoint."""
+        run = self.run
+        step = run.checkpoint_steps[index]
+        theta = run.checkpoint(index)
+        state, present = run.checkpoint_state(index)
+        counts = (self.counts[step - 1] if step > 0
+                  else run.meta.get("initial_step_count") or [0] * len(self.params))
+        self.optimizer.state.clear()
+        with torch.no_grad():
+            for j, (name, p) in enumerate(zip(self.names, self.params)):
+                p.copy_(theta[name])
+                if not present[j]:
+                    continue
+                entry = {k: v.to(p.dtype).clone() for k, v in state[name].items()}
+                if self.kind != "sgd":
+                    entry["step"] = torch.tensor(float(counts[j]), dtype=_scalar_dtype())
+                self.optimizer.state[p] = entry
+        self.position = step
+
+    def seek(self, step: int) -> None:
+        """Hold θ_step: continue from where the replay is, or from the last checkpoint before
+        `step` when that is nearer (or the replay is past `step`)."""
+        index = int(np.searchsorted(self.run.checkpoint_steps, step, side="right")) - 1
+        if index < 0:
+            raise IndexError(f"{self.run.dir} has no checkpoint at or before step {step}")
+        start = self.run.checkpoint_steps[index]
+        if self.position is None or self.position > step or self.position < start:
+            self.load(index)
+        if self.position < step and not self.has_grads:
+            raise TrajectoryError(
+                f"{self.run.dir} was recorded with record_grads=False: only θ at its "
+                f"checkpoints (steps {self.run.checkpoint_steps}) is stored, not θ at step "
+                f"{step}; record with record_grads=True to keep the trajectory")
+        while self.position < step:
+            self.advance()
+
+    def advance(self) -> None:
+        """One optimizer step from θ_position with the recorded gradient and settings."""
+        s = self.position
+        grads = self._grads_of(s)
+        for replayed, g in zip(self.optimizer.param_groups, self.group_index):
+            h = {k: float(v[s, g]) for k, v in self.hparams.items()}
+            replayed["lr"], replayed["weight_decay"] = h["lr"], h["weight_decay"]
+            if self.kind == "sgd":
+                replayed["momentum"], replayed["dampening"] = h["momentum"], h["dampening"]
+            else:
+                replayed["betas"], replayed["eps"] = (h["beta1"], h["beta2"]), h["eps"]
+        for j, (name, p) in enumerate(zip(self.names, self.params)):
+            p.grad = (torch.from_numpy(grads[name]).to(p.dtype) if self.active[s, j] else None)
+        self.optimizer.step()
+        self.position = s + 1
+        index = self.checkpoints.get(s + 1)
+        if index is not None:
+            self._meet_checkpoint(s, index)
+
+    def _meet_checkpoint(self, s: int, index: int) -> None:
+        """At a stored checkpoint: keep any difference as step s's replay gap, and go on from
+        the stored θ and state (intervals are then independent: errors never accumulate)."""
+        stored = self.run.checkpoint(index)
+        gaps = {}
+        for name, p, dtype in zip(self.names, self.params, self.storage):
+            gap = stored[name] - p.detach().to(dtype)
+            if gap.any():
+                gaps[name] = gap
+        if gaps:
+            self.gaps[s] = gaps
+            self.load(index)
+
+    def _grads_of(self, s: int) -> dict[str, np.ndarray]:
+        """Step s's consumed gradients, read a chunk of steps at a time."""
+        if self._grads is None or not self._grads[0] <= s < self._grads[1]:
+            depth = int(self.run.meta.get("steps_per_chunk") or 1)
+            first = s - s % depth
+            stop = min(self.run.n_steps, first + depth)
+            self._grads = (first, stop, {n: self.run._steps_of(
+                f"{fmt.GRADS}/{self.run._key(n)}", first, stop) for n in self.names})
+        first, _, values = self._grads
+        return {n: v[s - first] for n, v in values.items()}
+
+    # -- reading ----------------------------------------------------------------------------
+    def theta(self) -> dict[str, torch.Tensor]:
+        """Copies of the parameters the replay holds, in the storage dtype."""
+        return {n: p.detach().to(d, copy=True)
+                for n, p, d in zip(self.names, self.params, self.storage)}
+
+    def state_after(self, name: str, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The per-step state v1 stored (Adam's v, AMSGrad's running max), zeros if none."""
+        key = fmt.AMSGRAD_STATE if self.amsgrad and name == "exp_avg_sq" else name
+        value = self.optimizer.state.get(p, {}).get(key)
+        return torch.zeros(p.shape, dtype=dtype) if value is None else value.detach().to(dtype)
+
+    def window(self, start: int, stop: int) -> Window:
+        """θ, Δθ and per-step state of steps [start, stop); the last window is kept, so
+        per-parameter reads of one range replay it once."""
+        cached = self._window
+        if cached is not None and (cached.start, cached.stop) == (start, stop):
+            return cached
+        self._window = None
+        self.seek(start)
+        n = stop - start
+        theta = {name: torch.empty((n + 1, *p.shape), dtype=d)
+                 for name, p, d in zip(self.names, self.params, self.storage)}
+        state_names = fmt.STEP_STATE[self.kind]
+        state = {name: {k: torch.empty((n, *p.shape), dtype=d) for k in state_names}
+                 for name, p, d in zip(self.names, self.params, self.storage)}
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params):
+                theta[name][0] = p
+            for i in range(n):
+                self.advance()
+                for name, p, d in zip(self.names, self.params, self.storage):
+                    theta[name][i + 1] = p
+                    for k in state_names:
+                        state[name][k][i] = self.state_after(k, p, d)
+        self._window = Window(start, stop, theta, state)
+        return self._window
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives a fresh `step` tensor on the CPU."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

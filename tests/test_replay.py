@@ -1,0 +1,192 @@
+"""Format v2: the trajectory is the consumed gradients; θ, Δθ and the optimizer state are
+rebuilt by replaying torch.optim, bit for bit against the live training."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import OPTIMIZERS, data, mlp, train
+
+import attrib
+from attrib.analyzer.path_kernel import path_kernel
+from attrib.analyzer.verify import verify
+from attrib.schemas import format as fmt
+
+FIXTURE = Path(__file__).parent / "fixtures" / "v1_run"
+
+
+def live_loop(path: Path, model, opt, steps: int = 23, micro_batches: int = 1, amp=False,
+              edit_at: int | None = None, **kwargs):
+    """Train with the recorder; keep θ and the optimizer state after every step."""
+    inputs, labels = data()
+    g = torch.Generator().manual_seed(4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp else None
+    thetas, states = [], []
+    kwargs.setdefault("checkpoint_every", 7)
+    kwargs.setdefault("steps_per_chunk", 4)
+    with attrib.Recorder(path, model, opt, **kwargs) as rec:
+        thetas.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        for step in range(steps):
+            if step == edit_at:
+                with torch.no_grad():
+                    next(model.parameters())[0, 0] += 0.5
+            for _ in range(micro_batches):
+                ids = torch.randint(0, len(inputs), (16,), generator=g)
+                rec.examples(ids)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = torch.nn.functional.cross_entropy(model(inputs[ids]), labels[ids])
+                loss = loss / micro_batches
+                (scaler.scale(loss) if amp else loss).backward()
+            if amp:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+            if amp:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+            sched.step()
+            thetas.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            states.append({n: {k: v.clone() for k, v in opt.state[p].items()
+                               if isinstance(v, torch.Tensor) and v.dim() > 0}
+                           for n, p in model.named_parameters()})
+    return thetas, states
+
+
+def two_groups(make):
+    def build(model):
+        first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+        opt = make([{"params": first}, {"params": second, "weight_decay": 0.0}])
+        return opt
+    return build
+
+
+CASES = {
+    **{name: (lambda m, make=make: make(m.parameters())) for name, make in OPTIMIZERS.items()},
+    "sgd_momentum_foreach": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.8,
+                                                      foreach=True),
+    "adamw_two_groups": two_groups(lambda g: torch.optim.AdamW(g, lr=0.01, weight_decay=0.1)),
+    "adam_decoupled_amsgrad": lambda m: torch.optim.Adam(m.parameters(), lr=0.01,
+                                                         weight_decay=0.05, amsgrad=True,
+                                                         decoupled_weight_decay=True),
+}
+
+
+def assert_bit_exact(run: attrib.Run, thetas, states) -> None:
+    for step in [0, 3, 7, 12, len(thetas) - 1]:  # around checkpoints and chunk ends
+        rebuilt = run.reconstruct(step)
+        for name, value in thetas[step].items():
+            assert torch.equal(rebuilt[name], value), (step, name)
+    for name in run.param_names:
+        live = torch.stack([thetas[s + 1][name] - thetas[s][name] for s in range(run.n_steps)])
+        assert torch.equal(run.deltas(name, 0, run.n_steps), live), name
+        for key in fmt.STEP_STATE[run.optimizer["kind"]]:
+            source = "max_exp_avg_sq" if run.optimizer["amsgrad"] else key
+            recorded = run.state(name, key, 0, run.n_steps)
+            assert torch.equal(recorded, torch.stack([s[name][source] for s in states])), name
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_replay_rebuilds_theta_deltas_and_state_bit_for_bit(run_dir, case):
+    model = mlp()
+    thetas, states = live_loop(run_dir, model, CASES[case](model))
+    run = attrib.open_run(run_dir)
+    assert run.format_version == 2
+    assert_bit_exact(run, thetas, states)
+    assert run.replay.gaps == {}
+    report = verify(run_dir).to_pylist()
+    assert all(r["ok"] for r in report), report
+
+
+def test_replay_with_accumulation_and_amp(run_dir):
+    model = mlp()
+    thetas, states = live_loop(run_dir, model, OPTIMIZERS["adamw"](model.parameters()),
+                               micro_batches=3, amp=True, capture=False)
+    assert_bit_exact(attrib.open_run(run_dir), thetas, states)
+
+
+def test_no_deltas_or_state_are_stored_per_step(run_dir):
+    model = mlp()
+    live_loop(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), capture=False)
+    group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r")
+    assert fmt.DELTAS not in group and fmt.STATE not in group
+    assert set(group[fmt.CHECKPOINT_STATE][fmt.param_key("0.weight")].array_keys()) == {
+        "exp_avg", "exp_avg_sq"}
+    info = attrib.open_run(run_dir).info()
+    numel = sum(p.numel() for p in model.parameters())
+    grads_and_checkpoints = 4 * numel * (23 + 3 * len(attrib.open_run(run_dir).checkpoint_steps))
+    assert info["dense_bytes_raw"] < grads_and_checkpoints + 4096  # + the per-step scalars
+
+
+def test_an_edit_outside_the_optimizer_is_warned_at_its_step_and_flagged_by_verify(run_dir):
+    model = mlp()
+    with pytest.warns(UserWarning, match=r"changed between step 9 and step 10 outside the "
+                                         r"optimizer"):
+        live_loop(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), edit_at=10)
+    report = {r["check"]: r for r in verify(run_dir).to_pylist()}
+    assert not report["replay"]["ok"]
+    assert "changed outside the optimizer between steps 9 and 10" in report["replay"]["detail"]
+
+
+def test_verify_passes_without_an_edit_and_reports_bit_exact_replay(run_dir):
+    model = mlp()
+    live_loop(run_dir, model, OPTIMIZERS["sgd_nesterov"](model.parameters()))
+    report = {r["check"]: r for r in verify(run_dir).to_pylist()}
+    assert report["replay"]["ok"] and "bit for bit" in report["replay"]["detail"]
+
+
+def test_a_replay_gap_is_its_own_path_kernel_term_and_completeness_holds(tmp_path):
+    """A checkpoint the replay does not reach (as on a GPU-trained run) is reported by verify,
+    and its difference enters the path kernel as the `replay` term: the sum stays complete."""
+    path = tmp_path / "run"
+    model = mlp(torch.float64)
+    inputs, labels = torch.randn(64, 10, dtype=torch.float64), torch.randint(0, 3, (64,))
+    train(path, model, OPTIMIZERS["adamw"](model.parameters()), steps=20, inputs=inputs,
+          labels=labels, checkpoint_every=10, steps_per_chunk=4, capture=attrib.Full())
+    key = fmt.param_key("2.weight")
+    array = zarr.open_group(path / fmt.STORE_DIR, mode="r+")[f"{fmt.CHECKPOINTS}/{key}"]
+    array[1] = array[1] + 1e-3 * np.sign(array[1])  # the stored θ_10 is not the replayed one
+    run = attrib.open_run(path)
+    report = {r["check"]: r for r in verify(path).to_pylist()}
+    assert not report["replay"]["ok"] and "after step 9" in report["replay"]["detail"]
+    result = path_kernel(run, lambda: mlp(torch.float64), (inputs[:4], labels[:4]),
+                         quadrature=4, progress=False)
+    terms = result.table.group_by("term").aggregate([("value", "sum")]).to_pylist()
+    replay = [t["value_sum"] for t in terms if t["term"] == "replay"]
+    assert replay and abs(replay[0]) > 1e-6
+    table = result.completeness()
+    gap, delta = table["gap"].to_numpy(), table["delta_f"].to_numpy()
+    assert (np.abs(gap) <= 1e-6 * np.abs(delta) + 1e-9).all(), table
+
+
+def test_a_format_v1_run_still_reads(tmp_path):
+    path = tmp_path / "v1"
+    shutil.copytree(FIXTURE, path)
+    run = attrib.open_run(path)
+    assert run.format_version == 1 and run.n_steps == 10
+    theta = run.reconstruct(10)
+    stored = run.checkpoint(len(run.checkpoint_steps) - 1)
+    for name, value in stored.items():
+        torch.testing.assert_close(theta[name], value, rtol=1e-5, atol=1e-6)
+    assert run.state("0.weight", "exp_avg_sq", 0, 10).shape == (10, 16, 10)
+    assert all(r["ok"] for r in verify(path).to_pylist())
+    inputs, labels = data()
+    result = path_kernel(run, mlp, (inputs[:3], labels[:3]), quadrature=4, progress=False)
+    table = result.completeness()
+    assert (table["relative_gap"].to_numpy() < 1e-3).all(), table
+
+
+def test_resume_refuses_a_v1_run(tmp_path):
+    path = tmp_path / "v1"
+    shutil.copytree(FIXTURE, path)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    with pytest.raises(fmt.FormatError, match=r"format v1.*new directory"):
+        attrib.Recorder(path, model, opt, resume=True)

@@ -69,6 +69,58 @@ class TransformerLM(torch.nn.Module):
         return self.head(self.body(h, mask=self.mask, is_causal=True)).flatten(0, 1)
 
 
+class CausalSelfAttention(torch.nn.Module):
+    """Linear q, k, v and output projections around scaled_dot_product_attention."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.out = torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class GPTBlock(torch.nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.fc, self.proj = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.proj(torch.nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(torch.nn.Module):
+    """GPT-style LM (nanoGPT's layout): d 256, 2 pre-LayerNorm blocks of 4 heads, Linear
+    q/k/v with scaled_dot_product_attention, GELU MLP 4d, learned positions, output weights
+    tied to the token embedding; context 64, vocabulary 512."""
+
+    def __init__(self, vocab: int = 512, d: int = 256, layers: int = 2, heads: int = 4,
+                 context: int = 64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte, self.wpe = torch.nn.Embedding(vocab, d), torch.nn.Embedding(context, d)
+        self.blocks = torch.nn.ModuleList(GPTBlock(d, heads) for _ in range(layers))
+        self.ln_f = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight  # tied, as GPT-2 and nanoGPT do
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        h = self.wte(tokens) + self.wpe(positions)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h)).flatten(0, 1)
+
+
 def mlp_batch(g: torch.Generator):
     return torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
 
@@ -87,6 +139,7 @@ WORKLOADS = {
     "cnn": Workload("cnn 2 conv + linear, 28x28, batch 64", cnn, cnn_batch, 32),
     "transformer": Workload("transformer LM d256 x2, seq 64, batch 16", TransformerLM, lm_batch,
                             16),
+    "gpt": Workload("GPT LM d256 x2, q/k/v + SDPA, tied, seq 64, batch 16", GPT, lm_batch, 16),
 }
 
 

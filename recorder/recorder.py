@@ -30,7 +30,7 @@ from attrib.recorder.policies import Policy, TensorCapture, TopK, default_polici
 from attrib.recorder.resume import ResumePoint, prepare
 from attrib.recorder.rng import RngCapture, stochastic_modules
 from attrib.recorder.shifts import ShiftInput, top_shifts
-from attrib.recorder.store import ArraySpec, Codec, RunStore, now_iso, remove_run
+from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore, now_iso, remove_run
 from attrib.recorder.tokens import TokenBatch, token_batch, vocabulary_array, vocabulary_table
 from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
@@ -196,12 +196,12 @@ class Recorder:
                                         scale=1.0 / self.ranks.world if self.ranks else 1.0)
                          if any(c.any for c in self.captures) else None)
 
-        codec = codec or Codec()
-        meta = self._metadata(codec, metadata or {})
+        codecs = Codecs.of(codec)
+        meta = self._metadata(codecs, metadata or {})
         if self.ranks is None:
-            point = self._open(meta, codec, vocabulary, overwrite, resume)
+            point = self._open(meta, codecs, vocabulary, overwrite, resume)
         else:  # rank 0 creates the run (or cuts it back) while the others wait, then they join
-            point = self.ranks.lead(lambda: self._open(meta, codec, vocabulary, overwrite,
+            point = self.ranks.lead(lambda: self._open(meta, codecs, vocabulary, overwrite,
                                                        resume))
             if not self._primary:
                 self._writer = BackgroundWriter(RunStore.join(self.path, self.ranks.rank),
@@ -361,23 +361,23 @@ class Recorder:
                                 lean=lean if dropping else None)
         self._block = self._writer.acquire(self.step)
 
-    def _create(self, meta: dict, codec: Codec, vocabulary: np.ndarray | None) -> RunStore:
+    def _create(self, meta: dict, codecs: Codecs, vocabulary: np.ndarray | None) -> RunStore:
         """A new run directory with its static tables."""
-        store = RunStore(self.path, meta, self._checkpoint_specs(), codec)
+        store = RunStore(self.path, meta, self._checkpoint_specs(), codecs)
         store.write_table_part("params", self._params_table(), 0, 0)
         if vocabulary is not None:
             store.write_table_part("vocabulary", vocabulary_table(vocabulary), 0, 0)
         self._write_carry_in(store)
         return store
 
-    def _open(self, meta: dict, codec: Codec, vocabulary: Sequence[str] | dict[int, str] | None,
+    def _open(self, meta: dict, codecs: Codecs, vocabulary: Sequence[str] | dict[int, str] | None,
               overwrite: bool, resume: bool | int) -> ResumePoint | None:
         """Rank 0 (or the one process): create the run, or check the live state against the
         recorded one and cut it back to the resume step (data after it, whatever a crash left
         uncommitted); starts the writer. Returns where a resumed run continues."""
         self._check_target(overwrite, resume)
         if resume is False:
-            store = self._create(meta, codec, vocabulary_array(vocabulary))
+            store = self._create(meta, codecs, vocabulary_array(vocabulary))
             self._writer = BackgroundWriter(store, vocabulary_array(vocabulary), self.ranks)
             return None
         point, store = self._reopen(meta, resume)
@@ -433,7 +433,7 @@ class Recorder:
             world = self.ranks.world if self.ranks is not None else 1
             self._attach_step_arrays(store.meta["examples_per_step"] // world)
 
-    def _metadata(self, codec: Codec, user: dict[str, Any]) -> dict:
+    def _metadata(self, codecs: Codecs, user: dict[str, Any]) -> dict:
         from attrib import __version__
 
         return {
@@ -454,8 +454,7 @@ class Recorder:
                         if c.any},
             "residual_params": ([self.params[i].name for i in self._capture.unsupported]
                                 if self._capture is not None else []),
-            "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle,
-                      "checksum": codec.checksum},
+            "codec": codecs.describe(),
             "rng": self._rng is not None,
             "stochastic_modules": self._stochastic,
             "initial_step_count": [optim_info.step_count(self.optimizer.state.get(p.param, {}))
@@ -596,6 +595,7 @@ class Recorder:
         if self._failure is None:
             for table in ("steps", "examples", "shifts", "rng", "tokens"):
                 store.compact(table)
+        store.trim()
         store.commit(self._writer.committed_steps, status)
 
     def _gather_ranks(self, status: fmt.Status) -> fmt.Status:
@@ -719,7 +719,9 @@ class Recorder:
         if self._primary:
             self._before = self._fingerprint([p.param for p in self.params])
             if self._after is not None:
-                self._moved.append((self.step, self._before != self._after))
+                moved = (self._before != self._after) & ~(self._before.isnan()
+                                                           & self._after.isnan())
+                self._moved.append((self.step, moved))
                 if not self._on_gpu:  # on a GPU this would wait for the step: once per block
                     self._warn_moved()
         self._hook_seconds += time.perf_counter() - started

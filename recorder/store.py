@@ -8,11 +8,14 @@ dies between two commits leaves at worst unreferenced files behind, never a half
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as _dt
+import functools
 import math
 import os
 import platform
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,14 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from zarr.core.sync import sync
 
+from attrib.recorder.chunks import ChunkWriter, put_all
 from attrib.schemas import format as fmt
 
-CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk; splits big tensors along dim 0
+CHUNK_TARGET_BYTES = 16 << 20  # uncompressed bytes per chunk; splits big tensors along dim 0
 STEP_TABLES = ("steps", "examples", "shifts", "rng")  # tables with a row per (step, ...)
 PRESIZED = 1 << 40  # steps of a distributed run's per-example arrays (no chunk exists yet)
 RANK_SEQUENCES = 10**8  # part sequence numbers per rank
+WRITE_THREADS = 2  # threads writing chunks (see chunks.put_all)
 COMPACT_ROWS = 1 << 22  # rows per merged Parquet file of a table at close (a step range each)
 
 
@@ -49,6 +54,37 @@ class Codec:
         codecs: list = [] if self.cname == "none" else [
             BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=BloscShuffle[self.shuffle])]
         return [*codecs, Crc32cCodec()] if self.checksum else codecs
+
+
+@dataclass(frozen=True)
+class Codecs:
+    """The codec of each kind of array. By default the trajectory (gradients, checkpoints,
+    per-step scalars) is stored uncompressed with its CRC32C: float gradients compress only
+    ~1.15x with zstd at a third of the writer's speed (benchmarks/writer_throughput.py), while
+    per-example rows (many zeros) compress 2-3x and keep zstd. `Recorder(codec=...)` sets one
+    codec for everything."""
+
+    trajectory: Codec = Codec("none")
+    per_example: Codec = Codec()
+
+    @classmethod
+    def of(cls, codec: Codec | None) -> Codecs:
+        return cls() if codec is None else cls(codec, codec)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Codecs:
+        """As recorded in attrib.json (v1 runs recorded one codec for everything)."""
+        stored = meta["codec"]
+        if "trajectory" not in stored:
+            return cls.of(Codec(**stored))
+        return cls(Codec(**stored["trajectory"]), Codec(**stored["per_example"]))
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        return {"trajectory": dataclasses.asdict(self.trajectory),
+                "per_example": dataclasses.asdict(self.per_example)}
+
+    def for_path(self, path: str) -> Codec:
+        return self.per_example if fmt.per_example(path) else self.trajectory
 
 
 @dataclass(frozen=True)
@@ -74,6 +110,8 @@ def inner_chunks(shape: tuple[int, ...], itemsize: int, depth: int,
         return ()
     row_bytes = math.prod(shape[1:]) * itemsize * depth
     rows = max(1, min(shape[0], CHUNK_TARGET_BYTES // max(1, row_bytes)))
+    rows = -(-shape[0] // -(-shape[0] // rows))  # as many chunks, evenly filled: the edge
+    # chunk is stored padded to the full chunk shape, which uncompressed costs its empty rows
     if row_block is not None:
         rows = max(d for d in range(1, min(rows, row_block) + 1) if row_block % d == 0)
     return (rows, *shape[1:])
@@ -87,8 +125,8 @@ class RunStore:
     """Write side of one run directory. Not thread-safe: one writer thread owns it."""
 
     def __init__(self, run_dir: Path, meta: dict[str, Any], checkpoint: list[ArraySpec],
-                 codec: Codec) -> None:
-        self._setup(run_dir, meta, codec)
+                 codecs: Codecs) -> None:
+        self._setup(run_dir, meta, codecs)
         run_dir.mkdir(parents=True, exist_ok=True)
         fmt.write_json_atomic(run_dir / fmt.META_FILE, meta)
         self.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="w", zarr_format=3)
@@ -109,12 +147,13 @@ class RunStore:
         self._claim()
         self.commit(0)  # the run opens (as `recording`, or `crashed`) from the first moment
 
-    def _setup(self, run_dir: Path, meta: dict[str, Any], codec: Codec) -> None:
+    def _setup(self, run_dir: Path, meta: dict[str, Any], codecs: Codecs) -> None:
         self.dir = run_dir
         self.meta = meta
         self.steps_per_chunk = meta.get("steps_per_chunk") or 0  # set with the step arrays
         self.step_arrays: dict[str, zarr.Array] = {}
-        self.compressor = codec.compressor()
+        self._chunk_writers: dict[str, ChunkWriter | None] = {}
+        self.codecs = codecs
         self._sequence = 0
         self._pending_checkpoints = 0  # appended since the last commit
         self._obsolete: list[str] = []  # parts to delete once a commit no longer lists them
@@ -130,7 +169,7 @@ class RunStore:
                checkpoint_paths: list[str]) -> RunStore:
         """Open an existing run to append to it (`Recorder(resume=...)`), with its own codec."""
         store = cls.__new__(cls)
-        store._setup(run_dir, meta, Codec(**meta["codec"]))
+        store._setup(run_dir, meta, Codecs.from_meta(meta))
         store.manifest = manifest
         store.manifest.setdefault("resumes", [])
         store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
@@ -145,7 +184,7 @@ class RunStore:
         per-example rows and its own table parts (listed in its marker, not the manifest)."""
         meta = fmt.read_json(run_dir / fmt.META_FILE)
         store = cls.__new__(cls)
-        store._setup(run_dir, meta, Codec(**meta["codec"]))
+        store._setup(run_dir, meta, Codecs.from_meta(meta))
         store.manifest = {"tables": {name: [] for name in fmt.TABLES}}
         store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
         store.checkpoint_arrays = {}
@@ -193,7 +232,7 @@ class RunStore:
         chunks = (depth, *inner_chunks(shape[1:], itemsize, depth, row_block))
         return self.group.create_array(
             path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-            compressors=self.compressor,
+            compressors=self.codecs.for_path(path).compressor(),
         )
 
     # -- dense data -------------------------------------------------------------------------
@@ -201,7 +240,7 @@ class RunStore:
         """A tensor written once (carry-in optimizer state); no step axis."""
         array = self.group.create_array(
             path, shape=value.shape, chunks=inner_chunks(value.shape, value.itemsize, 1),
-            dtype=value.dtype, fill_value=0, compressors=self.compressor,
+            dtype=value.dtype, fill_value=0, compressors=self.codecs.trajectory.compressor(),
         )
         array[...] = value
 
@@ -212,18 +251,51 @@ class RunStore:
             return
         n = next(iter(values.values())).shape[0]
         steps = slice(first_step, first_step + n)
-        _write_all([(a, (steps, self.example_rows)
-                     if self.example_rows is not None and fmt.per_example(p) else steps,
-                     values.get(p))
-                    for p, a in self.step_arrays.items()])
+        self._write([(p, a, (steps, self.example_rows)
+                      if self.example_rows is not None and fmt.per_example(p) else steps,
+                      values.get(p))
+                     for p, a in self.step_arrays.items()], first_step + n)
 
     def append_checkpoint(self, values: dict[str, np.ndarray]) -> int:
         """Append a checkpoint (array path → value: θ and the optimizer's state); returns its
         checkpoint index."""
         index = self.manifest["n_checkpoints"] + self._pending_checkpoints
-        _write_all([(a, index, values[p]) for p, a in self.checkpoint_arrays.items()])
+        self._write([(p, a, slice(index, index + 1), values[p][None])
+                     for p, a in self.checkpoint_arrays.items()], index + 1)
         self._pending_checkpoints += 1
         return index
+
+    def _write(self, writes: list[tuple[str, zarr.Array, Any, np.ndarray | None]],
+               stop: int) -> None:
+        """Grow the arrays to hold `stop` rows, then write each value: whole chunks directly
+        (recorder/chunks.py), anything else through zarr."""
+        _grow([a for _, a, _, _ in writes], stop)  # dropped rows too: they read as fill
+        rest, jobs = [], []
+        for path, array, where, value in writes:
+            if value is None:
+                continue
+            if path not in self._chunk_writers:
+                self._chunk_writers[path] = ChunkWriter.for_array(array, self.dir / fmt.STORE_DIR)
+            writer = self._chunk_writers[path]
+            chunks = (writer.encode(where.start, value)
+                      if isinstance(where, slice) and writer is not None else None)
+            if chunks is None:
+                rest.append((array, where, value))
+            else:
+                jobs += chunks
+        if jobs:
+            put_all(jobs, _pool())
+        if rest:
+            _gather([a.async_array.setitem(w, v) for a, w, v in rest])
+
+    def trim(self) -> None:
+        """Cut the arrays to their committed rows: growth runs ahead of the steps (see _grow),
+        and a closed run's arrays should say exactly how many steps they hold."""
+        rows = [(a, self.manifest["committed_steps"]) for a in self.step_arrays.values()]
+        rows += [(a, self.manifest["n_checkpoints"]) for a in self.checkpoint_arrays.values()]
+        cut = [(a, n) for a, n in rows if n < a.shape[0] < PRESIZED]
+        if cut:
+            _gather([a.async_array.resize((n, *a.shape[1:])) for a, n in cut])
 
     def block_bytes(self, first_step: int) -> int:
         """Compressed bytes of the chunks that hold the block starting at `first_step`."""
@@ -350,21 +422,28 @@ def _part_steps(parts: list[str]) -> tuple[int, int]:
     return fmt.part_fields(parts[0])[1], fmt.part_fields(parts[-1])[2]
 
 
-def _write_all(writes: list[tuple[zarr.Array, Any, np.ndarray | None]]) -> None:
-    """Grow each array along the step axis and write its rows, all arrays concurrently.
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """The chunk-writing threads, shared by every run of the process (never more than two
+    writing at once on these machines' two cores)."""
+    return ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="attrib-chunks")
 
-    One round trip into zarr's event loop for the whole block instead of two per array: with
-    the ~80 arrays of a small transformer this doubled write throughput (measured).
-    """
-    def stop(where: Any) -> int:
-        where = where[0] if isinstance(where, tuple) else where
-        return where.stop if isinstance(where, slice) else where + 1
 
-    async def run() -> None:  # grow only: a presized array stays as it is
-        await asyncio.gather(*(a.async_array.resize((stop(w), *a.shape[1:]))
-                               for a, w, _ in writes if a.shape[0] < stop(w)))
-        await asyncio.gather(*(a.async_array.setitem(w, v) for a, w, v in writes
-                               if v is not None))
+def _grow(arrays: list[zarr.Array], stop: int) -> None:
+    """Make each array at least `stop` rows long, doubling it when it must grow: rewriting every
+    array's zarr.json for each block cost ~1 ms per array (30 ms per block of a small
+    transformer), while doubling rewrites it O(log steps) times. Rows past the committed ones
+    are never read (readers trust the manifest) and `trim` cuts them at close."""
+    short = [a for a in arrays if a.shape[0] < stop]
+    if short:
+        _gather([a.async_array.resize((max(stop, 2 * a.shape[0]), *a.shape[1:]))
+                 for a in short])
+
+
+def _gather(coroutines: list) -> None:
+    """Run zarr's coroutines concurrently in its event loop: one round trip for all arrays."""
+    async def run() -> None:
+        await asyncio.gather(*coroutines)
 
     sync(run())
 

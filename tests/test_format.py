@@ -42,7 +42,9 @@ def test_store_layout_and_metadata(recorded):
         for state in ("exp_avg", "exp_avg_sq"):  # the optimizer's whole state, at checkpoints
             assert group[f"{fmt.CHECKPOINT_STATE}/{key}/{state}"].shape == (4, *value.shape)
         codecs = group[f"{fmt.GRADS}/{key}"].metadata.to_dict()["codecs"]
-        assert [c["name"] for c in codecs[1:]] == ["blosc", "crc32c"]  # after "bytes"
+        assert [c["name"] for c in codecs[1:]] == ["crc32c"]  # the trajectory: uncompressed
+        codecs = group[f"{fmt.CONTRIB}/{key}"].metadata.to_dict()["codecs"]
+        assert [c["name"] for c in codecs[1:]] == ["blosc", "crc32c"]  # per example: zstd
         assert codecs[1]["configuration"]["cname"] == "zstd"
     assert fmt.DELTAS not in group and fmt.STATE not in group  # derived by replay, not stored
     assert group[f"{fmt.HPARAMS}/lr"].shape == (21, 1)

@@ -1,0 +1,115 @@
+"""Whole Zarr v3 chunks written directly: the recorder's hot write path.
+
+zarr's asynchronous pipeline costs a few tasks, buffers and copies per chunk, which capped the
+writer near 250 MiB/s whatever the codec (benchmarks/writer_throughput.py). A block of steps
+fills whole chunks along the step axis, and attrib's arrays use one fixed codec chain (bytes,
+optionally Blosc, optionally CRC32C), so the writer encodes each chunk itself (numcodecs' Blosc,
+google-crc32c: the libraries zarr itself calls) and writes it where zarr's default chunk key
+encoding puts it, through a temporary file and a rename as zarr's local store does. The result
+is byte-for-byte a chunk zarr reads; anything else (a block that starts mid-chunk after a
+resume, another codec) goes through zarr.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import zarr
+from numcodecs import Blosc
+
+_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
+            "bitshuffle": Blosc.BITSHUFFLE}
+
+
+class ChunkWriter:
+    """Encodes and writes whole chunks of one array (None from `for_array` when its layout is
+    not the plain one this writer knows)."""
+
+    def __init__(self, directory: Path, chunks: tuple[int, ...], dtype: np.dtype, fill: Any,
+                 blosc: Blosc | None, checksum: bool, separator: str) -> None:
+        self.directory = directory
+        self.chunks = chunks
+        self.dtype = dtype
+        self.fill = fill
+        self.blosc = blosc
+        self.checksum = checksum
+        self.separator = separator
+        self._made: set[Path] = set()  # chunk folders known to exist
+
+    @classmethod
+    def for_array(cls, array: zarr.Array, store_dir: Path) -> ChunkWriter | None:
+        meta = array.metadata.to_dict()
+        codecs = meta.get("codecs", [])
+        names = [c.get("name") for c in codecs]
+        encoding = meta.get("chunk_key_encoding", {})
+        grid = meta.get("chunk_grid", {})
+        if (not names or names[0] != "bytes" or grid.get("name") != "regular"
+                or encoding.get("name") != "default"
+                or codecs[0].get("configuration", {}).get("endian", "little") != "little"):
+            return None
+        blosc = None
+        rest = names[1:]
+        if rest and rest[0] == "blosc":
+            config = codecs[1]["configuration"]
+            blosc = Blosc(cname=config["cname"], clevel=config["clevel"],
+                          shuffle=_SHUFFLE[config["shuffle"]], blocksize=config.get("blocksize", 0))
+            rest = rest[1:]
+        checksum = rest == ["crc32c"]
+        if rest and not checksum:
+            return None
+        separator = encoding.get("configuration", {}).get("separator", "/")
+        return cls(store_dir / array.path, tuple(array.chunks), array.dtype.newbyteorder("<"),
+                   array.fill_value, blosc, checksum, separator)
+
+    def encode(self, first: int, values: np.ndarray) -> list[tuple[Path, np.ndarray]] | None:
+        """(file, chunk) pairs for steps [first, first + len(values)) if they fill the start of
+        a chunk row (the rest of its depth, when fewer, is the fill value); None when zarr has
+        to write them (a block that starts mid-chunk)."""
+        depth = self.chunks[0]
+        if first % depth or len(values) > depth:
+            return None
+        inner = values.shape[1:]
+        counts = [math.ceil(n / c) for n, c in zip(inner, self.chunks[1:])]
+        jobs = []
+        for index in itertools.product(*(range(c) for c in counts)):
+            where = tuple(slice(i * c, min((i + 1) * c, n))
+                          for i, c, n in zip(index, self.chunks[1:], inner))
+            part = values[(slice(None), *where)]
+            if part.shape != self.chunks or not part.flags.c_contiguous:
+                whole = np.full(self.chunks, self.fill, dtype=self.dtype)
+                whole[tuple(slice(0, n) for n in part.shape)] = part
+                part = whole
+            key = "c" + self.separator + self.separator.join(map(str, (first // depth, *index)))
+            jobs.append((self.directory.joinpath(*key.split("/")),
+                         np.asarray(part, dtype=self.dtype), self))
+        return jobs
+
+    def put(self, path: Path, chunk: np.ndarray) -> None:
+        """Encode one chunk and write it atomically (a temporary file, then a rename)."""
+        data: Any = chunk.reshape(-1).view(np.uint8)
+        if self.blosc is not None:
+            data = np.frombuffer(self.blosc.encode(chunk), dtype=np.uint8)
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        with open(temporary, "wb", buffering=0) as f:
+            f.write(data)
+            if self.checksum:
+                f.write(int(google_crc32c.value(data)).to_bytes(4, "little"))
+        os.replace(temporary, path)
+
+
+def put_all(jobs: list[tuple[Path, np.ndarray, ChunkWriter]], pool: ThreadPoolExecutor) -> None:
+    """Write chunks on the pool's threads: the kernel's copies into the page cache (and Blosc)
+    run without the GIL, so two threads write about twice as fast as one on two cores."""
+    for future in [pool.submit(writer.put, path, chunk) for path, chunk, writer in jobs]:
+        future.result()

@@ -257,6 +257,7 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
         "ratio": round(on / off, 2),
         "raw_per_step": human_bytes(info["dense_bytes_raw"] / steps),
         "compression": round(info["compression_ratio"], 2),
+        "bytes_per_param_step": round(info["bytes_per_param_step"], 2),
         "writer_ms": round(write * 1e3, 2),
         "floor_ratio": round((off + write) / off, 2),
         "extra_peak_rss": f"{_peak_rss_mib() - baseline_rss:.0f} MiB",

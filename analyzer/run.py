@@ -288,6 +288,11 @@ class Run:
     def initial_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer state present before step 0 (the carry-in of a resumed optimizer)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
+        if self.format_version >= 2:  # checkpoint 0 holds the optimizer's state at step 0
+            if not self.checkpoint_steps:
+                return out
+            state, present = self.checkpoint_state(0)
+            return {n: state[n] for n, held in zip(self.param_names, present) if held}
         if fmt.INITIAL_STATE not in self.group:
             return out
         for name in self.param_names:
@@ -365,11 +370,12 @@ class Run:
         if not 0 <= index < len(self.checkpoint_steps):
             raise IndexError(f"checkpoint {index} doesn't exist; the run has "
                              f"{len(self.checkpoint_steps)} committed checkpoints")
-        names = fmt.checkpoint_state_names(self.optimizer["kind"],
-                                           bool(self.optimizer.get("amsgrad", False)))
-        state = {n: {s: torch.from_numpy(self._read(
-                     f"{fmt.CHECKPOINT_STATE}/{self._key(n)}/{s}", index)) for s in names}
-                 for n in self.param_names}
+        names = self.meta["checkpoint_state"]
+        state = {}
+        for n in self.param_names:
+            stacked = torch.from_numpy(self._read(f"{fmt.CHECKPOINT_STATE}/{self._key(n)}",
+                                                  index))
+            state[n] = dict(zip(names, stacked))
         return state, self._read(fmt.CHECKPOINT_STATE_PRESENT, index)
 
     def fingerprints(self, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -144,8 +144,3 @@ def immediate_coefficient(spec: OptimizerSpec, hparams: dict[str, float], nester
         return -hparams["lr"] * (1.0 + hparams["momentum"] * intake if nesterov else intake)
     v = state_tensor(spec, state, "exp_avg_sq")
     return (1.0 - hparams["beta1"]) * adam_update_scale(hparams, v, step_count(state))
-
-
-def carry_in_state(state: dict) -> dict[str, torch.Tensor]:
-    """State present before the first recorded step (a resumed optimizer): METHODS.md carry-in."""
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0}

@@ -83,12 +83,10 @@ def _snapshot(params: list[TrackedParam], optimizer: torch.optim.Optimizer,
                                                                    copy=True)
         state = optimizer.state.get(p.param, {})
         present.append(isinstance(state.get(state_names[0]), torch.Tensor))
-        for name in state_names:
-            value = state.get(name)
-            values[f"{fmt.CHECKPOINT_STATE}/{p.key}/{name}"] = (
-                value.detach().to("cpu", p.storage_dtype, copy=True)
-                if isinstance(value, torch.Tensor)
-                else torch.zeros(p.param.shape, dtype=p.storage_dtype))
+        values[f"{fmt.CHECKPOINT_STATE}/{p.key}"] = torch.stack([
+            state[name].detach().to("cpu", p.storage_dtype) if isinstance(state.get(name),
+                                                                          torch.Tensor)
+            else torch.zeros(p.param.shape, dtype=p.storage_dtype) for name in state_names])
     values[fmt.CHECKPOINT_STATE_PRESENT] = torch.tensor(present, dtype=torch.bool)
     return values
 
@@ -225,6 +223,7 @@ class Recorder:
         self._fingerprint = Fingerprint([p.param for p in self.params])
         self._before: torch.Tensor | None = None  # fingerprint of θ_s, taken before step s
         self._after: torch.Tensor | None = None  # fingerprint of θ_s, taken after step s − 1
+        self._identity: list[tuple[int, int]] = []  # (version, storage) of θ after step s − 1
         self._moved: list[tuple[int, torch.Tensor]] = []  # GPU: checked once per block
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
         self._reduction_watched = False  # DDP: the end of this backward is being watched
@@ -287,8 +286,8 @@ class Recorder:
         for p in self.params:
             shape, dtype = tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch.")
             specs.append(ArraySpec(f"{fmt.CHECKPOINTS}/{p.key}", shape, dtype))
-            specs += [ArraySpec(f"{fmt.CHECKPOINT_STATE}/{p.key}/{s}", shape, dtype)
-                      for s in self._checkpoint_state_names]
+            specs.append(ArraySpec(f"{fmt.CHECKPOINT_STATE}/{p.key}",
+                                   (len(self._checkpoint_state_names), *shape), dtype))
         return [*specs, ArraySpec(fmt.CHECKPOINT_STATE_PRESENT, (len(self.params),), "bool",
                                   False)]
 
@@ -367,8 +366,7 @@ class Recorder:
         store.write_table_part("params", self._params_table(), 0, 0)
         if vocabulary is not None:
             store.write_table_part("vocabulary", vocabulary_table(vocabulary), 0, 0)
-        self._write_carry_in(store)
-        return store
+        return store  # state the optimizer already holds is in checkpoint 0 (the carry-in)
 
     def _open(self, meta: dict, codecs: Codecs, vocabulary: Sequence[str] | dict[int, str] | None,
               overwrite: bool, resume: bool | int) -> ResumePoint | None:
@@ -446,6 +444,7 @@ class Recorder:
             "n_groups": len(self.optimizer.param_groups),
             "hparam_names": list(fmt.HPARAM_NAMES),
             "step_state": list(self.spec.step_state),
+            "checkpoint_state": list(self._checkpoint_state_names),
             "record_grads": self.record_grads,
             "checkpoint_every": self.checkpoint_every,
             "steps_per_chunk": None,  # set at the first step
@@ -471,13 +470,6 @@ class Recorder:
                  "layer_type": p.layer_type, "module": p.module, "group": p.group}
                 for p in self.params]
         return pa.Table.from_pylist(rows, schema=fmt.PARAMS)
-
-    def _write_carry_in(self, store: RunStore) -> None:
-        """State the optimizer already holds (a resumed run): METHODS.md's carry-in term."""
-        for p in self.params:
-            for name, t in optim_info.carry_in_state(self.optimizer.state.get(p.param, {})).items():
-                value = t.detach().to("cpu", p.storage_dtype).numpy()
-                store.write_initial(f"{fmt.INITIAL_STATE}/{p.key}/{name}", value)
 
     # -- user API ------------------------------------------------------------------------------
     def examples(self, ids: Any, tokens: Any = None) -> None:
@@ -717,8 +709,12 @@ class Recorder:
             self._had_buffer = [self.optimizer.state.get(p.param, {}).get("momentum_buffer")
                                 is not None for p in self.params]
         if self._primary:
-            self._before = self._fingerprint([p.param for p in self.params])
-            if self._after is not None:
+            tensors = [p.param for p in self.params]
+            if self._after is not None and self._identity == _identity(tensors):
+                self._before = self._after  # untouched since the step: nothing to recompute
+            else:  # first step, or an in-place write or `.data =` since the last step
+                self._before = self._fingerprint(tensors)
+            if self._after is not None and self._before is not self._after:
                 moved = (self._before != self._after) & ~(self._before.isnan()
                                                            & self._after.isnan())
                 self._moved.append((self.step, moved))
@@ -809,6 +805,7 @@ class Recorder:
         fingerprint = rows[fmt.FINGERPRINT]
         fingerprint[0].copy_(self._before, non_blocking=True)
         self._after = self._fingerprint(live)
+        self._identity = _identity(live)
         fingerprint[1].copy_(self._after, non_blocking=True)
         for name in fmt.HPARAM_NAMES:
             rows[f"{fmt.HPARAMS}/{name}"].copy_(torch.tensor([h[name] for h in hparams],
@@ -905,6 +902,12 @@ class Recorder:
         tables = [top_shifts(items, policy.scope, policy.k, clip_factor, self.step,
                              self._epoch, ids) for policy, items in groups.items()]
         return pa.concat_tables(tables)
+
+
+def _identity(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each tensor's version counter (bumped by every in-place write) and storage address
+    (changed by `.data =`): equal lists mean nobody wrote to θ in between."""
+    return [(t._version, t.data_ptr()) for t in tensors]
 
 
 def _clip_factor(consumed: list[torch.Tensor], pre_norms: list[torch.Tensor]):

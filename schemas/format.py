@@ -44,15 +44,17 @@ CHECKPOINTS = "checkpoints"  # checkpoints/<key>: (n_checkpoints, *shape), θ at
 DELTAS = "deltas"  # v1 only: deltas/<key>: (steps, *shape), Δθ_s (v2 derives it by replay)
 GRADS = "grads"  # grads/<key>: (steps, *shape), the gradient the optimizer consumed (G̃_s)
 STATE = "state"  # v1 only: state/<key>/<state_name>: (steps, *shape), state after step s
-# v2: checkpoint_state/<key>/<name>: (n_checkpoints, *shape), the optimizer's whole state at each
-# checkpoint (zeros where absent), and which of it existed: (n_checkpoints, n_params) bool
+# v2: checkpoint_state/<key>: (n_checkpoints, len(meta checkpoint_state), *shape), the
+# optimizer's whole state at each checkpoint (zeros where absent), and whether the optimizer
+# held state for each parameter: (n_checkpoints, n_params) bool
 CHECKPOINT_STATE = "checkpoint_state"
 CHECKPOINT_STATE_PRESENT = "checkpoint_state_present"
 # v2: (steps, 2, n_params) float64, Σ θ ⊙ r per tensor (r a fixed pseudo-random vector) of θ_s
 # before step s and θ_{s+1} after it: parameters changed outside the optimizer show up as a
 # jump between a step's "after" and the next one's "before", or as a replay that misses them
 FINGERPRINT = "fingerprint"
-INITIAL_STATE = "initial_state"  # initial_state/<key>/<state_name>: (*shape), carry-in state
+INITIAL_STATE = "initial_state"  # v1 only: initial_state/<key>/<name>: (*shape), carry-in state
+# (v2: checkpoint 0 holds the optimizer state at step 0)
 HPARAMS = "hparams"  # hparams/<name>: (steps, n_groups) float64, NaN where not applicable
 CLIP_FACTOR = "clip_factor"  # (steps,) float64, α_s = ‖G̃_s‖ / ‖G_s‖ (G_s: .grad before clipping)
 STEP_COUNT = "step_count"  # (steps, n_params) int64, optimizer's own step count t_s (0: none)
@@ -335,6 +337,8 @@ def _tables(value: Any) -> bool:
 # What readers rely on in each document: key → (test, what it should be). Optional keys may be
 # absent; present ones are checked all the same.
 _STATE_NAMES = {name for names in STEP_STATE.values() for name in names}
+_CHECKPOINT_STATE_NAMES = {AMSGRAD_STATE, *(n for names in CHECKPOINT_STATE_NAMES.values()
+                                           for n in names)}
 META_FIELDS: dict[str, tuple[Any, str]] = {
     "optimizer": (_optimizer, f"an object with kind in {OPTIMIZER_KINDS} and a list of groups"),
     "step_state": (lambda v: _strings(v, _STATE_NAMES), f"a list of {sorted(_STATE_NAMES)}"),
@@ -345,6 +349,8 @@ META_FIELDS: dict[str, tuple[Any, str]] = {
     "examples_per_step": (lambda v: v is None or _is_int(v), "null or an integer ≥ 0"),
 }
 META_OPTIONAL: dict[str, tuple[Any, str]] = {
+    "checkpoint_state": (lambda v: _strings(v, _CHECKPOINT_STATE_NAMES),  # v2
+                         f"a list of {sorted(_CHECKPOINT_STATE_NAMES)}"),
     "capture": (_capture, "an object of capture policies per parameter"),
     "residual_params": (_strings, "a list of parameter names"),
     "initial_step_count": (lambda v: isinstance(v, list) and all(_is_int(c) for c in v),

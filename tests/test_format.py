@@ -35,12 +35,13 @@ def test_store_layout_and_metadata(recorded):
     meta = json.loads((run.dir / fmt.META_FILE).read_text())
     assert meta["format"] == fmt.FORMAT_NAME and meta["format_version"] == fmt.FORMAT_VERSION
     assert meta["optimizer"]["kind"] == "adamw" and meta["step_state"] == ["exp_avg_sq"]
+    assert meta["checkpoint_state"] == ["exp_avg", "exp_avg_sq"]
     group = zarr.open_group(run.dir / fmt.STORE_DIR, mode="r")
     for name, value in trained.thetas[0].items():
         key = fmt.param_key(name)
         assert group[f"{fmt.GRADS}/{key}"].shape == (21, *value.shape)
-        for state in ("exp_avg", "exp_avg_sq"):  # the optimizer's whole state, at checkpoints
-            assert group[f"{fmt.CHECKPOINT_STATE}/{key}/{state}"].shape == (4, *value.shape)
+        # the optimizer's whole state (exp_avg, exp_avg_sq), at checkpoints
+        assert group[f"{fmt.CHECKPOINT_STATE}/{key}"].shape == (4, 2, *value.shape)
         codecs = group[f"{fmt.GRADS}/{key}"].metadata.to_dict()["codecs"]
         assert [c["name"] for c in codecs[1:]] == ["crc32c"]  # the trajectory: uncompressed
         codecs = group[f"{fmt.CONTRIB}/{key}"].metadata.to_dict()["codecs"]

@@ -185,7 +185,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
             theta = {n: view.theta[n].to(dtype, copy=True) for n in names}
             delta = {n: view.values["deltas"][n].to(dtype) for n in names}
             thetas.append(theta)
-            gaps.append(view.gap)
+            gaps.append((view.gap, view.buffer_gap))
             if view.step == segment_start:
                 segment_delta = {n: torch.zeros_like(delta[n]) for n in names}
             for n in names:
@@ -314,8 +314,13 @@ class _Recursion:
                   if self.kind != "sgd" else {}),
         }
         for s in range(stop - 1, first - 1, -1):
+            theta_gaps, buffer_gaps = gaps[s - first]
+            for name, gap in buffer_gaps.items():  # carried into steps s+1…: like a carry-in
+                if s + 1 < run.n_steps:
+                    j = self.names.index(name)
+                    self.rows.add("replay", self._buffer_term(j, s + 1, gap), s, name)
             self.step(s, s - first, gbars[s - first], thetas[s - first])
-            for name, gap in gaps[s - first].items():  # ḡ_s · (stored − replayed θ_{s+1})
+            for name, gap in theta_gaps.items():  # ḡ_s · (stored − replayed θ_{s+1})
                 g = gbars[s - first][name]
                 self.rows.add("replay", g.reshape(g.shape[0], -1) @ gap.reshape(-1).to(dtype),
                               s, name)
@@ -397,10 +402,15 @@ class _Recursion:
             buffer = self.carry.get(name, {}).get(key)
             if buffer is None or self.first_active[j] < 0:
                 continue
-            h = {k: float(v[self.first_active[j], self.groups[j]]) for k, v in self.hp.items()}
-            factor = (h["momentum"] ** (2 if self.nesterov[self.groups[j]] else 1)
-                      if self.kind == "sgd" else h["beta1"])
-            memory = self.memory[name]
-            value = factor * (memory.reshape(memory.shape[0], -1)
-                              @ buffer.to(self.dtype).reshape(-1))
-            self.rows.add("carry_in", value, None, name)
+            self.rows.add("carry_in", self._buffer_term(j, self.first_active[j], buffer), None,
+                          name)
+
+    def _buffer_term(self, j: int, step: int, buffer: torch.Tensor) -> torch.Tensor:
+        """The effect on f of a momentum buffer / first moment held before `step`, through
+        every later update: the recursion's memory (all steps ≥ step, processed) times the
+        buffer, times the factor the first update applies to it (μ, μ² with Nesterov, β1)."""
+        h = {k: float(v[step, self.groups[j]]) for k, v in self.hp.items()}
+        factor = (h["momentum"] ** (2 if self.nesterov[self.groups[j]] else 1)
+                  if self.kind == "sgd" else h["beta1"])
+        memory = self.memory[self.names[j]]
+        return factor * (memory.reshape(memory.shape[0], -1) @ buffer.to(self.dtype).reshape(-1))

@@ -254,7 +254,17 @@ class Run:
         """The gradient the optimizer consumed (after clipping) for steps [start, stop)."""
         if not self.meta.get("record_grads", True):
             raise KeyError(f"{self.dir} was recorded with record_grads=False")
-        return torch.from_numpy(self._steps_of(f"{fmt.GRADS}/{self._key(param)}", start, stop))
+        values = torch.from_numpy(self._steps_of(f"{fmt.GRADS}/{self._key(param)}", start,
+                                                 stop))
+        if self.meta.get("grad_dtype") == "bfloat16":  # stored as its bits
+            return values.view(torch.bfloat16).float()
+        return values
+
+    @property
+    def exact_gradients(self) -> bool:
+        """Whether the stored gradients are the ones training consumed, bit for bit (not
+        rounded by grad_dtype): only then does a replay repeat training exactly."""
+        return self.meta.get("grad_dtype", "float32") == "float32"
 
     def state(self, param: str, name: str, start: int = 0, stop: int | None = None):
         """Per-step optimizer state after each step (e.g. Adam's exp_avg_sq, AMSGrad's

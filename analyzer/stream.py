@@ -21,13 +21,15 @@ class StepView:
 
     Tensors are reused by the iterator; clone anything kept past the next iteration. `gap`:
     v2's replay gap of this step (stored θ_{s+1} − replayed θ_{s+1}, part of Δθ_s), per
-    parameter where it is not zero; empty where the replay is exact.
+    parameter where it is not zero; empty where the replay is exact. `buffer_gap`: the same
+    for the momentum buffer / first moment the replay went on with after step s.
     """
 
     step: int
     theta: dict[str, torch.Tensor]
     values: dict[str, dict[str, torch.Tensor]]
     gap: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffer_gap: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _reader(run: Run, field: str):
@@ -62,7 +64,8 @@ def iter_steps(run: Run, start: int = 0, stop: int | None = None,
                 theta = {n: window.theta[n][i] for n in run.param_names}
             yield StepView(step, theta, {f: {n: v[i] for n, v in per.items()}
                                          for f, per in data.items()},
-                           run.replay.gaps.get(step, {}) if replayed else {})
+                           run.replay.gaps.get(step, {}) if replayed else {},
+                           run.replay.buffer_gaps.get(step, {}) if replayed else {})
             if replayed:
                 continue
             if step + 1 in checkpoints:

@@ -91,7 +91,10 @@ class Replay:
         self.has_grads = bool(run.meta.get("record_grads", True))
         self.position: int | None = None  # the step whose θ the parameters hold
         self.gaps: dict[int, dict[str, torch.Tensor]] = {}  # step → stored − replayed θ_{s+1}
-        self._grads: tuple[int, int, dict[str, np.ndarray]] | None = None
+        # step → stored − replayed momentum buffer / first moment after step s (it carries into
+        # the later updates; Adam's v needs no term: analyses read the replayed one)
+        self.buffer_gaps: dict[int, dict[str, torch.Tensor]] = {}
+        self._grads: tuple[int, int, dict[str, torch.Tensor]] | None = None
         self._window: Window | None = None
 
     # -- positioning ------------------------------------------------------------------------
@@ -133,7 +136,12 @@ class Replay:
             self.advance()
 
     def advance(self) -> None:
-        """One optimizer step from θ_position with the recorded gradient and settings."""
+        """One optimizer step from θ_position with the recorded gradient and settings, then
+        the stored checkpoint if one follows."""
+        self._step()
+        self._meet_checkpoint()
+
+    def _step(self) -> None:
         s = self.position
         grads = self._grads_of(s)
         for replayed, g in zip(self.optimizer.param_groups, self.group_index):
@@ -144,16 +152,18 @@ class Replay:
             else:
                 replayed["betas"], replayed["eps"] = (h["beta1"], h["beta2"]), h["eps"]
         for j, (name, p) in enumerate(zip(self.names, self.params)):
-            p.grad = (torch.from_numpy(grads[name]).to(p.dtype) if self.active[s, j] else None)
+            p.grad = grads[name].to(p.dtype) if self.active[s, j] else None
         self.optimizer.step()
         self.position = s + 1
-        index = self.checkpoints.get(s + 1)
-        if index is not None:
-            self._meet_checkpoint(s, index)
 
-    def _meet_checkpoint(self, s: int, index: int) -> None:
-        """At a stored checkpoint: keep any difference as step s's replay gap, and go on from
-        the stored θ and state (intervals are then independent: errors never accumulate)."""
+    def _meet_checkpoint(self) -> None:
+        """At a stored checkpoint: keep any difference as the last step's replay gap, and go
+        on from the stored θ and state (intervals are then independent: errors never
+        accumulate)."""
+        index = self.checkpoints.get(self.position)
+        if index is None:
+            return
+        s = self.position - 1
         stored = self.run.checkpoint(index)
         gaps = {}
         for name, p, dtype in zip(self.names, self.params, self.storage):
@@ -162,16 +172,31 @@ class Replay:
                 gaps[name] = gap
         if gaps:
             self.gaps[s] = gaps
+            key = "momentum_buffer" if self.kind == "sgd" else "exp_avg"
+            replayed = {n: self.optimizer.state.get(p, {}).get(key)
+                        for n, p in zip(self.names, self.params)}
             self.load(index)
+            moved = {}
+            for name, p, dtype in zip(self.names, self.params, self.storage):
+                now = self.optimizer.state.get(p, {}).get(key)
+                before = replayed[name]
+                if now is None and before is None:
+                    continue
+                diff = ((now if now is not None else torch.zeros_like(before)).to(dtype)
+                        - (before if before is not None else torch.zeros_like(now)).to(dtype))
+                if diff.any():
+                    moved[name] = diff
+            if moved:
+                self.buffer_gaps[s] = moved
 
-    def _grads_of(self, s: int) -> dict[str, np.ndarray]:
+    def _grads_of(self, s: int) -> dict[str, torch.Tensor]:
         """Step s's consumed gradients, read a chunk of steps at a time."""
         if self._grads is None or not self._grads[0] <= s < self._grads[1]:
             depth = int(self.run.meta.get("steps_per_chunk") or 1)
             first = s - s % depth
             stop = min(self.run.n_steps, first + depth)
-            self._grads = (first, stop, {n: self.run._steps_of(
-                f"{fmt.GRADS}/{self.run._key(n)}", first, stop) for n in self.names})
+            self._grads = (first, stop, {n: self.run.grads(n, first, stop)
+                                         for n in self.names})
         first, _, values = self._grads
         return {n: v[s - first] for n, v in values.items()}
 
@@ -205,11 +230,13 @@ class Replay:
             for name, p in zip(self.names, self.params):
                 theta[name][0] = p
             for i in range(n):
-                self.advance()
+                self._step()
                 for name, p, d in zip(self.names, self.params, self.storage):
-                    theta[name][i + 1] = p
-                    for k in state_names:
+                    for k in state_names:  # the state step s used, before any checkpoint
                         state[name][k][i] = self.state_after(k, p, d)
+                self._meet_checkpoint()
+                for name, p in zip(self.names, self.params):
+                    theta[name][i + 1] = p
         self._window = Window(start, stop, theta, state)
         return self._window
 

@@ -152,6 +152,7 @@ class Recorder:
         checkpoint_every: int = 100,
         steps_per_chunk: int | None = None,
         record_grads: bool = True,
+        grad_dtype: str = "float32",
         codec: Codec | None = None,
         buffers: int = BLOCK_BUFFERS,
         capture: Policy | list[Policy] | bool | None = None,
@@ -179,6 +180,9 @@ class Recorder:
         self._model = model
         self.checkpoint_every = checkpoint_every
         self.record_grads = record_grads
+        if grad_dtype not in fmt.GRAD_DTYPES:
+            raise ValueError(f"grad_dtype={grad_dtype!r}: choose one of {fmt.GRAD_DTYPES}")
+        self.grad_dtype = grad_dtype
         self.captures = self._resolve_capture(capture)
         self._steps_per_chunk = steps_per_chunk
         self._examples_per_step = examples_per_step
@@ -296,7 +300,8 @@ class Recorder:
         for p, capture in zip(self.params, self.captures):
             shape, dtype = tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch.")
             if self.record_grads:
-                specs.append(ArraySpec(f"{fmt.GRADS}/{p.key}", shape, dtype))
+                specs.append(ArraySpec(f"{fmt.GRADS}/{p.key}", shape,
+                                       fmt.GRAD_STORAGE.get(self.grad_dtype, dtype)))
             if capture.full is not None:
                 specs.append(ArraySpec(f"{fmt.CONTRIB}/{p.key}", (examples, *shape),
                                        capture.full_dtype))
@@ -446,6 +451,7 @@ class Recorder:
             "step_state": list(self.spec.step_state),
             "checkpoint_state": list(self._checkpoint_state_names),
             "record_grads": self.record_grads,
+            "grad_dtype": self.grad_dtype,
             "checkpoint_every": self.checkpoint_every,
             "steps_per_chunk": None,  # set at the first step
             "examples_per_step": None,
@@ -800,6 +806,9 @@ class Recorder:
                 target = rows[f"{fmt.GRADS}/{p.key}"]
                 if g is None:
                     target.zero_()
+                elif self.grad_dtype == "bfloat16":  # its bits, in an int16 array
+                    target.copy_(g.detach().to(torch.bfloat16).view(torch.int16),
+                                 non_blocking=True)
                 else:
                     target.copy_(g.detach(), non_blocking=True)
         fingerprint = rows[fmt.FINGERPRINT]

@@ -87,6 +87,12 @@ def per_example(path: str) -> bool:
     return path.startswith((f"{CONTRIB}/", f"{PROJ}/"))
 
 
+# How the consumed gradients are stored (Recorder(grad_dtype=)): float32 replays bit for bit;
+# bfloat16 halves the trajectory, stored as its bits in an int16 array (Zarr has no bfloat16),
+# and its replay drifts from training (each checkpoint's gap is reported, never hidden).
+GRAD_DTYPES = ("float32", "bfloat16")
+GRAD_STORAGE = {"bfloat16": "int16"}
+
 # Per-step, per-group optimizer hyperparameters stored under hparams/.
 HPARAM_NAMES = ("lr", "weight_decay", "momentum", "dampening", "beta1", "beta2", "eps")
 
@@ -353,6 +359,7 @@ META_OPTIONAL: dict[str, tuple[Any, str]] = {
                          f"a list of {sorted(_CHECKPOINT_STATE_NAMES)}"),
     "capture": (_capture, "an object of capture policies per parameter"),
     "residual_params": (_strings, "a list of parameter names"),
+    "grad_dtype": (lambda v: v in GRAD_DTYPES, f"one of {GRAD_DTYPES}"),  # v2
     "initial_step_count": (lambda v: isinstance(v, list) and all(_is_int(c) for c in v),
                            "a list of integers ≥ 0"),
 }

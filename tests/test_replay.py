@@ -196,3 +196,41 @@ def test_resume_refuses_a_v1_run(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     with pytest.raises(fmt.FormatError, match=r"format v1.*new directory"):
         attrib.Recorder(path, model, opt, resume=True)
+
+
+def test_bfloat16_gradients_halve_the_trajectory_and_report_their_drift(tmp_path):
+    """grad_dtype="bfloat16": 2 bytes per parameter per step; the replay drifts from training
+    and says by how much; the drift is the path kernel's replay term, so completeness holds."""
+    path = tmp_path / "run"
+    model = mlp(torch.float64)
+    inputs, labels = torch.randn(64, 10, dtype=torch.float64), torch.randint(0, 3, (64,))
+    trained = train(path, model, OPTIMIZERS["adamw"](model.parameters()), steps=20,
+                    inputs=inputs, labels=labels, checkpoint_every=10, steps_per_chunk=4,
+                    capture=attrib.Full(), grad_dtype="bfloat16")
+    run = attrib.open_run(path)
+    group = zarr.open_group(path / fmt.STORE_DIR, mode="r")
+    assert group[f"{fmt.GRADS}/2.weight"].dtype == np.int16  # bfloat16 bits
+    theta = run.reconstruct(5)
+    drift = max(float((theta[n] - v).abs().max() / v.abs().max())
+                for n, v in trained.thetas[5].items())
+    assert 0 < drift < 1e-2  # rounded gradients: close to training, not equal
+    for step in (0, 10, 20):  # checkpoints are training's own θ
+        for name, value in trained.thetas[step].items():
+            assert torch.equal(run.reconstruct(step)[name], value)
+    report = {r["check"]: r for r in verify(path).to_pylist()}
+    assert report["replay"]["ok"] and "stored as bfloat16" in report["replay"]["detail"]
+    result = path_kernel(run, lambda: mlp(torch.float64), (inputs[:4], labels[:4]),
+                         quadrature=4, progress=False)
+    terms = dict(zip(*result.table.group_by("term").aggregate([("value", "sum")])
+                     .select(["term", "value_sum"]).to_pydict().values()))
+    assert terms["replay"] != 0
+    table = result.completeness()
+    gap, delta = table["gap"].to_numpy(), table["delta_f"].to_numpy()
+    assert (np.abs(gap) <= 1e-6 * np.abs(delta) + 1e-9).all(), table
+
+
+def test_grad_dtype_is_checked():
+    model = mlp()
+    with pytest.raises(ValueError, match="grad_dtype='float16'"):
+        attrib.Recorder("unused", model, OPTIMIZERS["sgd"](model.parameters()),
+                        grad_dtype="float16")

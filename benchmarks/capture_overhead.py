@@ -26,4 +26,4 @@ SETTINGS = {
 }
 
 if __name__ == "__main__":
-    main(__doc__, SETTINGS)
+    main(__doc__, SETTINGS, steps={"gpt": 48})

@@ -279,21 +279,28 @@ def run_isolated(*args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None) -> None:
+def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None,
+         steps: dict[str, int] | None = None) -> None:
+    """Measure every (workload, setting) in its own process; `steps` overrides a workload's
+    timed steps per block (long enough that opening and closing a run, ~1 s for the LMs,
+    is paid for the way a real run pays for it: once)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps (smoke test)")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "SETTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     repeats = 1 if args.quick else 2
     if args.one:
         work = WORKLOADS[args.one[0]]
-        steps = 4 if args.quick else work.steps
-        print(json.dumps(measure_here(work, args.one[1], settings[args.one[1]], steps, repeats)))
+        count = 4 if args.quick else args.steps or work.steps
+        print(json.dumps(measure_here(work, args.one[1], settings[args.one[1]], count, repeats)))
         return
     rows = []
     for name in workloads or list(WORKLOADS):
         for setting in settings:
-            rows.append(run_isolated(name, setting, *(["--quick"] if args.quick else [])))
+            count = (steps or {}).get(name)
+            rows.append(run_isolated(name, setting, *(["--quick"] if args.quick else []),
+                                     *(["--steps", str(count)] if count else [])))
     print(f"# {os.path.basename(sys.argv[0])}: {time.strftime('%Y-%m-%d')}, {platform.node()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
           f"{torch.__version__}; {repeats} interleaved repeats per row, AdamW + clipping")

@@ -1,12 +1,12 @@
 """Aggregate trajectory recording: step time with the recorder on / off, side by side.
 
 Records the trajectory (format v2: the consumed gradient every step, θ and the optimizer's
-state at checkpoints; no per-example capture) with the default codecs (uncompressed + CRC32C),
-with zstd for everything, and with checkpoints only (no gradients: no trajectory between
-checkpoints). Columns: ms/step off and on and their ratio, raw bytes per step, compression,
-bytes per parameter per step on disk (everything in the run directory, checkpoints and tables
-included), the writer's own ms per step, the floor ratio (plain step + writer time) / plain
-step, and the extra peak RSS of recording.
+state at checkpoints; no per-example capture) with the default codecs (uncompressed +
+CRC32C), with zstd for everything, with bfloat16 gradients, and with checkpoints only (no
+gradients: no trajectory between checkpoints). Columns: ms/step off and on and their ratio,
+raw bytes per step, compression, bytes per parameter per step on disk (everything in the run
+directory, checkpoints and tables included), the writer's own ms per step, the floor ratio
+(plain step + writer time) / plain step, and the extra peak RSS of recording.
 A second table records a longer run of each workload with every default (checkpoints every 100
 steps) and prints what its directory holds per parameter and step, as `attrib info` does: the
 timed runs above are too short for their first and last checkpoints to amortise.
@@ -24,8 +24,10 @@ import attrib
 SETTINGS = {
     "gradients (default)": {"capture": False},
     "gradients (zstd)": {"capture": False, "codec": attrib.Codec()},
+    "gradients (bfloat16)": {"capture": False, "grad_dtype": "bfloat16"},
     "checkpoints only": {"capture": False, "record_grads": False},
 }
+LM_STEPS = {"transformer": 64, "gpt": 64}  # timed steps per block: see harness.main
 
 LONG_RUN_STEPS = 300
 
@@ -51,7 +53,7 @@ def disk_per_step(name: str, steps: int) -> dict:
 
 
 if __name__ == "__main__":
-    main(__doc__, SETTINGS, ["mlp", "transformer", "gpt"])
+    main(__doc__, SETTINGS, ["mlp", "transformer", "gpt"], LM_STEPS)
     if "--one" not in sys.argv:
         steps = 20 if "--quick" in sys.argv else LONG_RUN_STEPS
         print()

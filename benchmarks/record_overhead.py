@@ -27,7 +27,7 @@ SETTINGS = {
     "gradients (bfloat16)": {"capture": False, "grad_dtype": "bfloat16"},
     "checkpoints only": {"capture": False, "record_grads": False},
 }
-LM_STEPS = {"transformer": 64, "gpt": 64}  # timed steps per block: see harness.main
+LM_STEPS = {"transformer": 128, "gpt": 128}  # timed steps per block: see harness.main
 
 LONG_RUN_STEPS = 300
 

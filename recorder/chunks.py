@@ -5,17 +5,16 @@ writer near 250 MiB/s whatever the codec (benchmarks/writer_throughput.py). A bl
 fills whole chunks along the step axis, and attrib's arrays use one fixed codec chain (bytes,
 optionally Blosc, optionally CRC32C), so the writer encodes each chunk itself (numcodecs' Blosc,
 google-crc32c: the libraries zarr itself calls) and writes it where zarr's default chunk key
-encoding puts it, through a temporary file and a rename as zarr's local store does. The result
-is byte-for-byte a chunk zarr reads; anything else (a block that starts mid-chunk after a
-resume, another codec) goes through zarr.
+encoding puts it. The result is a chunk plain zarr reads; anything else (a block that starts
+mid-chunk after a resume, another codec) goes through zarr. A chunk is written in place, not via
+a temporary file and a rename: a fast-path chunk holds only steps past the committed ones, which
+no reader looks at until the manifest commits them, and a resume deletes such chunks first.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,42 +69,42 @@ class ChunkWriter:
                    array.fill_value, blosc, checksum, separator)
 
     def encode(self, first: int, values: np.ndarray) -> list[tuple[Path, np.ndarray]] | None:
-        """(file, chunk) pairs for steps [first, first + len(values)) if they fill the start of
-        a chunk row (the rest of its depth, when fewer, is the fill value); None when zarr has
-        to write them (a block that starts mid-chunk)."""
+        """(file, chunk) pairs for steps [first, first + len(values)) if they start at a chunk
+        boundary (a last chunk they don't fill is padded with the fill value); None when zarr
+        has to write them (a block that starts mid-chunk, after a resume)."""
         depth = self.chunks[0]
-        if first % depth or len(values) > depth:
+        if first % depth:
             return None
         inner = values.shape[1:]
         counts = [math.ceil(n / c) for n, c in zip(inner, self.chunks[1:])]
         jobs = []
-        for index in itertools.product(*(range(c) for c in counts)):
-            where = tuple(slice(i * c, min((i + 1) * c, n))
-                          for i, c, n in zip(index, self.chunks[1:], inner))
-            part = values[(slice(None), *where)]
-            if part.shape != self.chunks or not part.flags.c_contiguous:
-                whole = np.full(self.chunks, self.fill, dtype=self.dtype)
-                whole[tuple(slice(0, n) for n in part.shape)] = part
-                part = whole
-            key = "c" + self.separator + self.separator.join(map(str, (first // depth, *index)))
-            jobs.append((self.directory.joinpath(*key.split("/")),
-                         np.asarray(part, dtype=self.dtype), self))
+        for along in range(math.ceil(len(values) / depth)):
+            steps = slice(along * depth, (along + 1) * depth)
+            for index in itertools.product(*(range(c) for c in counts)):
+                where = tuple(slice(i * c, min((i + 1) * c, n))
+                              for i, c, n in zip(index, self.chunks[1:], inner))
+                part = values[(steps, *where)]
+                if part.shape != self.chunks or not part.flags.c_contiguous:
+                    whole = np.full(self.chunks, self.fill, dtype=self.dtype)
+                    whole[tuple(slice(0, n) for n in part.shape)] = part
+                    part = whole
+                key = self.separator.join(map(str, ("c", first // depth + along, *index)))
+                jobs.append((self.directory.joinpath(*key.split("/")),
+                             np.asarray(part, dtype=self.dtype), self))
         return jobs
 
     def put(self, path: Path, chunk: np.ndarray) -> None:
-        """Encode one chunk and write it atomically (a temporary file, then a rename)."""
+        """Encode one chunk and write it (see the module docstring for why in place)."""
         data: Any = chunk.reshape(-1).view(np.uint8)
         if self.blosc is not None:
             data = np.frombuffer(self.blosc.encode(chunk), dtype=np.uint8)
         if path.parent not in self._made:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(path.parent)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        with open(temporary, "wb", buffering=0) as f:
+        with open(path, "wb", buffering=0) as f:
             f.write(data)
             if self.checksum:
                 f.write(int(google_crc32c.value(data)).to_bytes(4, "little"))
-        os.replace(temporary, path)
 
 
 def put_all(jobs: list[tuple[Path, np.ndarray, ChunkWriter]], pool: ThreadPoolExecutor) -> None:

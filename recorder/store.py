@@ -32,7 +32,7 @@ from zarr.core.sync import sync
 from attrib.recorder.chunks import ChunkWriter, put_all
 from attrib.schemas import format as fmt
 
-CHUNK_TARGET_BYTES = 16 << 20  # uncompressed bytes per chunk; splits big tensors along dim 0
+CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk (steps of a tensor, or a slice)
 STEP_TABLES = ("steps", "examples", "shifts", "rng")  # tables with a row per (step, ...)
 PRESIZED = 1 << 40  # steps of a distributed run's per-example arrays (no chunk exists yet)
 RANK_SEQUENCES = 10**8  # part sequence numbers per rank
@@ -103,6 +103,18 @@ class ArraySpec:
     @property
     def step_bytes(self) -> int:
         return math.prod(self.step_shape) * np.dtype(self.dtype).itemsize
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, block: int,
+                row_block: int | None = None) -> tuple[int, ...]:
+    """Chunks of a step array written in blocks of `block` steps: as many steps as fit in
+    CHUNK_TARGET_BYTES (a divisor of `block`, so blocks fill whole chunks), the tensor split
+    along dim 0 when one step is larger. Shallow chunks for big tensors keep the padding of a
+    run's last, partial chunk small: stored uncompressed, it costs its empty steps."""
+    step_bytes = math.prod(shape) * itemsize
+    depth = max(d for d in range(1, block + 1)
+                if block % d == 0 and (d == 1 or d * step_bytes <= CHUNK_TARGET_BYTES))
+    return (depth, *inner_chunks(shape, itemsize, depth, row_block))
 
 
 def inner_chunks(shape: tuple[int, ...], itemsize: int, depth: int,
@@ -231,8 +243,8 @@ class RunStore:
             return await asyncio.gather(*(zarr_async.create_array(
                 store=self.group.store, name=spec.path, zarr_format=3,
                 shape=(rows, *spec.step_shape), dtype=spec.dtype,
-                chunks=(depth, *inner_chunks(spec.step_shape, np.dtype(spec.dtype).itemsize,
-                                             depth, row_block)),
+                chunks=chunk_shape(spec.step_shape, np.dtype(spec.dtype).itemsize, depth,
+                                   row_block),
                 fill_value=spec.fill_value,
                 compressors=self.codecs.for_path(spec.path).compressor())
                 for spec, rows, depth, row_block in arrays))
@@ -306,12 +318,13 @@ class RunStore:
                     if entry.name.isdigit() and int(entry.name) >= first:
                         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
-    def block_bytes(self, first_step: int) -> int:
-        """Compressed bytes of the chunks that hold the block starting at `first_step`."""
-        chunk = str(first_step // self.steps_per_chunk)
+    def block_bytes(self, first_step: int, steps: int) -> int:
+        """Stored bytes of the chunks that hold steps [first_step, first_step + steps)."""
         total = 0
         for array in self.step_arrays.values():
-            total += _tree_bytes(self.dir / fmt.STORE_DIR / array.path / "c" / chunk)
+            depth = array.chunks[0]
+            for chunk in range(first_step // depth, -(-(first_step + steps) // depth)):
+                total += _tree_bytes(self.dir / fmt.STORE_DIR / array.path / "c" / str(chunk))
         return total
 
     # -- tables -----------------------------------------------------------------------------

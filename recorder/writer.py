@@ -102,7 +102,8 @@ class BackgroundWriter:
     # -- training-thread side ----------------------------------------------------------------
     def start_pool(self, specs: list[ArraySpec], n_buffers: int, pin_memory: bool,
                    lean: list[ArraySpec] | None = None) -> None:
-        """Allocate the block buffers (zeroed, so their pages are touched once, here); with
+        """Up to `n_buffers` block buffers, each allocated when first needed (zeroed, so its
+        pages are touched once, then): a writer that keeps up never needs the last ones. With
         `lean` specs, as many aggregate-only buffers for steps whose per-example rows drop."""
         depth = self.store.steps_per_chunk
 
@@ -110,10 +111,11 @@ class BackgroundWriter:
             return {s.path: torch.zeros((depth, *s.step_shape), pin_memory=pin_memory,
                                         dtype=getattr(torch, s.dtype)) for s in of}
 
+        self._new_buffers = lambda: buffers(specs)
+        self._unallocated = max(1, n_buffers)
         self._lean = queue.Queue() if lean is not None else None
-        for _ in range(max(1, n_buffers)):
-            self._free.put(buffers(specs))
-            if self._lean is not None:
+        if self._lean is not None:
+            for _ in range(max(1, n_buffers)):
                 self._lean.put(buffers(lean))
 
     def _check(self) -> None:
@@ -128,6 +130,9 @@ class BackgroundWriter:
         self._check()
         depth = self.store.steps_per_chunk
         capacity = depth - first_step % depth
+        if self._free.empty() and self._unallocated:
+            self._unallocated -= 1
+            self._free.put(self._new_buffers())
         if self._lean is not None:
             try:
                 return Block(self._free.get_nowait(), capacity=capacity)
@@ -316,7 +321,7 @@ class BackgroundWriter:
 
     def _steps_rows(self, rows: list[dict[str, Any]], first: int, n: int, lean: bool,
                     started: float) -> pa.Table:
-        per_step = round(self.store.block_bytes(first) / n)
+        per_step = round(self.store.block_bytes(first, n) / n)
         seconds = (time.perf_counter() - started) / n  # the Parquet write is not counted
         for row in rows:
             row["bytes_written"], row["write_seconds"] = per_step, seconds

@@ -15,7 +15,7 @@ CODECS = [Codec(), Codec(checksum=False), Codec("lz4", 1, "noshuffle"), Codec("n
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.cname}-{c.checksum}")
 def test_directly_written_chunks_read_back_with_plain_zarr(tmp_path, codec, monkeypatch):
-    monkeypatch.setattr("attrib.recorder.store.CHUNK_TARGET_BYTES", 4 * 7 * 4 * 3)  # 4 rows
+    monkeypatch.setattr("attrib.recorder.store.CHUNK_TARGET_BYTES", 4 * 7 * 4)  # 4 rows of w
     specs = [ArraySpec("grads/w", (10, 7), "float32"), ArraySpec("grads/b", (10,), "float64"),
              ArraySpec("active", (3,), "bool", False), ArraySpec("contrib/w", (5, 10, 7),
                                                                  "float32")]
@@ -28,7 +28,8 @@ def test_directly_written_chunks_read_back_with_plain_zarr(tmp_path, codec, monk
     store.manifest["committed_steps"] = 8
     store.trim()
     group = zarr.open_group(tmp_path / "store.zarr", mode="r")
-    assert group["grads/w"].chunks == (3, 4, 7)  # 10 rows in 3 even chunks, the last padded
+    assert group["grads/w"].chunks == (1, 4, 7)  # a step's 10 rows in 3 chunks, the last padded
+    assert group["active"].chunks == (3, 3)  # small: whole blocks, the short last one padded
     for path, value in written.items():
         np.testing.assert_array_equal(group[path][:], value)
     chunk_files = [f for f in (tmp_path / "store.zarr").rglob("*") if f.is_file()

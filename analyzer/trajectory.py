@@ -13,6 +13,7 @@ analyses name the gap as its own term.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,9 +85,6 @@ class Replay:
                        for n, d in zip(self.names, dtypes)]
         self.storage = [_storage_dtype(d) for d in dtypes]
         self.optimizer, self.group_index = build_optimizer(run, self.params)
-        self.hparams = run.hparams()
-        self.active = run.active()
-        self.counts = run.step_counts()
         self.checkpoints = {s: i for i, s in enumerate(run.checkpoint_steps)}
         self.has_grads = bool(run.meta.get("record_grads", True))
         self.position: int | None = None  # the step whose θ the parameters hold
@@ -94,8 +92,23 @@ class Replay:
         # step → stored − replayed momentum buffer / first moment after step s (it carries into
         # the later updates; Adam's v needs no term: analyses read the replayed one)
         self.buffer_gaps: dict[int, dict[str, torch.Tensor]] = {}
+        self.mismatch: dict[int, float] = {}  # step → largest relative gap of θ or any state
         self._grads: tuple[int, int, dict[str, torch.Tensor]] | None = None
         self._window: Window | None = None
+
+    @cached_property
+    def hparams(self) -> dict[str, np.ndarray]:
+        return self.run.hparams()
+
+    @cached_property
+    def active(self) -> np.ndarray:
+        return self.run.active()
+
+    @cached_property
+    def counts(self) -> np.ndarray:
+        """The optimizer's step count after each step (read only past step 0: a run with no
+        committed step has no step arrays, and its checkpoint 0 still reads)."""
+        return self.run.step_counts()
 
     # -- positioning ------------------------------------------------------------------------
     def load(self, index: int) -> None:
@@ -147,6 +160,9 @@ class Replay:
         for replayed, g in zip(self.optimizer.param_groups, self.group_index):
             h = {k: float(v[s, g]) for k, v in self.hparams.items()}
             replayed["lr"], replayed["weight_decay"] = h["lr"], h["weight_decay"]
+            if replayed.get("lr_dtype"):  # trained with a tensor lr: other arithmetic in torch
+                replayed["lr"] = torch.tensor(h["lr"],
+                                              dtype=getattr(torch, replayed["lr_dtype"]))
             if self.kind == "sgd":
                 replayed["momentum"], replayed["dampening"] = h["momentum"], h["dampening"]
             else:
@@ -157,37 +173,40 @@ class Replay:
         self.position = s + 1
 
     def _meet_checkpoint(self) -> None:
-        """At a stored checkpoint: keep any difference as the last step's replay gap, and go
-        on from the stored θ and state (intervals are then independent: errors never
-        accumulate)."""
+        """At a stored checkpoint the replay always goes on from the stored θ and state, so
+        θ_s never depends on where a read started, and errors never accumulate across
+        intervals. What the replay had differently becomes the last step's gaps: θ, and the
+        momentum buffer / first moment that carries into later updates; `mismatch` keeps the
+        largest relative difference of θ or any state tensor, for `verify`."""
         index = self.checkpoints.get(self.position)
         if index is None:
             return
         s = self.position - 1
-        stored = self.run.checkpoint(index)
-        gaps = {}
-        for name, p, dtype in zip(self.names, self.params, self.storage):
-            gap = stored[name] - p.detach().to(dtype)
-            if gap.any():
-                gaps[name] = gap
-        if gaps:
-            self.gaps[s] = gaps
-            key = "momentum_buffer" if self.kind == "sgd" else "exp_avg"
-            replayed = {n: self.optimizer.state.get(p, {}).get(key)
-                        for n, p in zip(self.names, self.params)}
-            self.load(index)
-            moved = {}
-            for name, p, dtype in zip(self.names, self.params, self.storage):
-                now = self.optimizer.state.get(p, {}).get(key)
-                before = replayed[name]
-                if now is None and before is None:
+        theta = self.theta()
+        state = [{k: v.detach().clone() for k, v in self.optimizer.state.get(p, {}).items()
+                  if isinstance(v, torch.Tensor) and v.dim() > 0} for p in self.params]
+        self.load(index)
+        key = "momentum_buffer" if self.kind == "sgd" else "exp_avg"
+        worst = 0.0
+        for name, p, dtype, before in zip(self.names, self.params, self.storage, state):
+            now = {k: v for k, v in self.optimizer.state.get(p, {}).items()
+                   if isinstance(v, torch.Tensor) and v.dim() > 0}
+            stored = p.detach().to(dtype)
+            pairs = [(None, stored, theta[name])]
+            pairs += [(k, now.get(k, torch.zeros_like(p)), before.get(k, torch.zeros_like(p)))
+                      for k in {*now, *before}]
+            for k, stored_value, replayed_value in pairs:
+                gap = stored_value.to(dtype) - replayed_value.to(dtype)
+                if not gap.any():
                     continue
-                diff = ((now if now is not None else torch.zeros_like(before)).to(dtype)
-                        - (before if before is not None else torch.zeros_like(now)).to(dtype))
-                if diff.any():
-                    moved[name] = diff
-            if moved:
-                self.buffer_gaps[s] = moved
+                worst = max(worst, float(gap.double().norm()
+                                         / stored_value.double().norm().clamp_min(1e-30)))
+                if k is None:
+                    self.gaps.setdefault(s, {})[name] = gap
+                elif k == key:
+                    self.buffer_gaps.setdefault(s, {})[name] = gap
+        if worst:
+            self.mismatch[s] = worst
 
     def _grads_of(self, s: int) -> dict[str, torch.Tensor]:
         """Step s's consumed gradients, read a chunk of steps at a time."""

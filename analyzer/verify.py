@@ -142,8 +142,8 @@ def _replay(run: Run) -> str:
     worst, where = _largest_gap(run)
     exact = run.exact_gradients  # else the replay drifts by design: measured, not a failure
     if worst > fmt.THETA_RTOL and exact:
-        problems.append(f"the replay misses the stored checkpoint after step {where} by "
-                        f"{worst:.2g} of θ")
+        problems.append(f"the replay misses the stored checkpoint (θ or optimizer state) "
+                        f"after step {where} by {worst:.2g}")
     edits = np.nonzero(np.abs(prints[1:, 0] - prints[:-1, 1]).max(axis=1, initial=0)
                        > 1e-5 * np.abs(prints[:-1, 1]).max(axis=1, initial=0) + 1e-30)[0]
     if len(edits):
@@ -158,24 +158,23 @@ def _replay(run: Run) -> str:
         raise ValueError("; ".join(problems))
     if not exact:
         return (f"gradients stored as {run.meta['grad_dtype']}: the optimizer replayed through "
-                f"{run.n_steps} steps drifts from training by up to {worst:.2g} of θ at the "
-                "checkpoints (kept as each step's replay gap); no edits outside the optimizer")
-    gap = (f"; it misses stored checkpoints by up to {worst:.2g} of θ (kept as each step's "
-           "replay gap)" if worst else ", bit for bit at every checkpoint")
+                f"{run.n_steps} steps drifts from training by up to {worst:.2g} (relative, θ or "
+                "optimizer state) at the checkpoints, kept as each step's replay gap; no edits "
+                "outside the optimizer")
+    gap = (f"; it misses stored checkpoints by up to {worst:.2g} (relative, θ or optimizer "
+           "state; kept as each step's replay gap)" if worst
+           else ", bit for bit at every checkpoint")
     return (f"the optimizer replayed through {run.n_steps} steps matches the fingerprints "
             f"of θ{gap}")
 
 
 def _largest_gap(run: Run) -> tuple[float, int | None]:
-    """The largest replay gap relative to ‖θ‖ at the checkpoint, and its step."""
-    worst, where = 0.0, None
-    for step, gaps in run.replay.gaps.items():
-        stored = run.reconstruct(step + 1)
-        for name, gap in gaps.items():
-            relative = float(gap.double().norm() / stored[name].double().norm().clamp_min(1e-30))
-            if relative > worst:
-                worst, where = relative, step
-    return worst, where
+    """The largest relative difference between the replayed and the stored θ or optimizer
+    state at a checkpoint, and the step before it (the replay has run through the run)."""
+    if not run.replay.mismatch:
+        return 0.0, None
+    step = max(run.replay.mismatch, key=run.replay.mismatch.get)
+    return run.replay.mismatch[step], step
 
 
 def _chunks(run: Run) -> str:

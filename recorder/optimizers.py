@@ -95,6 +95,8 @@ def static_config(spec: OptimizerSpec, optimizer: torch.optim.Optimizer) -> dict
         flags["amsgrad"] = bool(group.get("amsgrad", False))
         # the implementation a replay must use to rebuild θ bit for bit (format v2)
         flags.update({k: group[k] for k in IMPLEMENTATION_FLAGS if k in group})
+        if isinstance(group["lr"], torch.Tensor):  # a tensor lr takes other arithmetic
+            flags["lr_dtype"] = str(group["lr"].dtype).removeprefix("torch.")
         groups.append(flags)
     return {"kind": spec.kind, "class": spec.class_name, "amsgrad": spec.amsgrad, "groups": groups}
 

@@ -227,7 +227,6 @@ class Recorder:
         self._fingerprint = Fingerprint([p.param for p in self.params])
         self._before: torch.Tensor | None = None  # fingerprint of θ_s, taken before step s
         self._after: torch.Tensor | None = None  # fingerprint of θ_s, taken after step s − 1
-        self._identity: list[tuple[int, int]] = []  # (version, storage) of θ after step s − 1
         self._moved: list[tuple[int, torch.Tensor]] = []  # GPU: checked once per block
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
         self._reduction_watched = False  # DDP: the end of this backward is being watched
@@ -715,12 +714,10 @@ class Recorder:
             self._had_buffer = [self.optimizer.state.get(p.param, {}).get("momentum_buffer")
                                 is not None for p in self.params]
         if self._primary:
-            tensors = [p.param for p in self.params]
-            if self._after is not None and self._identity == _identity(tensors):
-                self._before = self._after  # untouched since the step: nothing to recompute
-            else:  # first step, or an in-place write or `.data =` since the last step
-                self._before = self._fingerprint(tensors)
-            if self._after is not None and self._before is not self._after:
+            # every step: an edit through `p.data` leaves p's version counter and storage as
+            # they were, so only the values tell
+            self._before = self._fingerprint([p.param for p in self.params])
+            if self._after is not None:
                 moved = (self._before != self._after) & ~(self._before.isnan()
                                                            & self._after.isnan())
                 self._moved.append((self.step, moved))
@@ -814,7 +811,6 @@ class Recorder:
         fingerprint = rows[fmt.FINGERPRINT]
         fingerprint[0].copy_(self._before, non_blocking=True)
         self._after = self._fingerprint(live)
-        self._identity = _identity(live)
         fingerprint[1].copy_(self._after, non_blocking=True)
         for name in fmt.HPARAM_NAMES:
             rows[f"{fmt.HPARAMS}/{name}"].copy_(torch.tensor([h[name] for h in hparams],
@@ -911,12 +907,6 @@ class Recorder:
         tables = [top_shifts(items, policy.scope, policy.k, clip_factor, self.step,
                              self._epoch, ids) for policy, items in groups.items()]
         return pa.concat_tables(tables)
-
-
-def _identity(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """Each tensor's version counter (bumped by every in-place write) and storage address
-    (changed by `.data =`): equal lists mean nobody wrote to θ in between."""
-    return [(t._version, t.data_ptr()) for t in tensors]
 
 
 def _clip_factor(consumed: list[torch.Tensor], pre_norms: list[torch.Tensor]):

@@ -14,6 +14,7 @@ from conftest import OPTIMIZERS, data, mlp, train
 
 import attrib
 from attrib.analyzer.path_kernel import path_kernel
+from attrib.analyzer.stream import iter_steps
 from attrib.analyzer.verify import verify
 from attrib.schemas import format as fmt
 
@@ -38,8 +39,10 @@ def live_loop(path: Path, model, opt, steps: int = 23, micro_batches: int = 1, a
                 if edit == "in-place":
                     with torch.no_grad():
                         weight[0, 0] += 0.5
-                else:  # a new tensor: no in-place write that a version counter would see
+                elif edit == ".data =":  # a new tensor: no in-place write
                     weight.data = weight.data * 1.01
+                else:  # through .data: p's own version counter does not move
+                    weight.data.clamp_(-0.1, 0.1)
             for _ in range(micro_batches):
                 ids = torch.randint(0, len(inputs), (16,), generator=g)
                 rec.examples(ids)
@@ -77,6 +80,8 @@ CASES = {
     "sgd_momentum_foreach": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.8,
                                                       foreach=True),
     "adamw_two_groups": two_groups(lambda g: torch.optim.AdamW(g, lr=0.01, weight_decay=0.1)),
+    # a tensor lr takes other arithmetic in torch (lr / bias correction as a tensor)
+    "adam_tensor_lr": lambda m: torch.optim.Adam(m.parameters(), lr=torch.tensor(0.01)),
     "adam_decoupled_amsgrad": lambda m: torch.optim.Adam(m.parameters(), lr=0.01,
                                                          weight_decay=0.05, amsgrad=True,
                                                          decoupled_weight_decay=True),
@@ -128,7 +133,7 @@ def test_no_deltas_or_state_are_stored_per_step(run_dir):
     assert info["dense_bytes_raw"] < grads_and_checkpoints + 4096  # + the per-step scalars
 
 
-@pytest.mark.parametrize("edit", ["in-place", ".data ="])
+@pytest.mark.parametrize("edit", ["in-place", ".data =", ".data.clamp_"])
 def test_an_edit_outside_the_optimizer_is_warned_at_its_step_and_flagged_by_verify(run_dir,
                                                                                    edit):
     model = mlp()
@@ -234,3 +239,44 @@ def test_grad_dtype_is_checked():
     with pytest.raises(ValueError, match="grad_dtype='float16'"):
         attrib.Recorder("unused", model, OPTIMIZERS["sgd"](model.parameters()),
                         grad_dtype="float16")
+
+
+def test_stored_optimizer_state_is_where_the_replay_goes_on(tmp_path):
+    """A checkpoint whose θ the replay reaches but whose momentum buffer it doesn't (a resume
+    accepted within tolerance): every way of reading gives the same θ_s, verify names the
+    checkpoint, and the buffer's difference is a replay term that keeps completeness."""
+    path = tmp_path / "run"
+    model = mlp(torch.float64)
+    inputs, labels = torch.randn(64, 10, dtype=torch.float64), torch.randint(0, 3, (64,))
+    train(path, model, OPTIMIZERS["sgd_nesterov"](model.parameters()), steps=20, inputs=inputs,
+          labels=labels, checkpoint_every=10, steps_per_chunk=4)
+    key = fmt.param_key("0.weight")
+    array = zarr.open_group(path / fmt.STORE_DIR, mode="r+")[f"{fmt.CHECKPOINT_STATE}/{key}"]
+    array[1] = array[1] * 1.01  # checkpoint 1 (step 10): momentum buffer off by 1%
+    run = attrib.open_run(path)
+    streamed = {view.step: {n: t.clone() for n, t in view.theta.items()}
+                for view in iter_steps(run)}
+    for step in (11, 14, 19):
+        fresh = attrib.open_run(path).reconstruct(step)  # from checkpoint 1, not streamed
+        assert all(torch.equal(fresh[n], streamed[step][n]) for n in fresh), step
+    report = {r["check"]: r for r in verify(path).to_pylist()}
+    assert not report["replay"]["ok"]
+    assert "optimizer state) after step 9" in report["replay"]["detail"]
+    result = path_kernel(attrib.open_run(path), lambda: mlp(torch.float64),
+                         (inputs[:4], labels[:4]), quadrature=4, progress=False)
+    table = result.completeness()
+    gap, delta = table["gap"].to_numpy(), table["delta_f"].to_numpy()
+    assert (np.abs(gap) <= 1e-6 * np.abs(delta) + 1e-9).all(), table
+
+
+def test_a_run_closed_before_its_first_step_reads_and_resumes(run_dir):
+    model = mlp()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    attrib.Recorder(run_dir, model, opt).close()
+    run = attrib.open_run(run_dir)
+    assert run.n_steps == 0
+    assert all(torch.equal(run.reconstruct(0)[n], v) for n, v in theta.items())
+    assert all(r["ok"] for r in verify(run_dir).to_pylist())
+    live_loop(run_dir, model, opt, steps=3, resume=True)
+    assert attrib.open_run(run_dir).n_steps == 3

@@ -87,7 +87,8 @@ def test_tampering_is_caught(run_dir):
     steps_file = run.table_files("steps")[0]
     pq.write_table(pq.read_table(steps_file).slice(0, 10), steps_file)  # a truncated table
     problems = failed(verify(run_dir))
-    assert "misses the stored checkpoint after step 19" in problems["replay"]
+    assert "misses the stored checkpoint (θ or optimizer state) after step 19" in problems[
+        "replay"]
     assert "before step 13 is not what training had" in problems["replay"]
     assert "10 rows for 23 committed steps" in problems["steps table"]
     result = CliRunner().invoke(main, ["verify", str(run_dir)])

@@ -23,6 +23,7 @@ from attrib.analyzer.dynamics import Dynamics, initial_buffers, predicted_update
 from attrib.analyzer.run import Run
 from attrib.analyzer.stage_spec import Stage
 from attrib.analyzer.training import ReplayError, TrainingBatches
+from attrib.analyzer.trajectory import build_optimizer, set_hparams
 
 CLIP_AGREEMENT = 1e-4  # relative spread of the clipping threshold implied by clipped steps
 TORCH_CLIP_EPS = 1e-6  # clip_grad_norm_ divides max_norm by ‖G‖ + 1e-6
@@ -64,7 +65,7 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     params = [named[n] for n in run.param_names]
     threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
     first = min(s.start for s in stages)
-    optimizer = _optimizer(run, params)
+    optimizer, groups = build_optimizer(run, params)
     _load(run, optimizer, params, first, dtype)
     n = run.n_steps
     starts = {s.start for s in stages}
@@ -76,7 +77,7 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
         for s in range(first, n):
             if s in starts:
                 snapshots[s] = _snapshot(params, optimizer)
-            _step(run, batches, dynamics, optimizer, params, s, threshold)
+            _step(run, batches, dynamics, (optimizer, groups), params, s, threshold)
             bar.update(1)
         baseline = {name: p.detach().clone() for name, p in zip(run.param_names, params)}
         f_baseline = evaluate(baseline)
@@ -84,7 +85,7 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
         for stage in stages:
             _restore(params, optimizer, snapshots[stage.start])
             for s in range(stage.stop, n):
-                _step(run, batches, dynamics, optimizer, params, s, threshold)
+                _step(run, batches, dynamics, (optimizer, groups), params, s, threshold)
                 bar.update(1)
             effects.append(evaluate({name: p.detach().clone()
                                      for name, p in zip(run.param_names, params)}) - f_baseline)
@@ -96,21 +97,6 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))
-
-
-def _optimizer(run: Run, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """A fresh optimizer of the recorded class and groups (settings are set every step)."""
-    kind = run.optimizer["kind"]
-    groups_of = run.params.column("group").to_pylist()
-    groups = []
-    for g, flags in enumerate(run.optimizer["groups"]):
-        group = {"params": [p for p, i in zip(params, groups_of) if i == g]}
-        if kind == "sgd":
-            group["nesterov"] = flags.get("nesterov", False)
-            group["momentum"] = 0.9 if group["nesterov"] else 0.0  # valid until set per step
-        groups.append(group)
-    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
-    return cls([g for g in groups if g["params"]], lr=1.0)
 
 
 def _load(run: Run, optimizer, params, step: int, dtype) -> None:
@@ -139,15 +125,10 @@ def _load(run: Run, optimizer, params, step: int, dtype) -> None:
                 optimizer.state[p] = state
 
 
-def _step(run: Run, batches: TrainingBatches, dynamics: Dynamics, optimizer, params, s: int,
+def _step(run: Run, batches: TrainingBatches, dynamics: Dynamics, built, params, s: int,
           threshold: float | None) -> None:
-    for group_index, group in enumerate(optimizer.param_groups):
-        h = {k: float(v[s, group_index]) for k, v in dynamics.hparams.items()}
-        group["lr"], group["weight_decay"] = h["lr"], h["weight_decay"]
-        if dynamics.kind == "sgd":
-            group["momentum"], group["dampening"] = h["momentum"], h["dampening"]
-        else:
-            group["betas"], group["eps"] = (h["beta1"], h["beta2"]), h["eps"]
+    optimizer, groups = built  # the optimizer, and each of its groups' recorded index
+    set_hparams(optimizer, groups, dynamics.hparams, s)
     optimizer.zero_grad(set_to_none=True)
     named = dict(zip(run.param_names, params))
     for batch in batches.micro_batches(s):

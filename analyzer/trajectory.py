@@ -72,6 +72,21 @@ def build_optimizer(run: Run, params: list[torch.Tensor]) -> tuple[torch.optim.O
     return OPTIMIZERS[kind](groups, lr=1.0), indices
 
 
+def set_hparams(optimizer: torch.optim.Optimizer, group_index: list[int],
+                hparams: dict[str, np.ndarray], s: int) -> None:
+    """Give each of `optimizer`'s groups the hyperparameters its recorded group used at step s
+    (`group_index`: the recorded index of each group, as build_optimizer returns)."""
+    for group, g in zip(optimizer.param_groups, group_index):
+        h = {k: float(v[s, g]) for k, v in hparams.items()}
+        group["lr"], group["weight_decay"] = h["lr"], h["weight_decay"]
+        if group.get("lr_dtype"):  # trained with a tensor lr: torch's arithmetic differs
+            group["lr"] = torch.tensor(h["lr"], dtype=getattr(torch, group["lr_dtype"]))
+        if isinstance(optimizer, torch.optim.SGD):
+            group["momentum"], group["dampening"] = h["momentum"], h["dampening"]
+        else:
+            group["betas"], group["eps"] = (h["beta1"], h["beta2"]), h["eps"]
+
+
 class Replay:
     """The recorded optimizer, stepped through a v2 run's gradients from its checkpoints."""
 
@@ -157,16 +172,7 @@ class Replay:
     def _step(self) -> None:
         s = self.position
         grads = self._grads_of(s)
-        for replayed, g in zip(self.optimizer.param_groups, self.group_index):
-            h = {k: float(v[s, g]) for k, v in self.hparams.items()}
-            replayed["lr"], replayed["weight_decay"] = h["lr"], h["weight_decay"]
-            if replayed.get("lr_dtype"):  # trained with a tensor lr: other arithmetic in torch
-                replayed["lr"] = torch.tensor(h["lr"],
-                                              dtype=getattr(torch, replayed["lr_dtype"]))
-            if self.kind == "sgd":
-                replayed["momentum"], replayed["dampening"] = h["momentum"], h["dampening"]
-            else:
-                replayed["betas"], replayed["eps"] = (h["beta1"], h["beta2"]), h["eps"]
+        set_hparams(self.optimizer, self.group_index, self.hparams, s)
         for j, (name, p) in enumerate(zip(self.names, self.params)):
             p.grad = grads[name].to(p.dtype) if self.active[s, j] else None
         self.optimizer.step()

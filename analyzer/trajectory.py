@@ -24,6 +24,8 @@ from attrib.schemas import format as fmt
 if TYPE_CHECKING:
     from attrib.analyzer.run import Run
 
+# recorder.optimizers.SUPPORTED inverted; not imported from there: importing attrib.recorder
+# imports the recorder, which imports the reader (analyzer.run), which imports this module
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 

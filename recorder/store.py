@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
-import zarr.api.asynchronous as zarr_async
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from zarr.core.sync import sync
 
+from attrib.recorder import array_docs
 from attrib.recorder.chunks import ChunkWriter, put_all
 from attrib.schemas import format as fmt
 
@@ -237,20 +237,16 @@ class RunStore:
 
     def _create_all(self, arrays: list[tuple[ArraySpec, int, int, int | None]]
                     ) -> dict[str, zarr.Array]:
-        """Create arrays (spec, rows, chunk depth, row block), all at once in zarr's event
-        loop: one at a time took ~4 ms each, over a second for a small transformer's."""
-        async def run() -> list:
-            return await asyncio.gather(*(zarr_async.create_array(
-                store=self.group.store, name=spec.path, zarr_format=3,
-                shape=(rows, *spec.step_shape), dtype=spec.dtype,
-                chunks=chunk_shape(spec.step_shape, np.dtype(spec.dtype).itemsize, depth,
-                                   row_block),
-                fill_value=spec.fill_value,
-                compressors=self.codecs.for_path(spec.path).compressor())
-                for spec, rows, depth, row_block in arrays))
-
-        created = sync(run())
-        return {spec.path: zarr.Array(a) for (spec, *_), a in zip(arrays, created)}
+        """Create arrays (spec, rows, chunk depth, row block), their documents written in one
+        pass (see array_docs)."""
+        created = array_docs.create_arrays(self.group.store_path, [dict(
+            name=spec.path, shape=(rows, *spec.step_shape), dtype=spec.dtype,
+            chunks=chunk_shape(spec.step_shape, np.dtype(spec.dtype).itemsize, depth,
+                               row_block),
+            fill_value=spec.fill_value,
+            compressors=self.codecs.for_path(spec.path).compressor())
+            for spec, rows, depth, row_block in arrays])
+        return {spec.path: a for (spec, *_), a in zip(arrays, created)}
 
     # -- dense data -------------------------------------------------------------------------
     def append_steps(self, first_step: int, values: dict[str, np.ndarray]) -> None:
@@ -308,8 +304,7 @@ class RunStore:
         """Shorten arrays to their rows, deleting the chunk files wholly past them. zarr's own
         resize visits every chunk key of the cut region, written or not: seconds for arrays
         grown ahead (see _grow); only the chunk folders that exist are looked at here."""
-        _gather([a.async_array.resize((n, *a.shape[1:]), delete_outside_chunks=False)
-                 for a, n in cuts])
+        array_docs.resize([(a, (n, *a.shape[1:])) for a, n in cuts])
         for array, rows in cuts:
             first = -(-rows // array.chunks[0])  # the first chunk index wholly past `rows`
             folder = self.dir / fmt.STORE_DIR / array.path / "c"
@@ -457,8 +452,7 @@ def _grow(arrays: list[zarr.Array], stop: int) -> None:
     are never read (readers trust the manifest) and `trim` cuts them at close."""
     short = [a for a in arrays if a.shape[0] < stop]
     if short:
-        _gather([a.async_array.resize((max(stop, 2 * a.shape[0]), *a.shape[1:]))
-                 for a in short])
+        array_docs.resize([(a, (max(stop, 2 * a.shape[0]), *a.shape[1:])) for a in short])
 
 
 def _gather(coroutines: list) -> None:

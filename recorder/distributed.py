@@ -146,6 +146,12 @@ def wait_for(run_dir: Path, world: int, steps: int, closed: bool = False) -> lis
     return [markers[r] for r in sorted(markers)]
 
 
+def after_backward(callback: Callable[[], None]) -> None:
+    """Run `callback` once, at the end of the backward pass now running; call it from a
+    gradient hook."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
 def after_reduction(callback: Callable[[], None]) -> None:
     """Run `callback` once this backward's gradients are all-reduced into `.grad`; call it
     from a gradient hook. DDP writes the averaged gradients at the end of the backward, from

@@ -229,7 +229,7 @@ class Recorder:
         self._after: torch.Tensor | None = None  # fingerprint of θ_s, taken after step s − 1
         self._moved: list[tuple[int, torch.Tensor]] = []  # GPU: checked once per block
         self._pre_clip_norms: list[torch.Tensor | None] = [None] * len(self.params)
-        self._reduction_watched = False  # DDP: the end of this backward is being watched
+        self._norms_pending = False  # the end of this backward is being watched
         self._had_buffer = [False] * len(self.params)
         self._last_checkpoint = -1
         self._dropped_before = False
@@ -243,7 +243,7 @@ class Recorder:
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
-            *(p.param.register_post_accumulate_grad_hook(self._grad_hook(p.index))
+            *(p.param.register_post_accumulate_grad_hook(self._grad_hook)
               for p in self.params),
         ]
         atexit.register(self._close_at_exit)
@@ -655,24 +655,23 @@ class Recorder:
             return None
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _grad_hook(self, index: int):
-        def hook(param: torch.Tensor) -> None:
-            # ‖.grad‖ after this backward's accumulation: the last call before step() sees G_s.
-            if self._enabled:
-                if self.ranks is None:
-                    self._pre_clip_norms[index] = torch.linalg.vector_norm(param.grad.detach())
-                elif not self._reduction_watched:  # DDP: .grad is this rank's until reduced
-                    self._reduction_watched = True
-                    distributed.after_reduction(self._note_reduced_norms)
-                self._after_step = False
-        return hook
+    def _grad_hook(self, param: torch.Tensor) -> None:
+        """A .grad was accumulated: at the end of this backward (under DDP: once .grad is
+        all-reduced) note ‖.grad‖ of every tensor, the last backward before step() sees G_s
+        before the user clips it. One batched norm per backward, not one per tensor."""
+        if self._enabled:
+            if not self._norms_pending:
+                self._norms_pending = True
+                (distributed.after_backward if self.ranks is None
+                 else distributed.after_reduction)(self._note_norms)
+            self._after_step = False
 
-    def _note_reduced_norms(self) -> None:
-        """‖G_s‖ per parameter from the all-reduced .grad, before the user clips it."""
-        self._reduction_watched = False
-        for p in self.params:
-            if p.param.grad is not None:
-                self._pre_clip_norms[p.index] = torch.linalg.vector_norm(p.param.grad.detach())
+    def _note_norms(self) -> None:
+        self._norms_pending = False
+        present = [p for p in self.params if p.param.grad is not None]
+        norms = torch._foreach_norm([p.param.grad.detach() for p in present])
+        for p, norm in zip(present, norms):
+            self._pre_clip_norms[p.index] = norm
 
     def _begin_next_step(self) -> None:
         """The last step's row is final: a full block can go to the writer."""
@@ -758,7 +757,7 @@ class Recorder:
         pre_norms = [n if n is not None else torch.linalg.vector_norm(g.detach())
                      for n, g in zip(self._pre_clip_norms, consumed) if g is not None]
         self._pre_clip_norms = [None] * len(self.params)
-        self._reduction_watched = False  # also after a backward that raised before its end
+        self._norms_pending = False  # also after a backward that raised before its end
         clip_factor, uniform, grad_norm = _clip_factor(used, pre_norms)
         hparams = [optim_info.group_hparams(self.spec, g) for g in self.optimizer.param_groups]
         if self._primary:

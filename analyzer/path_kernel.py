@@ -153,9 +153,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     stride = stride or 1
     if stride < 1:
         raise ValueError(f"stride={stride}: use a positive number of steps per segment")
-    if not run.meta.get("record_grads", True):
-        raise ValueError("the path kernel's residual term needs the consumed gradients: record "
-                         "with record_grads=True")
+    run.require_trajectory("the path kernel (θ_s and the consumed gradient of every step)")
     kind = run.optimizer["kind"]
     _constant(run, ("momentum", "dampening") if kind == "sgd" else ("beta1", "beta2", "eps"))
     model = model_fn().to(dtype).eval()

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from attrib.analyzer.trajectory import Replay
+from attrib.analyzer.trajectory import Replay, TrajectoryError
 from attrib.schemas import format as fmt
 
 
@@ -112,6 +112,33 @@ class Run:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameter name → shape, in the recorded order."""
         return dict(zip(self.param_names, map(tuple, self.params.column("shape").to_pylist())))
+
+    @cached_property
+    def trajectory_params(self) -> list[str]:
+        """The tensors whose consumed gradients each step stores: every tensor, none
+        (`record_grads=False`), or those `Recorder(trajectory=...)` chose."""
+        if not self.meta.get("record_grads", True):
+            return []
+        chosen = self.meta.get("trajectory")
+        return list(self.param_names) if chosen is None else list(chosen)
+
+    def require_trajectory(self, what: str, params: list[str] | None = None) -> None:
+        """Raise TrajectoryError, naming `what` needed it, unless the gradients of `params`
+        (default: every tensor) were recorded."""
+        needed = self.param_names if params is None else params
+        missing = [n for n in needed if n not in set(self.trajectory_params)]
+        if not missing:
+            return
+        where = (f"θ and the optimizer state are kept only at its checkpoints (steps "
+                 f"{_listed(self.checkpoint_steps)})")
+        if not self.trajectory_params:
+            raise TrajectoryError(f"{self.dir} was recorded with record_grads=False: {where}, "
+                                  f"so {what} can't be computed; record with record_grads=True")
+        raise TrajectoryError(
+            f"{self.dir} stores the gradients of {len(self.trajectory_params)} of "
+            f"{len(self.param_names)} tensors (Recorder(trajectory=...)), not of "
+            f"{_listed(missing)}; {where}, so {what} can't be computed. Record every tensor's "
+            "gradients (no trajectory=) for this")
 
     @cached_property
     def checkpoint_steps(self) -> list[int]:
@@ -246,14 +273,15 @@ class Run:
         """Δθ_s for steps [start, stop) of one parameter: shape (steps, *param_shape)."""
         if self.format_version >= 2:
             self._key(param)
+            self.require_trajectory(f"Δθ of {param!r}", [param])
             start, stop = self._step_range(start, stop)
             return self.replay.window(start, stop).deltas(param)
         return torch.from_numpy(self._steps_of(f"{fmt.DELTAS}/{self._key(param)}", start, stop))
 
     def grads(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The gradient the optimizer consumed (after clipping) for steps [start, stop)."""
-        if not self.meta.get("record_grads", True):
-            raise KeyError(f"{self.dir} was recorded with record_grads=False")
+        self._key(param)
+        self.require_trajectory(f"the gradients of {param!r}", [param])
         values = torch.from_numpy(self._steps_of(f"{fmt.GRADS}/{self._key(param)}", start,
                                                  stop))
         if self.meta.get("grad_dtype") == "bfloat16":  # stored as its bits
@@ -274,6 +302,7 @@ class Run:
             raise KeyError(f"{name!r} is not recorded per step; recorded: {recorded}")
         if self.format_version >= 2:
             self._key(param)
+            self.require_trajectory(f"the optimizer state of {param!r} per step", [param])
             start, stop = self._step_range(start, stop)
             return self.replay.window(start, stop).state[param][name]
         return torch.from_numpy(
@@ -425,3 +454,9 @@ class Run:
 def open_run(path: str | Path) -> Run:
     """Open a recorded run for reading."""
     return Run(path)
+
+
+def _listed(items: list, shown: int = 8) -> str:
+    """A list for a message: its first `shown` items, then how many more."""
+    head = ", ".join(map(str, items[:shown]))
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")

@@ -48,6 +48,8 @@ def iter_steps(run: Run, start: int = 0, stop: int | None = None,
                fields: tuple[str, ...] = ()) -> Iterator[StepView]:
     """Yield StepView for steps [start, stop), θ_s as `run.reconstruct` gives it."""
     start, stop = run._step_range(start, stop)
+    if run.format_version >= 2:
+        run.require_trajectory("θ_s of every step")
     readers = {f: _reader(run, f) for f in ("deltas", *fields)}
     replayed = run.format_version >= 2
     checkpoints = dict(zip(run.checkpoint_steps, range(len(run.checkpoint_steps))))

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from attrib.analyzer import targets
 from attrib.analyzer.run import Run
+from attrib.analyzer.trajectory import TrajectoryError
 from attrib.recorder.rng import restore_states, stochastic_modules
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -174,9 +175,10 @@ def check_gradients(run: Run, batches: TrainingBatches, steps: list[int]) -> flo
     the same gradient recomputed in the recorded precision measures it. Where rounding is a
     noticeable part of G_s (loss near zero), a warning says so: attributions there rest on
     gradients that are partly rounding noise."""
-    if not run.meta.get("record_grads", True):
-        raise ReplayError(f"{run.dir} was recorded with record_grads=False; replay and the "
-                          "stage estimators need the consumed gradients")
+    try:
+        run.require_trajectory("replaying training (the stage estimators)")
+    except TrajectoryError as e:
+        raise ReplayError(str(e)) from None
     worst, noisiest = 0.0, (0.0, 0)
     alphas = run.clip_factors()
     recorded_dtype = getattr(torch, run.params.column("dtype")[0].as_py())

@@ -29,8 +29,12 @@ if TYPE_CHECKING:
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
-class TrajectoryError(KeyError):
-    """A part of the trajectory the run did not record (no gradients were kept)."""
+class TrajectoryError(KeyError, ValueError):
+    """A part of the trajectory the run did not record: gradients it did not keep
+    (`record_grads=False`, or tensors left out by `Recorder(trajectory=...)`)."""
+
+    def __str__(self) -> str:  # the message, not KeyError's repr of it
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -103,7 +107,10 @@ class Replay:
         self.storage = [_storage_dtype(d) for d in dtypes]
         self.optimizer, self.group_index = build_optimizer(run, self.params)
         self.checkpoints = {s: i for i, s in enumerate(run.checkpoint_steps)}
-        self.has_grads = bool(run.meta.get("record_grads", True))
+        stored = set(run.trajectory_params)
+        # tensors without recorded gradients stand still between checkpoints in the replay:
+        # their θ is only read at checkpoints, and they take no part in the gaps
+        self.recorded = [n in stored for n in self.names]
         self.position: int | None = None  # the step whose θ the parameters hold
         self.gaps: dict[int, dict[str, torch.Tensor]] = {}  # step → stored − replayed θ_{s+1}
         # step → stored − replayed momentum buffer / first moment after step s (it carries into
@@ -157,11 +164,8 @@ class Replay:
         start = self.run.checkpoint_steps[index]
         if self.position is None or self.position > step or self.position < start:
             self.load(index)
-        if self.position < step and not self.has_grads:
-            raise TrajectoryError(
-                f"{self.run.dir} was recorded with record_grads=False: only θ at its "
-                f"checkpoints (steps {self.run.checkpoint_steps}) is stored, not θ at step "
-                f"{step}; record with record_grads=True to keep the trajectory")
+        if self.position < step and not any(self.recorded):
+            self.run.require_trajectory(f"θ at step {step}")
         while self.position < step:
             self.advance()
 
@@ -176,7 +180,7 @@ class Replay:
         grads = self._grads_of(s)
         set_hparams(self.optimizer, self.group_index, self.hparams, s)
         for j, (name, p) in enumerate(zip(self.names, self.params)):
-            p.grad = grads[name].to(p.dtype) if self.active[s, j] else None
+            p.grad = grads[name].to(p.dtype) if self.active[s, j] and self.recorded[j] else None
         self.optimizer.step()
         self.position = s + 1
 
@@ -196,7 +200,10 @@ class Replay:
         self.load(index)
         key = "momentum_buffer" if self.kind == "sgd" else "exp_avg"
         worst = 0.0
-        for name, p, dtype, before in zip(self.names, self.params, self.storage, state):
+        for name, p, dtype, before, recorded in zip(self.names, self.params, self.storage,
+                                                    state, self.recorded):
+            if not recorded:
+                continue
             now = {k: v for k, v in self.optimizer.state.get(p, {}).items()
                    if isinstance(v, torch.Tensor) and v.dim() > 0}
             stored = p.detach().to(dtype)
@@ -223,13 +230,16 @@ class Replay:
             first = s - s % depth
             stop = min(self.run.n_steps, first + depth)
             self._grads = (first, stop, {n: self.run.grads(n, first, stop)
-                                         for n in self.names})
+                                         for n, kept in zip(self.names, self.recorded) if kept})
         first, _, values = self._grads
         return {n: v[s - first] for n, v in values.items()}
 
     # -- reading ----------------------------------------------------------------------------
     def theta(self) -> dict[str, torch.Tensor]:
-        """Copies of the parameters the replay holds, in the storage dtype."""
+        """Copies of the parameters the replay holds, in the storage dtype (every tensor's:
+        off a checkpoint, only a run that recorded every tensor's gradients has them)."""
+        if not all(self.recorded) and self.position not in self.checkpoints:
+            self.run.require_trajectory(f"θ of every tensor at step {self.position}")
         return {n: p.detach().to(d, copy=True)
                 for n, p, d in zip(self.names, self.params, self.storage)}
 
@@ -240,29 +250,30 @@ class Replay:
         return torch.zeros(p.shape, dtype=dtype) if value is None else value.detach().to(dtype)
 
     def window(self, start: int, stop: int) -> Window:
-        """θ, Δθ and per-step state of steps [start, stop); the last window is kept, so
-        per-parameter reads of one range replay it once."""
+        """θ, Δθ and per-step state of steps [start, stop) of the tensors whose gradients were
+        recorded; the last window is kept, so per-parameter reads of one range replay it once."""
         cached = self._window
         if cached is not None and (cached.start, cached.stop) == (start, stop):
             return cached
         self._window = None
         self.seek(start)
         n = stop - start
-        theta = {name: torch.empty((n + 1, *p.shape), dtype=d)
-                 for name, p, d in zip(self.names, self.params, self.storage)}
+        kept = [(name, p, d) for name, p, d, r in zip(self.names, self.params, self.storage,
+                                                      self.recorded) if r]
+        theta = {name: torch.empty((n + 1, *p.shape), dtype=d) for name, p, d in kept}
         state_names = fmt.STEP_STATE[self.kind]
         state = {name: {k: torch.empty((n, *p.shape), dtype=d) for k in state_names}
-                 for name, p, d in zip(self.names, self.params, self.storage)}
+                 for name, p, d in kept}
         with torch.no_grad():
-            for name, p in zip(self.names, self.params):
+            for name, p, _ in kept:
                 theta[name][0] = p
             for i in range(n):
                 self._step()
-                for name, p, d in zip(self.names, self.params, self.storage):
+                for name, p, d in kept:
                     for k in state_names:  # the state step s used, before any checkpoint
                         state[name][k][i] = self.state_after(k, p, d)
                 self._meet_checkpoint()
-                for name, p in zip(self.names, self.params):
+                for name, p, _ in kept:
                     theta[name][i + 1] = p
         self._window = Window(start, stop, theta, state)
         return self._window

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import torch
 
 from attrib.analyzer.run import Run, open_run
-from attrib.analyzer.stream import iter_steps
 from attrib.schemas import format as fmt
 from attrib.schemas.fingerprint import Fingerprint
 
@@ -121,23 +120,29 @@ def _checkpoints(run: Run) -> str:
 def _replay(run: Run) -> str:
     """v2: the optimizer replayed through the recorded gradients reaches every stored
     checkpoint, and θ_s matches the fingerprints training took before and after each step."""
-    if not run.meta.get("record_grads", True) or run.n_steps == 0:
+    if not run.trajectory_params or run.n_steps == 0:
         return "no gradients recorded: nothing to replay"
     prints = run.fingerprints()
-    fingerprint = Fingerprint(run.replay.params)
+    replay = run.replay
+    fingerprint = Fingerprint(replay.params)
+    # tensors without recorded gradients stand still in the replay between checkpoints
+    kept = torch.tensor(replay.recorded)
     missed: list[str] = []  # "param before/after step s", in step order
 
-    def compare(step: int, side: int, theta: list[torch.Tensor]) -> None:
+    def compare(step: int, side: int) -> None:
+        theta = [p.detach() for p in replay.params]
         expected = torch.from_numpy(prints[step, side])
         off = (fingerprint(theta) - expected).abs() > fingerprint.tolerance(theta)
-        off &= ~torch.isnan(expected)
+        off &= ~torch.isnan(expected) & kept
         if off.any():
             missed.append(f"θ of {run.param_names[int(off.nonzero()[0])]!r} "
                           f"{'before' if side == 0 else 'after'} step {step}")
 
-    for view in iter_steps(run):  # replays every step, which also finds every gap
-        compare(view.step, 0, [view.theta[n] for n in run.param_names])
-    compare(run.n_steps - 1, 1, list(run.reconstruct(run.n_steps).values()))
+    replay.seek(0)
+    for step in range(run.n_steps):  # replays every step, which also finds every gap
+        compare(step, 0)
+        replay.advance()
+    compare(run.n_steps - 1, 1)
     problems = []
     worst, where = _largest_gap(run)
     exact = run.exact_gradients  # else the replay drifts by design: measured, not a failure
@@ -164,8 +169,11 @@ def _replay(run: Run) -> str:
     gap = (f"; it misses stored checkpoints by up to {worst:.2g} (relative, θ or optimizer "
            "state; kept as each step's replay gap)" if worst
            else ", bit for bit at every checkpoint")
+    scope = ("" if all(replay.recorded) else
+             f" (the {len(run.trajectory_params)} of {len(run.param_names)} tensors whose "
+             "gradients were recorded)")
     return (f"the optimizer replayed through {run.n_steps} steps matches the fingerprints "
-            f"of θ{gap}")
+            f"of θ{scope}{gap}")
 
 
 def _largest_gap(run: Run) -> tuple[float, int | None]:

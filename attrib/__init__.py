@@ -5,9 +5,10 @@ __version__ = "0.1.0"
 from attrib.analyzer import analyze, evaluate
 from attrib.analyzer.run import Run, open_run
 from attrib.analyzer.sql import sql
+from attrib.analyzer.trajectory import TrajectoryError
 from attrib.recorder import Codec, Recorder, RecordingError
 from attrib.recorder.policies import Full, Project, TopK
 from attrib.schemas.projection import project
 
 __all__ = ["Codec", "Full", "Project", "Recorder", "RecordingError", "Run", "TopK",
-           "__version__", "analyze", "evaluate", "open_run", "project", "sql"]
+           "TrajectoryError", "__version__", "analyze", "evaluate", "open_run", "project", "sql"]

@@ -10,6 +10,7 @@ the moments are not stored: readers rebuild them by replaying the optimizer.
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import math
 import time
 import warnings
@@ -136,6 +137,13 @@ class Recorder:
     trajectory in small aggregate-only blocks and drops those steps' per-example rows, flagged
     in `steps.examples_dropped` (their data influence then lands in the residual term).
 
+    `trajectory`: glob patterns (or one) of the parameter names whose consumed gradients are
+    stored every step; None (the default) stores every tensor's. θ and the optimizer state of
+    every tensor are still stored at each checkpoint. Between checkpoints a reader then
+    rebuilds only the chosen tensors (`Run.deltas`, `Run.state`, `Run.grads` of them); what
+    needs every tensor's θ there (`Run.reconstruct` off a checkpoint, the path kernel, stage
+    replay) refuses and says so. For runs too large to store every gradient.
+
     `resume=True` continues the run in `path` at its last committed step, after the training
     script restored its own checkpoint; `resume=STEP` continues from an earlier step and
     discards the steps recorded after it. The parameters and optimizer state must match the
@@ -152,6 +160,7 @@ class Recorder:
         checkpoint_every: int = 100,
         steps_per_chunk: int | None = None,
         record_grads: bool = True,
+        trajectory: str | Sequence[str] | None = None,
         grad_dtype: str = "float32",
         codec: Codec | None = None,
         buffers: int = BLOCK_BUFFERS,
@@ -180,6 +189,7 @@ class Recorder:
         self._model = model
         self.checkpoint_every = checkpoint_every
         self.record_grads = record_grads
+        self._recorded = self._resolve_trajectory(trajectory)
         if grad_dtype not in fmt.GRAD_DTYPES:
             raise ValueError(f"grad_dtype={grad_dtype!r}: choose one of {fmt.GRAD_DTYPES}")
         self.grad_dtype = grad_dtype
@@ -294,11 +304,24 @@ class Recorder:
         return [*specs, ArraySpec(fmt.CHECKPOINT_STATE_PRESENT, (len(self.params),), "bool",
                                   False)]
 
+    def _resolve_trajectory(self, trajectory: str | Sequence[str] | None) -> list[bool]:
+        """Whose gradients each step stores: every tensor's (None), or those whose names match
+        a glob pattern; an unmatched pattern is refused rather than recording less than meant."""
+        if trajectory is None or not self.record_grads:
+            return [self.record_grads] * len(self.params)
+        patterns = (trajectory,) if isinstance(trajectory, str) else tuple(trajectory)
+        names = [p.name for p in self.params]
+        unmatched = [q for q in patterns if not any(fnmatch.fnmatchcase(n, q) for n in names)]
+        if unmatched:
+            raise ValueError(f"trajectory={list(patterns)}: {unmatched} match no parameter; "
+                             f"the parameters are {names}")
+        return [any(fnmatch.fnmatchcase(n, q) for q in patterns) for n in names]
+
     def _array_specs(self, examples: int) -> list[ArraySpec]:
         specs = []
         for p, capture in zip(self.params, self.captures):
             shape, dtype = tuple(p.param.shape), str(p.storage_dtype).removeprefix("torch.")
-            if self.record_grads:
+            if self._recorded[p.index]:
                 specs.append(ArraySpec(f"{fmt.GRADS}/{p.key}", shape,
                                        fmt.GRAD_STORAGE.get(self.grad_dtype, dtype)))
             if capture.full is not None:
@@ -450,6 +473,8 @@ class Recorder:
             "step_state": list(self.spec.step_state),
             "checkpoint_state": list(self._checkpoint_state_names),
             "record_grads": self.record_grads,
+            "trajectory": (None if all(self._recorded) or not self.record_grads
+                           else [p.name for p in self.params if self._recorded[p.index]]),
             "grad_dtype": self.grad_dtype,
             "checkpoint_every": self.checkpoint_every,
             "steps_per_chunk": None,  # set at the first step
@@ -799,6 +824,8 @@ class Recorder:
         only in a distributed run: every rank holds the same)."""
         if self.record_grads:
             for p, g in zip(self.params, consumed):
+                if not self._recorded[p.index]:
+                    continue
                 target = rows[f"{fmt.GRADS}/{p.key}"]
                 if g is None:
                     target.zero_()

@@ -21,8 +21,8 @@ from attrib.recorder import optimizers as optim_info
 from attrib.schemas import format as fmt
 
 # Metadata that must be equal for the new steps to mean what the old ones do.
-SETTINGS = ("optimizer", "n_groups", "step_state", "record_grads", "capture", "residual_params",
-            "rng", "distributed")
+SETTINGS = ("optimizer", "n_groups", "step_state", "record_grads", "trajectory", "capture",
+            "residual_params", "rng", "distributed")
 PARAM_FIELDS = ("name", "shape", "dtype", "group")
 
 
@@ -120,7 +120,8 @@ def latest_matching_step(run: Run, live: dict[str, torch.Tensor]) -> int | None:
     """The last committed step whose θ equals `live`, θ_s as Run.reconstruct gives it."""
     if not run.checkpoint_steps:
         return None
-    if run.format_version >= 2 and not run.meta.get("record_grads", True):  # θ at checkpoints
+    if run.format_version >= 2 and run.trajectory_params != run.param_names:  # θ only at
+        # checkpoints: without every tensor's gradients the replay has no θ in between
         hits = [s for i, s in enumerate(run.checkpoint_steps) if _matches(run.checkpoint(i), live)]
         return hits[-1] if hits else None
     if _matches(run.reconstruct(run.n_steps), live):

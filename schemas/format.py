@@ -360,6 +360,8 @@ META_OPTIONAL: dict[str, tuple[Any, str]] = {
     "capture": (_capture, "an object of capture policies per parameter"),
     "residual_params": (_strings, "a list of parameter names"),
     "grad_dtype": (lambda v: v in GRAD_DTYPES, f"one of {GRAD_DTYPES}"),  # v2
+    "trajectory": (lambda v: v is None or _strings(v),  # v2: whose gradients are stored
+                   "null (every tensor's gradients stored) or a list of parameter names"),
     "initial_step_count": (lambda v: isinstance(v, list) and all(_is_int(c) for c in v),
                            "a list of integers ≥ 0"),
 }

@@ -280,3 +280,49 @@ def test_a_run_closed_before_its_first_step_reads_and_resumes(run_dir):
     assert all(r["ok"] for r in verify(run_dir).to_pylist())
     live_loop(run_dir, model, opt, steps=3, resume=True)
     assert attrib.open_run(run_dir).n_steps == 3
+
+
+@pytest.mark.parametrize("chosen", [["2.*"], []])
+def test_a_partial_trajectory_rebuilds_its_tensors_and_refuses_the_rest(run_dir, chosen):
+    """trajectory=["2.*"] stores the head's gradients only (record_grads=False: none). The
+    chosen tensors' Δθ and state replay bit for bit; every tensor's θ is exact at the
+    checkpoints; what needs the others' θ between checkpoints refuses and says why; verify
+    replays the chosen ones."""
+    model = mlp()
+    settings = {"trajectory": chosen} if chosen else {"record_grads": False}
+    thetas, states = live_loop(run_dir, model, OPTIMIZERS["adamw"](model.parameters()),
+                               capture=False, **settings)
+    run = attrib.open_run(run_dir)
+    kept = ["2.weight", "2.bias"] if chosen else []
+    assert run.trajectory_params == kept
+    group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r")
+    stored = sorted(group[fmt.GRADS].array_keys()) if fmt.GRADS in group else []
+    assert stored == sorted(kept)
+    for step in run.checkpoint_steps:  # 0, 7, 14, 21, 23
+        for name, value in run.reconstruct(step).items():
+            assert torch.equal(value, thetas[step][name]), (step, name)
+    for name in kept:
+        live = torch.stack([thetas[s + 1][name] - thetas[s][name] for s in range(run.n_steps)])
+        assert torch.equal(run.deltas(name), live), name
+        assert torch.equal(run.state(name, "exp_avg_sq"),
+                           torch.stack([s[name]["exp_avg_sq"] for s in states])), name
+    for read in (lambda: run.reconstruct(3), lambda: run.deltas("0.weight"),
+                 lambda: run.grads("0.bias"), lambda: list(iter_steps(run)),
+                 lambda: path_kernel(run, mlp, data(), progress=False)):
+        with pytest.raises(attrib.TrajectoryError,
+                           match="can't be computed.*" + ("trajectory=" if chosen
+                                                          else "record_grads=True")):
+            read()
+    replay = {r["check"]: r for r in verify(run_dir).to_pylist()}["replay"]
+    assert replay["ok"], replay
+    assert ("2 of 4 tensors whose gradients were recorded" in replay["detail"] if chosen
+            else "nothing to replay" in replay["detail"])
+
+
+def test_a_trajectory_pattern_that_matches_nothing_is_refused(run_dir):
+    model = mlp()
+    with pytest.raises(ValueError, match=r"\['head\.\*'\] match no parameter; the parameters "
+                                         r"are \['0.weight'"):
+        attrib.Recorder(run_dir, model, OPTIMIZERS["adamw"](model.parameters()),
+                        trajectory=["2.*", "head.*"])
+    assert not (run_dir / fmt.META_FILE).exists()

@@ -733,7 +733,14 @@ class Recorder:
         if not self._enabled:
             return
         started = time.perf_counter()
-        self._guard(self._begin_next_step)
+        self._guard(self._before_step)
+        self._hook_seconds += time.perf_counter() - started
+
+    def _before_step(self) -> None:
+        """Hand a full block to the writer, refuse a model or optimizer changed since attach
+        (before anything reads its tensors), and take θ's fingerprint before the step."""
+        self._begin_next_step()
+        self._check_unchanged([p.param.grad for p in self.params])
         if self.spec.kind == "sgd":  # SGD's first momentum step skips dampening (K_{s,s})
             self._had_buffer = [self.optimizer.state.get(p.param, {}).get("momentum_buffer")
                                 is not None for p in self.params]
@@ -747,7 +754,6 @@ class Recorder:
                 self._moved.append((self.step, moved))
                 if not self._on_gpu:  # on a GPU this would wait for the step: once per block
                     self._warn_moved()
-        self._hook_seconds += time.perf_counter() - started
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if not self._enabled:
@@ -769,7 +775,6 @@ class Recorder:
         tensors only, never over examples or coordinates.
         """
         consumed = [p.param.grad for p in self.params]
-        self._check_unchanged(consumed)
         data = self._capture.end_step() if self._capture is not None else None
         if self._block is None:
             self._initialize_storage(self._examples_per_step or (

@@ -203,16 +203,16 @@ class ExampleCapture:
 
     def _consume(self, index: int, c: pe.PerExample, data: StepData, offset: int) -> None:
         capture = self.captures[index]
-        total = c.total()
+        projected = None
+        if capture.project is not None:
+            p = capture.project
+            projected = pe.project(c, self.shapes[index], p.kind, p.k, p.seed, self.names[index])
+            data.projected.setdefault(index, []).append((offset, projected.float()))
+        total = projected.sum(0) if capture.checked_in_projection else c.total()
         data.sums[index] = data.sums[index] + total if index in data.sums else total
         if capture.full is not None:
             data.full.setdefault(index, []).append(
                 (offset, c.dense().to(getattr(torch, capture.full_dtype))))
-        if capture.project is not None:
-            p = capture.project
-            data.projected.setdefault(index, []).append(
-                (offset, pe.project(c, self.shapes[index], p.kind, p.k, p.seed,
-                                    self.names[index]).float()))
         if capture.topk is not None:  # densified chunk by chunk at the step (recorder/shifts.py)
             data.topk.setdefault(index, []).append((offset, c))
 

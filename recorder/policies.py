@@ -98,6 +98,13 @@ class TensorCapture:
     def any(self) -> bool:
         return self.full is not None or self.project is not None or self.topk is not None
 
+    @property
+    def checked_in_projection(self) -> bool:
+        """Whether the step's invariant Σ_i c_i = G is checked on the projected rows (R Σ_i c_i
+        = Σ_i R c_i, R linear) rather than on the exact sum: when only projected rows are
+        kept, the exact sum would cost a second weight-gradient product per module call."""
+        return self.project is not None and self.full is None and self.topk is None
+
     def describe(self) -> dict:
         out: dict = {}
         if self.full is not None:

@@ -35,6 +35,7 @@ from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore, now_iso, r
 from attrib.recorder.tokens import TokenBatch, token_batch, vocabulary_array, vocabulary_table
 from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
+from attrib.schemas import projection
 from attrib.schemas.fingerprint import Fingerprint
 from attrib.schemas.format import FormatError
 
@@ -909,7 +910,13 @@ class Recorder:
             if g is None:
                 residual.append(torch.tensor(0.0))
                 continue
-            before_clip = g.detach().double() / clip_factor
+            if capture.checked_in_projection:  # Σ_i R c_i against R G (see TensorCapture)
+                project = capture.project
+                before_clip = projection.project(
+                    g.detach()[None], tuple(g.shape), project.kind, project.k, project.seed,
+                    p.name)[0].double() / clip_factor
+            else:
+                before_clip = g.detach().double() / clip_factor
             total = data.sums.get(p.index)
             gap = before_clip if total is None else before_clip - total.double()
             residual.append(torch.linalg.vector_norm(gap)

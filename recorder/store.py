@@ -64,30 +64,38 @@ class Codec:
 class Codecs:
     """The codec of each kind of array. By default the trajectory (gradients, checkpoints,
     per-step scalars) is stored uncompressed with its CRC32C: float gradients compress only
-    ~1.15x with zstd at a third of the writer's speed (benchmarks/writer_throughput.py), while
-    per-example rows (many zeros) compress 2-3x and keep zstd. `Recorder(codec=...)` sets one
-    codec for everything."""
+    ~1.15x with zstd at a third of the writer's speed (benchmarks/writer_throughput.py), and
+    so are projected rows (random projections: 1.02x with zstd, which doubled the writer's
+    time per GPT step), while exact per-example rows (many zeros) compress 2-3x and keep zstd.
+    `Recorder(codec=...)` sets one codec for everything."""
 
     trajectory: Codec = Codec("none")
     per_example: Codec = Codec()
+    projected: Codec = Codec("none")
 
     @classmethod
     def of(cls, codec: Codec | None) -> Codecs:
-        return cls() if codec is None else cls(codec, codec)
+        return cls() if codec is None else cls(codec, codec, codec)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Codecs:
-        """As recorded in attrib.json (v1 runs recorded one codec for everything)."""
+        """As recorded in attrib.json (v1 runs recorded one codec for everything; earlier v2
+        runs one for all per-example rows)."""
         stored = meta["codec"]
         if "trajectory" not in stored:
             return cls.of(Codec(**stored))
-        return cls(Codec(**stored["trajectory"]), Codec(**stored["per_example"]))
+        per_example = Codec(**stored["per_example"])
+        return cls(Codec(**stored["trajectory"]), per_example,
+                   Codec(**stored.get("projected", stored["per_example"])))
 
     def describe(self) -> dict[str, dict[str, Any]]:
         return {"trajectory": dataclasses.asdict(self.trajectory),
-                "per_example": dataclasses.asdict(self.per_example)}
+                "per_example": dataclasses.asdict(self.per_example),
+                "projected": dataclasses.asdict(self.projected)}
 
     def for_path(self, path: str) -> Codec:
+        if path.startswith(f"{fmt.PROJ}/"):
+            return self.projected
         return self.per_example if fmt.per_example(path) else self.trajectory
 
 

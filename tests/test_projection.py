@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TinyTransformer
+from conftest import TinyTransformer, mlp, train
 from test_per_example import CASES, record, reference
 
 import attrib
@@ -92,3 +92,37 @@ def test_dense_projection_over_budget_names_the_fix(run_dir):
     with pytest.raises(ValueError, match=r"over the 1 GiB limit; use Project\(kind='kron'\)"):
         attrib.Recorder(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1),
                         capture=attrib.Project(1024, kind="dense"))
+
+
+class _WeightAlsoUsedOutside(torch.nn.Module):
+    """A Linear whose weight is read again outside the Linear: that use is not captured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.hidden = torch.nn.Linear(10, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return self.head(h) + h[:, :3] * self.head.weight[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["dense", "kron"])
+def test_projected_capture_checks_its_rows_against_the_projected_gradient(tmp_path, kind):
+    """With only projected rows kept, Σ_i R c_i is checked against R G: ~0 where capture is
+    exact, and close to the exact residual (a Full run of the same training) where a use of
+    the weight is missed."""
+    model = mlp()
+    train(tmp_path / "exact", model, torch.optim.SGD(model.parameters(), lr=0.1), steps=4,
+          capture=attrib.Project(256, kind=kind))
+    assert float(torch.tensor(attrib.open_run(tmp_path / "exact").residual_norms()).max()) < 1e-5
+    norms = {}
+    for policy in (attrib.Full(), attrib.Project(1024, kind=kind)):
+        model = _WeightAlsoUsedOutside()
+        path = tmp_path / type(policy).__name__
+        train(path, model, torch.optim.SGD(model.parameters(), lr=0.1), steps=4,
+              capture=policy)
+        norms[type(policy).__name__] = attrib.open_run(path).residual_norms()[:, 2]  # head.w
+    assert (norms["Full"] > 0.05).all()
+    assert (abs(norms["Project"] / norms["Full"] - 1) < 0.3).all(), norms

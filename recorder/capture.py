@@ -56,24 +56,28 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
     run's residual); in strict mode those raise instead.
     """
     index = {n: i for i, n in enumerate(names) if captures[i].any}
-    claimed: dict[int, ModuleGroup] = {}
+    # a tensor is tracked under its first owner's name (model.named_parameters()); every module
+    # holding it (tied embedding and output weights) contributes, matched by identity
+    canonical: dict[int, str] = {}
+    for path, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            canonical.setdefault(id(p), f"{path}.{local}" if path else local)
+    inside_attention: set[int] = set()  # out_proj is called functionally inside MHA
     groups: list[ModuleGroup] = []
     for path, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):  # out_proj is called functionally inside
-            own = {local: index[f"{path}.{local}" if path else local]
-                   for local, _ in module.named_parameters()
-                   if (f"{path}.{local}" if path else local) in index}
+        if isinstance(module, nn.MultiheadAttention):
+            own = {local: index[canonical[id(p)]] for local, p in module.named_parameters()
+                   if canonical[id(p)] in index}
             if own:
-                group = ModuleGroup(module, path, own, None)
-                groups.append(group)
-                claimed.update(dict.fromkeys(own.values(), group))
+                groups.append(ModuleGroup(module, path, own, None))
+                inside_attention.update(own.values())
     unsupported: list[int] = []
     by_module: dict[str, ModuleGroup] = {}
     for path, module in model.named_modules():
-        for local, _ in module.named_parameters(recurse=False):
-            full = f"{path}.{local}" if path else local
+        for local, p in module.named_parameters(recurse=False):
+            full = canonical[id(p)]
             i = index.get(full)
-            if i is None or i in claimed:
+            if i is None or i in inside_attention:
                 continue
             if isinstance(module, NO_PER_EXAMPLE_GRADIENT):
                 message = (f"{full} belongs to {type(module).__name__}, whose batch statistics "
@@ -91,7 +95,6 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
                 by_module[path] = group
                 groups.append(group)
             group.params[local] = i
-            claimed[i] = group
     return groups, unsupported
 
 
@@ -157,6 +160,8 @@ class ExampleCapture:
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 return
             bdim = pe.batch_dim(module)
+            if self._shared_by_batch(module, args, out):
+                return self._broadcast(group, args, kwargs, out)
             if self._batch is None or out.dim() <= bdim or out.shape[bdim] != self._batch:
                 if self._batch is not None and out.dim() > bdim:
                     self._mismatch = (f"module {group.path or '(the model)'!r} "
@@ -168,6 +173,27 @@ class ExampleCapture:
             out.register_hook(lambda g: self._on_output_grad(group, args, kwargs, g, data,
                                                              offset, batch))
         return hook
+
+    def _shared_by_batch(self, module: nn.Module, args: tuple, out: torch.Tensor) -> bool:
+        """An Embedding looked up with indices that have no batch dimension (nanoGPT's
+        `wpe(torch.arange(T))`): its output broadcasts over the micro-batch. A 1-d index
+        tensor as long as the batch reads as batched: the two can't be told apart."""
+        return (self._batch is not None and isinstance(module, nn.Embedding)
+                and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1
+                and args[0].shape[0] != self._batch)
+
+    def _broadcast(self, group: ModuleGroup, args: tuple, kwargs: dict,
+                   out: torch.Tensor) -> torch.Tensor:
+        """Return the shared output expanded over the micro-batch (a view, equal wherever the
+        model broadcasts it), so backward hands each example its own output gradient: the
+        example's part of the lookup's gradient, which the broadcast would otherwise sum."""
+        batch = self._batch
+        expanded = out.expand(batch, *out.shape)
+        ids = args[0].expand(batch, *args[0].shape)
+        data, offset = self._data, self._offset
+        expanded.register_hook(lambda g: self._on_output_grad(group, (ids, *args[1:]), kwargs, g,
+                                                              data, offset, batch))
+        return expanded
 
     def _on_output_grad(self, group, args, kwargs, g, data: StepData, offset, batch) -> None:
         if not self.enabled:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import fnmatch
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from attrib.schemas import projection
 from attrib.schemas.fingerprint import Fingerprint
 from attrib.schemas.format import FormatError
 
+RESIDUAL_FLOOR = 1e-8  # see _store_examples
 BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
 MAX_STEPS_PER_CHUNK = 64
 BLOCK_BUFFERS = 3  # one being filled, up to two being written: bounds host memory
@@ -209,16 +211,6 @@ class Recorder:
                                         scale=1.0 / self.ranks.world if self.ranks else 1.0)
                          if any(c.any for c in self.captures) else None)
 
-        codecs = Codecs.of(codec)
-        meta = self._metadata(codecs, metadata or {})
-        if self.ranks is None:
-            point = self._open(meta, codecs, vocabulary, overwrite, resume)
-        else:  # rank 0 creates the run (or cuts it back) while the others wait, then they join
-            point = self.ranks.lead(lambda: self._open(meta, codecs, vocabulary, overwrite,
-                                                       resume))
-            if not self._primary:
-                self._writer = BackgroundWriter(RunStore.join(self.path, self.ranks.rank),
-                                                None, self.ranks)
         self._block: Block | None = None  # created at the first step, when sizes are known
 
         self.step = 0  # index of the next optimizer step
@@ -245,21 +237,49 @@ class Recorder:
         self._last_checkpoint = -1
         self._dropped_before = False
         self._problems_seen: set[str] = set()
-        if not self._primary:
-            self._join_at(fmt.read_json(self.path / fmt.MANIFEST_FILE)["committed_steps"])
-        elif point is not None:
-            self._continue(point)
-        else:
-            self._checkpoint_now()
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-            *(p.param.register_post_accumulate_grad_hook(self._grad_hook)
-              for p in self.params),
-        ]
+        self._created_run = False  # this constructor made the run directory (see _abandon)
+        codecs = Codecs.of(codec)
+        meta = self._metadata(codecs, metadata or {})
+        try:  # a constructor that fails leaves no thread, hook or half-made run behind
+            if self.ranks is None:
+                point = self._open(meta, codecs, vocabulary, overwrite, resume)
+            else:  # rank 0 creates the run (or cuts it back) while the others wait; they join
+                point = self.ranks.lead(lambda: self._open(meta, codecs, vocabulary, overwrite,
+                                                           resume))
+                if not self._primary:
+                    self._writer = BackgroundWriter(RunStore.join(self.path, self.ranks.rank),
+                                                    None, self.ranks)
+            if not self._primary:
+                self._join_at(fmt.read_json(self.path / fmt.MANIFEST_FILE)["committed_steps"])
+            elif point is not None:
+                self._continue(point)
+            else:
+                self._checkpoint_now()
+            self._handles = [
+                optimizer.register_step_pre_hook(self._pre_step),
+                optimizer.register_step_post_hook(self._post_step),
+                *(p.param.register_post_accumulate_grad_hook(self._grad_hook)
+                  for p in self.params if p.param.requires_grad),  # frozen: never gets a .grad
+            ]
+        except BaseException:
+            self._abandon(new_run=resume is False)
+            raise
         atexit.register(self._close_at_exit)
 
     # -- set-up --------------------------------------------------------------------------------
+    def _abandon(self, new_run: bool) -> None:
+        """Undo a constructor that failed part-way: remove its hooks, stop its writer thread
+        and, for a new run, delete the directory it created (a resumed run keeps its data)."""
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        if self._capture is not None:
+            self._capture.remove()
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.close()
+        if new_run and self._primary and self._created_run:  # it was empty or absent before
+            shutil.rmtree(self.path, ignore_errors=True)
+
     def _check_target(self, overwrite: bool, resume: bool | int) -> None:
         if resume is not False:
             if overwrite:
@@ -286,9 +306,12 @@ class Recorder:
             policies = default_policies(sum(p.param.numel() for p in self.params))
         else:
             policies = list(capture) if isinstance(capture, (list, tuple)) else [capture]
-        return resolve(policies, [p.name for p in self.params],
-                       [tuple(p.param.shape) for p in self.params],
-                       [str(p.storage_dtype).removeprefix("torch.") for p in self.params])
+        resolved = resolve(policies, [p.name for p in self.params],
+                           [tuple(p.param.shape) for p in self.params],
+                           [str(p.storage_dtype).removeprefix("torch.") for p in self.params])
+        # a frozen parameter (requires_grad=False) never gets a gradient: nothing to capture
+        return [c if p.param.requires_grad else TensorCapture(c.storage_dtype)
+                for p, c in zip(self.params, resolved)]
 
     @property
     def _checkpoint_state_names(self) -> tuple[str, ...]:
@@ -403,6 +426,7 @@ class Recorder:
         uncommitted); starts the writer. Returns where a resumed run continues."""
         self._check_target(overwrite, resume)
         if resume is False:
+            self._created_run = True
             store = self._create(meta, codecs, vocabulary_array(vocabulary))
             self._writer = BackgroundWriter(store, vocabulary_array(vocabulary), self.ranks)
             return None
@@ -793,7 +817,7 @@ class Recorder:
         hparams = [optim_info.group_hparams(self.spec, g) for g in self.optimizer.param_groups]
         if self._primary:
             self._trajectory_rows(rows, live, consumed, clip_factor, hparams)
-        shifts = (self._store_examples(data, rows, consumed, clip_factor, hparams)
+        shifts = (self._store_examples(data, rows, consumed, clip_factor, grad_norm, hparams)
                   if data is not None else None)
 
         row = {
@@ -875,7 +899,7 @@ class Recorder:
 
     def _store_examples(self, data: StepData, rows: dict[str, torch.Tensor],
                         consumed: list[torch.Tensor | None], clip_factor: torch.Tensor,
-                        hparams: list[dict[str, float]]):
+                        grad_norm: torch.Tensor, hparams: list[dict[str, float]]):
         """Per-example rows of this step, the invariant Σ_i c_i = G checked per tensor, and
         the step's TopK shifts table (None without a TopK policy)."""
         problem = self._capture.uncaptured(data, [g is not None for g in consumed])
@@ -898,6 +922,10 @@ class Recorder:
                 + ("; in a distributed run every rank needs the same batch size"
                    if mine is not None else ""))
         residual = []
+        # relative to the tensor's gradient, or to RESIDUAL_FLOOR of the whole step's when the
+        # tensor's is smaller: a gradient that is zero in exact arithmetic (attention's key
+        # bias) is rounding noise, and its parts' rounding would read as a large residual
+        floor = (RESIDUAL_FLOOR * grad_norm.double()).clamp_min(1e-300)
         for p, capture, g in zip(self.params, self.captures, consumed):
             if capture.full is not None and not self._block.lean:
                 scatter_rows(data.full.get(p.index, []), rows[f"{fmt.CONTRIB}/{p.key}"])
@@ -920,7 +948,7 @@ class Recorder:
             total = data.sums.get(p.index)
             gap = before_clip if total is None else before_clip - total.double()
             residual.append(torch.linalg.vector_norm(gap)
-                            / torch.linalg.vector_norm(before_clip).clamp_min(1e-300))
+                            / torch.maximum(torch.linalg.vector_norm(before_clip), floor))
         if fmt.RESIDUAL_NORM in rows:
             rows[fmt.RESIDUAL_NORM].copy_(torch.stack([r.to(clip_factor.device).double()
                                                        for r in residual]), non_blocking=True)

@@ -203,3 +203,31 @@ def test_duplicated_ids_are_separate_rows(run_dir):
         torch.testing.assert_close(value[2], value[0], rtol=0, atol=0)
         torch.testing.assert_close(value[3], value[0], rtol=0, atol=0)
         assert not torch.equal(value[1], value[0])
+
+
+def test_a_constructor_that_fails_leaves_nothing_behind(run_dir, monkeypatch):
+    """A Recorder() that fails after creating its run stops its writer thread, removes its
+    hooks and the directory it made, so a retry into the same directory just works."""
+    import threading
+
+    from attrib.recorder.recorder import Recorder
+
+    def broken(self):
+        raise RuntimeError("disk full")
+
+    model = mlp()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    writers = sum(t.name == "attrib-writer" for t in threading.enumerate())
+    with monkeypatch.context() as patch:
+        patch.setattr(Recorder, "_checkpoint_now", broken)
+        with pytest.raises(RuntimeError, match="disk full"):
+            attrib.Recorder(run_dir, model, opt)
+    assert sum(t.name == "attrib-writer" for t in threading.enumerate()) == writers
+    assert not run_dir.exists()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    with attrib.Recorder(run_dir, model, opt, capture=False) as rec:
+        inputs, labels = data()
+        rec.examples(torch.arange(16))
+        torch.nn.functional.cross_entropy(model(inputs[:16]), labels[:16]).backward()
+        opt.step()
+    assert attrib.open_run(run_dir).n_steps == 1

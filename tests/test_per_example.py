@@ -55,6 +55,27 @@ class Scaled(nn.Module):
         return self.body(x * self.scale)
 
 
+class TinyGPT(nn.Module):
+    """nanoGPT's pattern: the output head tied to the token embedding, a positional embedding
+    looked up with one shared arange(T), Linear q/k/v with scaled_dot_product_attention."""
+
+    def __init__(self, vocab: int = 12, d: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(8, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        h = self.ln(x)
+        q, k, v = (layer(h).unsqueeze(1) for layer in (self.q, self.k, self.v))
+        x = x + F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1)
+        return self.head(x).mean(1)
+
+
 def mlp():
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -74,6 +95,7 @@ CASES = {
     "cnn1d": (CNN1d, lambda: (torch.randn(96, 2, 8, generator=torch.Generator().manual_seed(0)),
                               torch.randint(0, 3, (96,)))),
     "transformer": (TinyTransformer, tokens_data),
+    "gpt_tied_positional": (TinyGPT, tokens_data),
     "generic": (Scaled, lambda: (torch.randn(96, 10, generator=torch.Generator().manual_seed(0)),
                                  torch.randint(0, 3, (96,)))),
 }
@@ -284,3 +306,25 @@ def test_a_failing_per_example_path_never_breaks_training(run_dir):
     assert run.status == "complete" and run.n_steps == 3
     norms = run.residual_norms()
     assert (norms[:, 0] == 1.0).all() and (norms[:, 1:] < 1e-5).all()  # gain: residual
+
+
+def test_a_frozen_layer_inside_the_optimizer_is_recorded_as_constant(run_dir):
+    """SGD(model.parameters()) with a frozen first layer trains fine in PyTorch; the recorder
+    records it as constant (never active, no rows) and the rest exactly."""
+    def frozen():
+        model = mlp()
+        model[0].weight.requires_grad_(False)
+        return model
+
+    run, x, y = record(run_dir, frozen, CASES["mlp"][1])
+    assert run.active()[:, 0].tolist() == [False] * run.n_steps
+    assert "0.weight" not in run.capture
+    first = run.reconstruct(0)["0.weight"]
+    assert torch.equal(run.reconstruct(run.n_steps)["0.weight"], first)
+    for step in range(run.n_steps):
+        _, got = run.contributions(step)
+        _, expected = reference(run, frozen, x, y, step, "mean", 1)
+        assert set(got) == {"0.bias", "2.weight", "2.bias"}
+        for name, value in got.items():
+            torch.testing.assert_close(value, expected[name], rtol=0,
+                                       atol=1e-10 * float(expected[name].abs().max()))

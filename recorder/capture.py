@@ -175,9 +175,10 @@ class ExampleCapture:
         return hook
 
     def _shared_by_batch(self, module: nn.Module, args: tuple, out: torch.Tensor) -> bool:
-        """An Embedding looked up with indices that have no batch dimension (nanoGPT's
-        `wpe(torch.arange(T))`): its output broadcasts over the micro-batch. A 1-d index
-        tensor as long as the batch reads as batched: the two can't be told apart."""
+        """An Embedding looked up with indices shared by the micro-batch: without a batch
+        dimension (nanoGPT's `wpe(torch.arange(T))`) or with one of size 1 (Hugging Face's
+        `position_ids`); its output broadcasts over the batch. A 1-d index tensor as long as
+        the batch reads as batched: the two can't be told apart."""
         return (self._batch is not None and isinstance(module, nn.Embedding)
                 and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1
                 and args[0].shape[0] != self._batch)
@@ -187,9 +188,11 @@ class ExampleCapture:
         """Return the shared output expanded over the micro-batch (a view, equal wherever the
         model broadcasts it), so backward hands each example its own output gradient: the
         example's part of the lookup's gradient, which the broadcast would otherwise sum."""
-        batch = self._batch
-        expanded = out.expand(batch, *out.shape)
-        ids = args[0].expand(batch, *args[0].shape)
+        batch, ids = self._batch, args[0]
+        if ids.shape[0] == 1:  # a batch dimension of 1 (HF's position_ids): widen it
+            expanded, ids = out.expand(batch, *out.shape[1:]), ids.expand(batch, *ids.shape[1:])
+        else:  # none: add it in front, where broadcasting puts it
+            expanded, ids = out.expand(batch, *out.shape), ids.expand(batch, *ids.shape)
         data, offset = self._data, self._offset
         expanded.register_hook(lambda g: self._on_output_grad(group, (ids, *args[1:]), kwargs, g,
                                                               data, offset, batch))

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from attrib.recorder import per_example as pe
+from attrib.recorder.coupling import NORMS, BatchNormCoupling
 from attrib.recorder.policies import TensorCapture
-
-NO_PER_EXAMPLE_GRADIENT = (nn.modules.batchnorm._BatchNorm,)  # batch statistics couple examples
 
 
 class UnsupportedModuleError(TypeError):
@@ -79,7 +78,7 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
             i = index.get(full)
             if i is None or i in inside_attention:
                 continue
-            if isinstance(module, NO_PER_EXAMPLE_GRADIENT):
+            if isinstance(module, NORMS):  # batch statistics couple the examples
                 message = (f"{full} belongs to {type(module).__name__}, whose batch statistics "
                            "make per-example gradients undefined; freeze it, use LayerNorm/"
                            "GroupNorm, or exclude it from capture (its gradient is then "
@@ -115,14 +114,17 @@ class ExampleCapture:
         self._mismatch: str | None = None  # a forward on a batch of another size, this step
         self._handles = [g.module.register_forward_hook(self._forward_hook(g), with_kwargs=True)
                          for g in self.groups]
+        self.coupling = BatchNormCoupling(model, names, strict)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self.coupling.remove()
 
     def begin_micro_batch(self, n: int) -> None:
         """The next forward/backward carries the `n` examples just declared."""
         self._batch = n
+        self.coupling.start()
         self._offset = self._data.rows
         self._data.rows += n
 
@@ -130,6 +132,7 @@ class ExampleCapture:
         """Hand over this step's data and start collecting the next step's."""
         data, self._data = self._data, StepData(rows=0)
         self._batch = None
+        self.coupling.active = False
         return data
 
     def uncaptured(self, data: StepData, active: list[bool]) -> str | None:
@@ -161,6 +164,7 @@ class ExampleCapture:
                 return
             bdim = pe.batch_dim(module)
             if self._shared_by_batch(module, args, out):
+                self.coupling.saw(group.params.values())
                 return self._broadcast(group, args, kwargs, out)
             if self._batch is None or out.dim() <= bdim or out.shape[bdim] != self._batch:
                 if self._batch is not None and out.dim() > bdim:
@@ -170,6 +174,7 @@ class ExampleCapture:
                                       f"{self._batch} ids")
                 return  # not a declared micro-batch (an evaluation pass, say)
             data, offset, batch = self._data, self._offset, self._batch
+            self.coupling.saw(group.params.values())
             out.register_hook(lambda g: self._on_output_grad(group, args, kwargs, g, data,
                                                              offset, batch))
         return hook

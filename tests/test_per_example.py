@@ -200,14 +200,31 @@ def test_batchnorm_is_refused_or_residual(run_dir, tmp_path):
     with pytest.warns(UserWarning, match="batch statistics"):
         rec = attrib.Recorder(tmp_path / "lenient", model,
                               torch.optim.SGD(model.parameters(), lr=0.1), capture=attrib.Full())
-    with rec:
-        rec.examples(torch.arange(8))
-        F.cross_entropy(model(x[:8]), y[:8]).backward()
-        rec.optimizer.step()
+    with rec, pytest.warns(UserWarning, match=r"\['0.weight', '0.bias'\] run before "
+                                              r"BatchNorm '1' in training mode") as caught:
+        for _ in range(2):  # said once
+            rec.examples(torch.arange(8))
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+            rec.optimizer.step()
+            rec.optimizer.zero_grad()
+        model.eval()  # an evaluation forward is not a training micro-batch
+        model(x[:8])
+    assert sum("run before BatchNorm" in str(w.message) for w in caught) == 1
     run = attrib.open_run(tmp_path / "lenient")
     assert run.meta["residual_params"] == ["1.weight", "1.bias"]
     norms = run.residual_norms()[0]  # BatchNorm's whole gradient is residual: norm 1
     assert norms[0] < 1e-5 and norms[2] == norms[3] == 1.0 and norms[4] < 1e-5
+
+
+def test_rows_coupled_by_batch_statistics_are_refused_in_strict_mode(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8, affine=False), nn.Linear(8, 3))
+    x, _ = CASES["mlp"][1]()
+    rec = attrib.Recorder(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          capture=attrib.Full(), strict=True)
+    with rec, pytest.raises(TypeError, match=r"\['0.weight', '0.bias'\] run before BatchNorm"):
+        rec.examples(torch.arange(8))
+        model(x[:8])
 
 
 def test_per_example_losses_go_to_the_examples_table(run_dir):

@@ -52,7 +52,12 @@ def gradients(model: torch.nn.Module, params: dict[str, torch.Tensor], inputs: t
     def one(theta, x, y):
         return evaluate(model, theta, x[None], y[None], target)[0]
 
-    return vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, labels)
+    try:
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, labels)
+    except RuntimeError:  # a module with no vmap batching rule (nn.GRU's and nn.LSTM's
+        # kernels): one test point at a time, offline; an error of the model itself recurs here
+        per = [grad(one)(params, x, y) for x, y in zip(inputs, labels)]
+        return {name: torch.stack([p[name] for p in per]) for name in params}
 
 
 def test_tensors(test_set) -> tuple[torch.Tensor, torch.Tensor]:

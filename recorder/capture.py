@@ -71,6 +71,7 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
                 groups.append(ModuleGroup(module, path, own, None))
                 inside_attention.update(own.values())
     unsupported: list[int] = []
+    refused: dict[str, tuple[nn.Module, list[str]]] = {}  # module path → (module, names)
     by_module: dict[str, ModuleGroup] = {}
     for path, module in model.named_modules():
         for local, p in module.named_parameters(recurse=False):
@@ -78,14 +79,8 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
             i = index.get(full)
             if i is None or i in inside_attention:
                 continue
-            if isinstance(module, NORMS):  # batch statistics couple the examples
-                message = (f"{full} belongs to {type(module).__name__}, whose batch statistics "
-                           "make per-example gradients undefined; freeze it, use LayerNorm/"
-                           "GroupNorm, or exclude it from capture (its gradient is then "
-                           "recorded as residual)")
-                if strict:
-                    raise UnsupportedModuleError(message)
-                warnings.warn(f"attrib: {message}", stacklevel=3)
+            if _uncapturable(module, []) is not None:
+                refused.setdefault(path, (module, []))[1].append(full)
                 unsupported.append(i)
                 continue
             group = by_module.get(path)
@@ -94,7 +89,25 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
                 by_module[path] = group
                 groups.append(group)
             group.params[local] = i
+    for module, refused_names in refused.values():  # one message per module
+        message = _uncapturable(module, refused_names)
+        if strict:
+            raise UnsupportedModuleError(message)
+        warnings.warn(f"attrib: {message}", stacklevel=3)
     return groups, unsupported
+
+
+def _uncapturable(module: nn.Module, names: list[str]) -> str | None:
+    """Why no per-example path handles `module`'s parameters `names`, or None."""
+    if isinstance(module, NORMS):  # batch statistics couple the examples
+        return (f"{names} belong to {type(module).__name__}, whose batch statistics make "
+                "per-example gradients undefined; freeze it, use LayerNorm/GroupNorm, or "
+                "exclude it from capture (its gradient is then recorded as residual)")
+    if isinstance(module, nn.RNNBase):  # torch.func has no batching rule for its kernels
+        return (f"{names} belong to {type(module).__name__}: per-example capture of "
+                "recurrent layers is not implemented yet; exclude it from capture (its "
+                "gradient is then recorded as residual)")
+    return None
 
 
 class ExampleCapture:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from attrib.recorder import per_example as pe
+from attrib.recorder import recurrent
 from attrib.recorder.coupling import NORMS, BatchNormCoupling
 from attrib.recorder.policies import TensorCapture
 
@@ -85,7 +87,9 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
                 continue
             group = by_module.get(path)
             if group is None:
-                group = ModuleGroup(module, path, {}, pe.closed_form_rule(module))
+                group = ModuleGroup(module, path, {}, recurrent.rule
+                                    if isinstance(module, nn.RNNBase)
+                                    else pe.closed_form_rule(module))
                 by_module[path] = group
                 groups.append(group)
             group.params[local] = i
@@ -103,11 +107,21 @@ def _uncapturable(module: nn.Module, names: list[str]) -> str | None:
         return (f"{names} belong to {type(module).__name__}, whose batch statistics make "
                 "per-example gradients undefined; freeze it, use LayerNorm/GroupNorm, or "
                 "exclude it from capture (its gradient is then recorded as residual)")
-    if isinstance(module, nn.RNNBase):  # torch.func has no batching rule for its kernels
-        return (f"{names} belong to {type(module).__name__}: per-example capture of "
-                "recurrent layers is not implemented yet; exclude it from capture (its "
-                "gradient is then recorded as residual)")
+    problem = recurrent.unsupported(module) if isinstance(module, nn.RNNBase) else None
+    if problem is not None:
+        return (f"{names} belong to {type(module).__name__}, whose per-example capture does "
+                f"not cover it: {problem}; or exclude it from capture (its gradient is then "
+                "recorded as residual)")
     return None
+
+
+def _scaled(g: torch.Tensor, scale: float) -> torch.Tensor:
+    return g.detach() if scale == 1.0 else g.detach() * scale
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """A recurrent layer's final state: h_n, or (h_n, c_n)."""
+    return list(value) if isinstance(value, tuple) else [value]
 
 
 class ExampleCapture:
@@ -172,6 +186,11 @@ class ExampleCapture:
             if (not self.enabled or group.failed or self._recomputing
                     or not torch.is_grad_enabled()):
                 return
+            if (isinstance(module, nn.RNNBase) and self._batch is not None
+                    and isinstance(args[0], PackedSequence)):
+                self._fail(group, recurrent.RecurrentCaptureError(
+                    "packed sequences are not supported; pad the batch"))
+                return
             out = output[0] if isinstance(output, tuple) else output
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 return
@@ -188,6 +207,12 @@ class ExampleCapture:
                 return  # not a declared micro-batch (an evaluation pass, say)
             data, offset, batch = self._data, self._offset, self._batch
             self.coupling.saw(group.params.values())
+            if isinstance(module, nn.RNNBase):  # the loss may read h_n (and c_n) too
+                outputs = [out, *_tensors(output[1])]
+                torch.autograd.graph.register_multi_grad_hook(
+                    outputs, lambda grads: self._on_output_grad(group, args, kwargs,
+                                                                list(grads), data, offset, batch))
+                return
             out.register_hook(lambda g: self._on_output_grad(group, args, kwargs, g, data,
                                                              offset, batch))
         return hook
@@ -221,18 +246,24 @@ class ExampleCapture:
             return
         started = time.perf_counter()
         try:
-            g = g.detach() if self.scale == 1.0 else g.detach() * self.scale
+            g = (_scaled(g, self.scale) if isinstance(g, torch.Tensor)
+                 else [None if t is None else _scaled(t, self.scale) for t in g])
             self._contribute(group, args, kwargs, g, data, offset, batch)
         except Exception as e:  # inside loss.backward(): never let it break training
-            if self.strict:
-                raise UnsupportedModuleError(
-                    f"per-example gradients of {group.path or 'the model'} "
-                    f"({type(group.module).__name__}) failed: {e}") from e
-            group.failed = repr(e)
-            warnings.warn(f"attrib: per-example capture of {group.path or 'the model'} "
-                          f"({type(group.module).__name__}) failed ({e!r}); its gradient is "
-                          "recorded as residual from now on", stacklevel=2)
+            self._fail(group, e)
         data.seconds += time.perf_counter() - started
+
+    def _fail(self, group: ModuleGroup, e: Exception) -> None:
+        """Stop capturing a module whose per-example path failed: its gradient is residual
+        from now on (said once), or raise under strict=True."""
+        if self.strict:
+            raise UnsupportedModuleError(
+                f"per-example gradients of {group.path or 'the model'} "
+                f"({type(group.module).__name__}) failed: {e}") from e
+        group.failed = repr(e)
+        warnings.warn(f"attrib: per-example capture of {group.path or 'the model'} "
+                      f"({type(group.module).__name__}) failed ({e!r}); its gradient is "
+                      "recorded as residual from now on", stacklevel=3)
 
     def _contribute(self, group, args, kwargs, g, data: StepData, offset, batch) -> None:
         if group.rule is not None:

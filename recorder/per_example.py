@@ -193,8 +193,11 @@ UNBATCHED_KWARGS = frozenset({"attn_mask", "mask", "src_mask", "tgt_mask", "memo
 
 
 def batch_dim(module: nn.Module) -> int:
-    """Where the examples are in a module's inputs and outputs (MultiheadAttention may be 1)."""
-    return 1 if isinstance(module, nn.MultiheadAttention) and not module.batch_first else 0
+    """Where the examples are in a module's inputs and outputs (1 for a MultiheadAttention or
+    recurrent layer that is not batch_first)."""
+    if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and not module.batch_first:
+        return 1
+    return 0
 
 
 def generic_contributions(module: nn.Module, names: list[str], args: tuple, kwargs: dict,

@@ -367,19 +367,16 @@ class TinyGRU(torch.nn.Module):
 
 
 def test_completeness_on_a_gru(run_dir):
-    """The path kernel on a recurrent model: test gradients fall back to one test point at a
-    time, and the terms (the GRU's data part as residual) still sum to f(θ_N) − f(θ_0)."""
+    """The path kernel on a recurrent model (per-example rows by recurrent.py's closed form):
+    test gradients fall back to one test point at a time, and the terms sum to
+    f(θ_N) − f(θ_0)."""
     model = TinyGRU().double()
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 12, (128, 6), generator=g)
-    with pytest.warns(UserWarning, match=r"\['rnn.weight_ih_l0', 'rnn.weight_hh_l0', "
-                                         r"'rnn.bias_ih_l0', 'rnn.bias_hh_l0'\] belong to GRU: "
-                                         "per-example capture of recurrent layers is not "
-                                         "implemented yet") as caught:
-        train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), steps=30,
-              inputs=tokens, labels=tokens[:, 0] % 3, clip=0.5, batch=8,
-              capture=attrib.Full(dtype="float64"))
-    assert len(caught) == 1  # one message, nothing misread as a batch mismatch
+    train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), steps=30, inputs=tokens,
+          labels=tokens[:, 0] % 3, clip=0.5, batch=8, capture=attrib.Full(dtype="float64"),
+          strict=True)
+    assert float(attrib.open_run(run_dir).residual_norms().max()) < 1e-10  # GRU rows exact
     test_tokens = torch.randint(0, 12, (3, 6), generator=g)
     result = attrib.analyze.path_kernel(attrib.open_run(run_dir), lambda: TinyGRU().double(),
                                         (test_tokens, test_tokens[:, 0] % 3), progress=False)

@@ -381,3 +381,40 @@ def test_completeness_on_a_gru(run_dir):
     result = attrib.analyze.path_kernel(attrib.open_run(run_dir), lambda: TinyGRU().double(),
                                         (test_tokens, test_tokens[:, 0] % 3), progress=False)
     assert_complete(result)
+
+
+def test_completeness_on_hugging_face_gpt2(run_dir):
+    """A third-party LM (Conv1D layers, tied lm_head, position_ids) with a callable target,
+    the log-probability of each test sequence's next token."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+
+    def make():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(config).to(torch.float64)
+
+    model = make()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 40, (64, 8), generator=g)
+    with attrib.Recorder(run_dir, model, opt, capture=attrib.Full(dtype="float64"),
+                         checkpoint_every=5, strict=True) as rec:
+        for _ in range(12):
+            ids = torch.randint(0, 64, (8,), generator=g)
+            rec.examples(ids)
+            model(tokens[ids], labels=tokens[ids]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    def next_token_log_prob(model_at, inputs, labels):
+        logits = model_at(inputs).logits[:, -1]
+        return -F.cross_entropy(logits, labels, reduction="none")
+
+    test = torch.randint(0, 40, (3, 9), generator=g)
+    result = attrib.analyze.path_kernel(attrib.open_run(run_dir), make,
+                                        (test[:, :-1], test[:, -1]),
+                                        target=next_token_log_prob, quadrature=8,
+                                        progress=False)
+    assert_complete(result)  # 8 nodes: AdamW's steps bend this small model (2 left 1e-2)

@@ -121,6 +121,22 @@ class GPT(torch.nn.Module):
         return self.head(self.ln_f(h)).flatten(0, 1)
 
 
+class GRULM(torch.nn.Module):
+    """Recurrent LM: embedding 128, one batch-first GRU of 256, a Linear head per token;
+    vocabulary 512 (recorder/recurrent.py's closed form captures the GRU)."""
+
+    def __init__(self, vocab: int = 512, d: int = 128, hidden: int = 256) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.rnn = torch.nn.GRU(d, hidden, batch_first=True)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out).flatten(0, 1)
+
+
 def mlp_batch(g: torch.Generator):
     return torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
 
@@ -140,6 +156,7 @@ WORKLOADS = {
     "transformer": Workload("transformer LM d256 x2, seq 64, batch 16", TransformerLM, lm_batch,
                             16),
     "gpt": Workload("GPT LM d256 x2, q/k/v + SDPA, tied, seq 64, batch 16", GPT, lm_batch, 16),
+    "gru": Workload("GRU LM d128 h256, seq 64, batch 16", GRULM, lm_batch, 16),
 }
 
 

@@ -166,3 +166,43 @@ def test_huggingface_trainer_callback_under_ddp(tmp_path):
     assert_recorded(tmp_path / "run", model, steps=4, epochs=2, residuals=False)
     assert (run.clip_factors() < 0.9).all()
     assert_rows_sum_to_gradients(run, examples=32)
+
+
+class Sequences(torch.utils.data.Dataset):
+    """Token sequences as a causal LM's Trainer items (input_ids, labels)."""
+
+    def __init__(self) -> None:
+        self.tokens = torch.randint(0, 40, (32, 8), generator=torch.Generator().manual_seed(3))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
+
+
+def test_huggingface_gpt2_through_the_trainer_callback(tmp_path):
+    """GPT2LMHeadModel (tied lm_head, Conv1D, position_ids) recorded by the Trainer callback:
+    every tensor's rows sum to its gradient, and the run verifies."""
+    transformers = pytest.importorskip("transformers")
+    from attrib.recorder.hf_callback import AttribTrainerCallback
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1,
+        learning_rate=0.01, report_to=[], save_strategy="no", remove_unused_columns=False,
+        use_cpu=True, disable_tqdm=True)
+    path = tmp_path / "run"
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Indexed(Sequences()),
+                                   callbacks=[AttribTrainerCallback(path, capture=attrib.Full(),
+                                                                    strict=True)])
+    trainer.train()
+    run = attrib.open_run(path)
+    assert run.n_steps == 4 and run.status == "complete"
+    assert verify(path).column("ok").to_pylist() == [True] * 7
+    assert float(run.residual_norms().max()) < 1e-5  # float32 rows, every tensor captured
+    assert "lm_head.weight" not in run.param_names  # tied: stored once, as the embedding

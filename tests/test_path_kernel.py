@@ -378,9 +378,29 @@ def test_completeness_on_a_gru(run_dir):
           strict=True)
     assert float(attrib.open_run(run_dir).residual_norms().max()) < 1e-10  # GRU rows exact
     test_tokens = torch.randint(0, 12, (3, 6), generator=g)
-    result = attrib.analyze.path_kernel(attrib.open_run(run_dir), lambda: TinyGRU().double(),
+    run = attrib.open_run(run_dir)
+    result = attrib.analyze.path_kernel(run, lambda: TinyGRU().double(),
                                         (test_tokens, test_tokens[:, 0] % 3), progress=False)
     assert_complete(result)
+    # TracIn on the same model (its gradients take the same one-point-at-a-time path): one
+    # checkpoint's score is η ∇f(x) · ∇ℓ_i, checked for one pair by plain autograd
+    scores = attrib.analyze.tracin(run, lambda: TinyGRU().double(), (tokens, tokens[:, 0] % 3),
+                                   (test_tokens, test_tokens[:, 0] % 3), checkpoints=[0],
+                                   progress=False).to_pylist()
+    reference = TinyGRU().double()
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, value in run.reconstruct(0).items():
+            params[name].copy_(value)
+
+    def gradient(x, y):
+        loss = F.cross_entropy(reference(x[None]), y[None])
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))])
+
+    row = next(r for r in scores if r["example_id"] == 5 and r["test_id"] == 1)
+    expected = float(run.hparams()["lr"][0, 0]) * float(
+        gradient(test_tokens[1], test_tokens[1, 0] % 3) @ gradient(tokens[5], tokens[5, 0] % 3))
+    assert abs(row["value"] - expected) <= 1e-8 * abs(expected) + 1e-12, (row, expected)
 
 
 def test_completeness_on_hugging_face_gpt2(run_dir):

@@ -139,6 +139,7 @@ class ExampleCapture:
         self._offset = 0
         self._data = StepData(rows=0)
         self._mismatch: str | None = None  # a forward on a batch of another size, this step
+        self._lost: str | None = None  # ... whose output backward reached: its rows are lost
         self._handles = [g.module.register_forward_hook(self._forward_hook(g), with_kwargs=True)
                          for g in self.groups]
         self.coupling = BatchNormCoupling(model, names, strict)
@@ -170,6 +171,9 @@ class ExampleCapture:
                    if on and capture.any and i not in data.sums and i not in failed
                    and i not in self.unsupported]
         mismatch, self._mismatch = self._mismatch, None
+        lost, self._lost = self._lost, None
+        if lost is not None:
+            return f"{lost}; pass one id per example of the micro-batch"
         if not missing:
             return None
         if data.rows == 0:
@@ -179,6 +183,10 @@ class ExampleCapture:
             return f"{mismatch}; pass one id per example of the micro-batch"
         return (f"{missing[:3]} got gradients, but their modules never ran on the declared "
                 "micro-batch (parameters used outside their module's forward?)")
+
+    def _note_lost(self, message: str) -> None:
+        if self._lost is None:
+            self._lost = message
 
     # -- hooks ---------------------------------------------------------------------------------
     def _forward_hook(self, group: ModuleGroup):
@@ -200,10 +208,14 @@ class ExampleCapture:
                 return self._broadcast(group, args, kwargs, out)
             if self._batch is None or out.dim() <= bdim or out.shape[bdim] != self._batch:
                 if self._batch is not None and out.dim() > bdim:
-                    self._mismatch = (f"module {group.path or '(the model)'!r} "
-                                      f"({type(module).__name__}) ran on a batch of "
-                                      f"{out.shape[bdim]}, but rec.examples() declared "
-                                      f"{self._batch} ids")
+                    message = (f"module {group.path or '(the model)'!r} "
+                               f"({type(module).__name__}) ran on a batch of "
+                               f"{out.shape[bdim]}, but rec.examples() declared "
+                               f"{self._batch} ids")
+                    self._mismatch = message
+                    # a problem once backward reaches it, even where another micro-batch of
+                    # the step was captured (an evaluation pass with grad on never is)
+                    out.register_hook(lambda g, m=message: self._note_lost(m))
                 return  # not a declared micro-batch (an evaluation pass, say)
             data, offset, batch = self._data, self._offset, self._batch
             self.coupling.saw(group.params.values())

@@ -41,6 +41,8 @@ from attrib.schemas.fingerprint import Fingerprint
 from attrib.schemas.format import FormatError
 
 RESIDUAL_FLOOR = 1e-8  # see _store_examples
+RESIDUAL_WARN = 1e-3  # a residual norm above this is a use the capture missed (float32 sums
+# of many examples round to ~1e-6)
 BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
 MAX_STEPS_PER_CHUNK = 64
 BLOCK_BUFFERS = 3  # one being filled, up to two being written: bounds host memory
@@ -63,6 +65,7 @@ class TrackedParam:
     module: str
     layer_type: str
     layout: tuple[tuple[int, ...], torch.dtype]  # shape and dtype when the recorder attached
+    trained_at_attach: bool = True  # requires_grad then: frozen ones get no hooks or capture
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -113,7 +116,7 @@ def tracked_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
                 )
             name, module, layer_type = owner[id(p)]
             params.append(TrackedParam(len(params), name, fmt.param_key(name), p, g, module,
-                                       layer_type, (tuple(p.shape), p.dtype)))
+                                       layer_type, (tuple(p.shape), p.dtype), p.requires_grad))
     keys = [p.key for p in params]
     if len(set(keys)) != len(keys):
         raise ValueError("two parameters map to the same storage key; rename the modules")
@@ -179,6 +182,11 @@ class Recorder:
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be ≥ 1, got {checkpoint_every}")
+        if steps_per_chunk is not None and steps_per_chunk < 1:
+            raise ValueError(f"steps_per_chunk must be ≥ 1 (or None to size it), got "
+                             f"{steps_per_chunk}")
+        if buffers < 1:
+            raise ValueError(f"buffers must be ≥ 1 (block buffers held in memory), got {buffers}")
         if backpressure not in BACKPRESSURE:
             raise ValueError(f"backpressure={backpressure!r}: choose one of {BACKPRESSURE}")
         model, self.ranks = distributed.unwrap(model)
@@ -238,9 +246,9 @@ class Recorder:
         self._dropped_before = False
         self._problems_seen: set[str] = set()
         self._created_run = False  # this constructor made the run directory (see _abandon)
-        codecs = Codecs.of(codec)
-        meta = self._metadata(codecs, metadata or {})
         try:  # a constructor that fails leaves no thread, hook or half-made run behind
+            codecs = Codecs.of(codec)
+            meta = self._metadata(codecs, metadata or {})
             if self.ranks is None:
                 point = self._open(meta, codecs, vocabulary, overwrite, resume)
             else:  # rank 0 creates the run (or cuts it back) while the others wait; they join
@@ -259,7 +267,7 @@ class Recorder:
                 optimizer.register_step_pre_hook(self._pre_step),
                 optimizer.register_step_post_hook(self._post_step),
                 *(p.param.register_post_accumulate_grad_hook(self._grad_hook)
-                  for p in self.params if p.param.requires_grad),  # frozen: never gets a .grad
+                  for p in self.params if p.trained_at_attach),  # frozen: never gets a .grad
             ]
         except BaseException:
             self._abandon(new_run=resume is False)
@@ -310,7 +318,7 @@ class Recorder:
                            [tuple(p.param.shape) for p in self.params],
                            [str(p.storage_dtype).removeprefix("torch.") for p in self.params])
         # a frozen parameter (requires_grad=False) never gets a gradient: nothing to capture
-        return [c if p.param.requires_grad else TensorCapture(c.storage_dtype)
+        return [c if p.trained_at_attach else TensorCapture(c.storage_dtype)
                 for p, c in zip(self.params, resolved)]
 
     @property
@@ -800,6 +808,13 @@ class Recorder:
         tensors only, never over examples or coordinates.
         """
         consumed = [p.param.grad for p in self.params]
+        thawed = [p.name for p, g in zip(self.params, consumed) if g is not None
+                  and not p.trained_at_attach]
+        if thawed:
+            self._say("thawed", f"step {self.step}: parameters {thawed} were frozen when "
+                      "Recorder attached and now train: their trajectory is recorded, but not "
+                      "their per-example rows or their pre-clip norm (the clip factor leaves "
+                      "them out); attach a new Recorder after unfreezing parameters")
         data = self._capture.end_step() if self._capture is not None else None
         if self._block is None:
             self._initialize_storage(self._examples_per_step or (
@@ -904,13 +919,8 @@ class Recorder:
         the step's TopK shifts table (None without a TopK policy)."""
         problem = self._capture.uncaptured(data, [g is not None for g in consumed])
         if problem is not None:
-            message = (f"step {self.step}: {problem}. The step's per-example data is missing "
-                       "and its gradient is recorded as residual")
-            if self.strict:
-                raise RecordingError(message)
-            if problem not in self._problems_seen:  # once per kind of problem, not per step
-                self._problems_seen.add(problem)
-                warnings.warn(f"attrib: {message}", stacklevel=5)
+            self._say(problem, f"step {self.step}: {problem}. The step's per-example data is "
+                      "missing and its gradient is recorded as residual")
         store = self._writer.store
         mine = store.example_rows
         capacity = mine.stop - mine.start if mine is not None else store.meta["examples_per_step"]
@@ -949,10 +959,35 @@ class Recorder:
             gap = before_clip if total is None else before_clip - total.double()
             residual.append(torch.linalg.vector_norm(gap)
                             / torch.maximum(torch.linalg.vector_norm(before_clip), floor))
+        norms = torch.stack([r.to(clip_factor.device).double() for r in residual])
         if fmt.RESIDUAL_NORM in rows:
-            rows[fmt.RESIDUAL_NORM].copy_(torch.stack([r.to(clip_factor.device).double()
-                                                       for r in residual]), non_blocking=True)
+            rows[fmt.RESIDUAL_NORM].copy_(norms, non_blocking=True)
+        if problem is None and not self._on_gpu:  # on a GPU this would wait for the step
+            self._check_explained(norms)
         return self._top_shifts(data, clip_factor, hparams)
+
+    def _check_explained(self, norms: torch.Tensor) -> None:
+        """Say where captured rows explain only part of a tensor's gradient: a use the hooks
+        do not see (`h @ emb.weight.T` in plain code, say) leaves it in the residual."""
+        known = set(self._capture.unsupported) | {
+            i for g in self._capture.groups if g.failed for i in g.params.values()}
+        partial = [p.name for p, r in zip(self.params, norms.tolist())
+                   if r > RESIDUAL_WARN and p.index not in known]
+        if partial:
+            self._say(f"partial {partial}", (
+                f"step {self.step}: the per-example rows of {partial} explain only part of "
+                f"their gradient (residual up to {float(norms.nan_to_num(0).max()):.2g}): a "
+                "use outside any module's forward (e.g. `h @ emb.weight.T`) or by a module "
+                "the capture does not see. The rest is recorded as residual; use the tensor "
+                "through a module (an nn.Linear whose weight is tied to it) to capture it"))
+
+    def _say(self, kind: str, message: str) -> None:
+        """A capture problem: raised under strict=True, else warned once per kind."""
+        if self.strict:
+            raise RecordingError(message)
+        if kind not in self._problems_seen:  # once per kind of problem, not per step
+            self._problems_seen.add(kind)
+            warnings.warn(f"attrib: {message}", stacklevel=6)
 
     def _top_shifts(self, data: StepData, clip_factor: torch.Tensor,
                     hparams: list[dict[str, float]]):

@@ -49,7 +49,7 @@ def rule(module: nn.RNNBase, args: tuple, kwargs: dict, grads: list[torch.Tensor
     hidden, layers = module.hidden_size, module.num_layers
     directions = 2 if module.bidirectional else 1
     lstm = module.mode == "LSTM"
-    hx = args[1] if len(args) > 1 else None
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
     h0, c0 = (hx if lstm and hx is not None else (hx, None))
     zeros = x.new_zeros(layers * directions, batch, hidden)
     h0 = zeros if h0 is None else h0.detach()

@@ -143,8 +143,9 @@ def _check_optimizer(run: Run, step: int, optimizer: torch.optim.Optimizer,
         recorded_state = {n: s for n, s in run.initial_state().items()}
     else:
         recorded_counts = run.step_counts(step - 1, step)[0].tolist()
+        kept = set(run.trajectory_params)  # Recorder(trajectory=...): per-step state of these
         recorded_state = {n: {s: run.state(n, s, step - 1, step)[0] for s in spec.step_state}
-                          for n in run.param_names}
+                          for n in run.param_names if n in kept}
     fix = ("restore the optimizer's state_dict from the same training checkpoint as the model's "
            f"(the state after step {step - 1})" if step else
            "restore the optimizer the run started with")

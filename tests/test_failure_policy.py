@@ -231,3 +231,71 @@ def test_a_constructor_that_fails_leaves_nothing_behind(run_dir, monkeypatch):
         torch.nn.functional.cross_entropy(model(inputs[:16]), labels[:16]).backward()
         opt.step()
     assert attrib.open_run(run_dir).n_steps == 1
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_miscounted_micro_batch_is_said_even_when_another_was_captured(run_dir, strict):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, labels = data()
+    message = r"module '[02]' \(Linear\) ran on a batch of 3, but rec.examples\(\) declared 2 ids"
+    with attrib.Recorder(run_dir, model, opt, capture=attrib.Full(), strict=strict) as rec, \
+            pytest.raises(attrib.RecordingError, match=message) if strict else \
+            pytest.warns(UserWarning, match=message):
+        rec.examples(torch.arange(2))
+        (torch.nn.functional.cross_entropy(model(inputs[:3]), labels[:3]) * 0.75).backward()
+        rec.examples(torch.arange(3, 4))
+        (torch.nn.functional.cross_entropy(model(inputs[3:4]), labels[3:4]) * 0.25).backward()
+        opt.step()
+
+
+class _HeadUsedInPlainCode(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(12, 8)
+
+    def forward(self, tokens):
+        return self.emb(tokens).mean(1) @ self.emb.weight[:3].T  # tied head, no module
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_use_the_capture_cannot_see_is_said(run_dir, strict):
+    model = _HeadUsedInPlainCode()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, 12, (8, 5), generator=torch.Generator().manual_seed(0))
+    message = r"rows of \['emb.weight'\] explain only part of their gradient"
+    with attrib.Recorder(run_dir, model, opt, capture=attrib.Full(), strict=strict) as rec, \
+            pytest.raises(attrib.RecordingError, match=message) if strict else \
+            pytest.warns(UserWarning, match=message):
+        rec.examples(torch.arange(8))
+        torch.nn.functional.cross_entropy(model(tokens), tokens[:, 0] % 3).backward()
+        opt.step()
+
+
+def test_a_parameter_unfrozen_after_attach_is_said(run_dir):
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, labels = data()
+    with attrib.Recorder(run_dir, model, opt, capture=attrib.Full()) as rec, \
+            pytest.warns(UserWarning, match=r"parameters \['0.weight'\] were frozen when "
+                                            "Recorder attached and now train"):
+        for step in range(2):
+            if step == 1:
+                model[0].weight.requires_grad_(True)
+            rec.examples(torch.arange(16))
+            torch.nn.functional.cross_entropy(model(inputs[:16]), labels[:16]).backward()
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"steps_per_chunk": -3}, "steps_per_chunk must be ≥ 1"),
+    ({"buffers": 0}, "buffers must be ≥ 1"),
+])
+def test_bad_sizes_are_refused_up_front(run_dir, setting, message):
+    model = mlp()
+    with pytest.raises(ValueError, match=message):
+        attrib.Recorder(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), **setting)
+    assert not run_dir.exists()

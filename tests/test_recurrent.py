@@ -19,7 +19,7 @@ class Recurrent(nn.Module):
     """Embedding → a recurrent layer → a linear head on its last output or its final h."""
 
     def __init__(self, kind: str, batch_first: bool, layers: int, bidirectional: bool,
-                 read: str, initial: bool = False) -> None:
+                 read: str, initial: bool | str = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(12, 6)
@@ -35,7 +35,10 @@ class Recurrent(nn.Module):
             h0 = torch.full((self.rnn.num_layers * (2 if self.rnn.bidirectional else 1),
                              len(tokens), 5), 0.3, dtype=x.dtype)
             args.append((h0, -h0) if isinstance(self.rnn, nn.LSTM) else h0)
-        out, state = self.rnn(*args)
+        if self.initial == "keyword":  # rnn(x, hx=...)
+            out, state = self.rnn(args[0], hx=args[1])
+        else:
+            out, state = self.rnn(*args)
         if self.read == "h_n":
             h = state[0] if isinstance(state, tuple) else state
             last = torch.cat([h[-1], h[-2]], -1) if self.rnn.bidirectional else h[-1]
@@ -46,7 +49,8 @@ class Recurrent(nn.Module):
 
 CASES = [("GRU", True, 1, False, "output"), ("GRU", False, 2, False, "h_n", True),
          ("LSTM", True, 1, True, "h_n"), ("LSTM", False, 2, True, "output", True),
-         ("RNN", True, 2, False, "h_n")]
+         ("RNN", True, 2, False, "h_n"), ("GRU", True, 1, False, "output", "keyword"),
+         ("LSTM", True, 1, False, "h_n", "keyword")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])

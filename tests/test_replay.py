@@ -290,8 +290,8 @@ def test_a_partial_trajectory_rebuilds_its_tensors_and_refuses_the_rest(run_dir,
     replays the chosen ones."""
     model = mlp()
     settings = {"trajectory": chosen} if chosen else {"record_grads": False}
-    thetas, states = live_loop(run_dir, model, OPTIMIZERS["adamw"](model.parameters()),
-                               capture=False, **settings)
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    thetas, states = live_loop(run_dir, model, opt, capture=False, **settings)
     run = attrib.open_run(run_dir)
     kept = ["2.weight", "2.bias"] if chosen else []
     assert run.trajectory_params == kept
@@ -317,6 +317,11 @@ def test_a_partial_trajectory_rebuilds_its_tensors_and_refuses_the_rest(run_dir,
     assert replay["ok"], replay
     assert ("2 of 4 tensors whose gradients were recorded" in replay["detail"] if chosen
             else "nothing to replay" in replay["detail"])
+    # the run resumes where it stopped (θ and state of every tensor are at that checkpoint)
+    with attrib.Recorder(run_dir, model, opt, capture=False, checkpoint_every=7,
+                         steps_per_chunk=4, resume=True, **settings):
+        pass
+    assert attrib.open_run(run_dir).n_steps == 23
 
 
 def test_a_trajectory_pattern_that_matches_nothing_is_refused(run_dir):

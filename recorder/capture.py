@@ -140,6 +140,7 @@ class ExampleCapture:
         self._data = StepData(rows=0)
         self._mismatch: str | None = None  # a forward on a batch of another size, this step
         self._lost: str | None = None  # ... whose output backward reached: its rows are lost
+        self._positions_said: set[str] = set()  # see _warn_if_positions
         self._handles = [g.module.register_forward_hook(self._forward_hook(g), with_kwargs=True)
                          for g in self.groups]
         self.coupling = BatchNormCoupling(model, names, strict)
@@ -203,6 +204,7 @@ class ExampleCapture:
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 return
             bdim = pe.batch_dim(module)
+            self._warn_if_positions(group, module, args)
             if self._shared_by_batch(module, args, out):
                 self.coupling.saw(group.params.values())
                 return self._broadcast(group, args, kwargs, out)
@@ -237,6 +239,24 @@ class ExampleCapture:
         return (self._batch is not None and isinstance(module, nn.Embedding)
                 and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1
                 and args[0].shape[0] != self._batch)
+
+    def _warn_if_positions(self, group: ModuleGroup, module: nn.Module, args: tuple) -> None:
+        """1-d indices exactly as long as the batch read as one per example; when they are
+        arange(B) they are more likely positions the batch shares (context length = batch
+        size), which would then be attributed wrongly with nothing to flag it. Said once;
+        checked on the CPU only (on a GPU the comparison would wait for the forward)."""
+        ids = args[0] if args else None
+        if (self._batch is None or group.path in self._positions_said
+                or not isinstance(module, nn.Embedding) or not isinstance(ids, torch.Tensor)
+                or ids.dim() != 1 or len(ids) != self._batch or ids.is_cuda
+                or not torch.equal(ids, torch.arange(len(ids), device=ids.device))):
+            return
+        self._positions_said.add(group.path)
+        warnings.warn(f"attrib: Embedding {group.path!r} was looked up with arange({len(ids)}) "
+                      f"and the micro-batch has {len(ids)} examples: the indices are read as "
+                      "one per example. If they are positions the whole batch shares, pass "
+                      "them with a batch dimension of 1 (`torch.arange(T)[None]`) so each "
+                      "example's part is captured", stacklevel=3)
 
     def _broadcast(self, group: ModuleGroup, args: tuple, kwargs: dict,
                    out: torch.Tensor) -> torch.Tensor:

@@ -391,3 +391,25 @@ def test_hugging_face_gpt2_rows_equal_each_examples_gradient(run_dir):
                 torch.testing.assert_close(got[name][row], value, rtol=0,
                                            atol=1e-6 * float(value.abs().max()) + 1e-14,
                                            msg=f"{name} step {step} row {row}")
+
+
+def test_positions_as_long_as_the_batch_are_said_and_the_fix_is_exact(tmp_path):
+    """With context length = batch size, wpe(arange(T)) can't be told from one index per
+    example: it is said; the fix it names (arange(T)[None]) records exact rows."""
+    class Ambiguous(TinyGPT):
+        def __init__(self, batched: bool) -> None:
+            super().__init__()
+            self.batched = batched
+
+        def forward(self, idx):
+            positions = torch.arange(idx.shape[1])
+            x = self.wte(idx) + self.wpe(positions[None] if self.batched else positions)
+            return self.head(self.ln(x)).mean(1)
+
+    tokens = torch.randint(0, 12, (96, 8), generator=torch.Generator().manual_seed(5))
+    data = lambda: (tokens, tokens[:, 0] % 3)  # noqa: E731
+    with pytest.warns(UserWarning, match=r"Embedding 'wpe' was looked up with arange\(8\) and "
+                                         r"the micro-batch has 8 examples"):
+        record(tmp_path / "ambiguous", lambda: Ambiguous(False), data)
+    run, x, y = record(tmp_path / "fixed", lambda: Ambiguous(True), data)
+    assert_contributions_match(run, lambda: Ambiguous(True), x, y)

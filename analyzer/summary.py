@@ -87,6 +87,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "per_example": _capture_summary(run),
         "checkpoints": len(run.checkpoint_steps),
         "checkpoint_every": run.meta["checkpoint_every"],
+        "trajectory_params": len(run.trajectory_params),
         "last_loss": steps.column("loss")[-1].as_py() if steps.num_rows else None,
         "dense_bytes_raw": dense_raw,
         "dense_bytes_stored": dense_stored,

@@ -68,6 +68,16 @@ def _per_example(capture: dict[str, Any]) -> str:
     return text
 
 
+def _trajectory(kept: int, params: int) -> str:
+    """Whose gradients each step stores (the rest is read at checkpoints only)."""
+    if kept == params:
+        return "every tensor's gradient per step"
+    if not kept:
+        return "none per step (record_grads=False): θ at checkpoints only"
+    return (f"the gradients of {kept} of {params} tensors per step (Recorder(trajectory=...)); "
+            "the others at checkpoints only")
+
+
 def summary(info: dict[str, Any]) -> str:
     """The `attrib info` text."""
     opt = info["optimizer"]
@@ -87,6 +97,7 @@ def summary(info: dict[str, Any]) -> str:
         f"params       {info['params']} tensors, {info['numel']:,} scalars",
         f"optimizer    {opt['class']} ({opt['kind']}{', amsgrad' if opt['amsgrad'] else ''})"
         + (f", at step 0: {hp}" if hp else ""),
+        f"trajectory   {_trajectory(info['trajectory_params'], info['params'])}",
         f"per example  {_per_example(info['per_example'])}",
         f"checkpoints  {info['checkpoints']} (every {info['checkpoint_every']} steps)",
         f"last loss    {_cell(info['last_loss'])}",

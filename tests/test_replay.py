@@ -313,6 +313,7 @@ def test_a_partial_trajectory_rebuilds_its_tensors_and_refuses_the_rest(run_dir,
                            match="can't be computed.*" + ("trajectory=" if chosen
                                                           else "record_grads=True")):
             read()
+    assert run.info()["trajectory_params"] == len(kept)
     replay = {r["check"]: r for r in verify(run_dir).to_pylist()}["replay"]
     assert replay["ok"], replay
     assert ("2 of 4 tensors whose gradients were recorded" in replay["detail"] if chosen

@@ -67,7 +67,8 @@ def test_cli_info(two_runs):
     result = CliRunner().invoke(main, ["info", str(two_runs / "exp2")])
     assert result.exit_code == 0, result.output
     for expected in ("status       complete", "steps        9 committed", "AdamW (adamw)",
-                     "4 tensors, 227 scalars", "compression", "checkpoints  2"):
+                     "4 tensors, 227 scalars", "compression", "checkpoints  2",
+                     "trajectory   every tensor's gradient per step"):
         assert expected in result.output
     info = json.loads(CliRunner().invoke(main, ["info", "--json", str(two_runs / "exp2")]).output)
     # 9 steps × 227 float32 gradients + checkpoints θ_0, θ_9 with AdamW's exp_avg and

@@ -99,3 +99,32 @@ def train(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, steps:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+def tiny_gpt2(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Hugging Face's GPT2LMHeadModel at a tiny size (Conv1D layers, lm_head tied to wte,
+    position_ids); the test is skipped where transformers is not installed."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+def assert_rows_equal_autograd(run: attrib.Run, make, share, rel: float) -> None:
+    """Every recorded row against plain autograd, one example at a time, at the θ_s the run
+    reconstructs: `share(model, ids, row)` is that example's share of the step's loss."""
+    reference = make()
+    params = dict(reference.named_parameters())
+    for step in range(run.n_steps):
+        with torch.no_grad():
+            for name, value in run.reconstruct(step).items():
+                params[name].copy_(value)
+        ids, got = run.contributions(step)
+        for row in range(len(ids)):
+            expected = torch.autograd.grad(share(reference, ids, row), list(params.values()))
+            for (name, _), value in zip(params.items(), expected):
+                torch.testing.assert_close(got[name][row], value, rtol=0,
+                                           atol=rel * float(value.abs().max()) + 1e-15,
+                                           msg=f"{name} step {step} row {row}")

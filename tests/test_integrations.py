@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import data, mlp
+from conftest import data, mlp, tiny_gpt2
 
 import attrib
 from attrib.analyzer.verify import verify
@@ -187,11 +187,7 @@ def test_huggingface_gpt2_through_the_trainer_callback(tmp_path):
     transformers = pytest.importorskip("transformers")
     from attrib.recorder.hf_callback import AttribTrainerCallback
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
-                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config)
+    model = tiny_gpt2()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=1,
         learning_rate=0.01, report_to=[], save_strategy="no", remove_unused_columns=False,

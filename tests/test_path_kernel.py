@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import OPTIMIZERS, TinyTransformer, mlp, train
+from conftest import OPTIMIZERS, TinyTransformer, mlp, tiny_gpt2, train
 from torch.func import functional_call, grad, vmap
 
 import attrib
@@ -406,14 +406,8 @@ def test_completeness_on_a_gru(run_dir):
 def test_completeness_on_hugging_face_gpt2(run_dir):
     """A third-party LM (Conv1D layers, tied lm_head, position_ids) with a callable target,
     the log-probability of each test sequence's next token."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
-                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-
     def make():
-        torch.manual_seed(0)
-        return transformers.GPT2LMHeadModel(config).to(torch.float64)
+        return tiny_gpt2(torch.float64)
 
     model = make()
     opt = OPTIMIZERS["adamw"](model.parameters())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyTransformer
+from conftest import TinyTransformer, assert_rows_equal_autograd, tiny_gpt2
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -351,16 +351,7 @@ def test_hugging_face_gpt2_rows_equal_each_examples_gradient(run_dir):
     """A real third-party LM: Hugging Face's GPT2LMHeadModel (Conv1D layers, lm_head tied to
     wte, wpe looked up with position_ids of batch size 1). Reference: each example's share of
     the batch's mean token loss, differentiated by plain autograd, one example at a time."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
-                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-
-    def make():
-        torch.manual_seed(0)
-        return transformers.GPT2LMHeadModel(config).to(F64)
-
-    model = make()
+    model = tiny_gpt2(F64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randint(0, 40, (32, 8), generator=torch.Generator().manual_seed(1))
     with attrib.Recorder(run_dir, model, opt, capture=attrib.Full(dtype="float64"),
@@ -373,24 +364,15 @@ def test_hugging_face_gpt2_rows_equal_each_examples_gradient(run_dir):
             opt.zero_grad()
     run = attrib.open_run(run_dir)
     assert float(run.residual_norms().max()) < 1e-10
-    reference_model = make()
-    names = dict(reference_model.named_parameters())
-    for step in range(run.n_steps):
-        with torch.no_grad():
-            for name, value in run.reconstruct(step).items():
-                names[name].copy_(value)
-        ids, got = run.contributions(step)
+
+    def share(reference, ids, row):
         batch = x[ids]
-        for row in range(len(ids)):
-            logits = reference_model(batch).logits[row, :-1]
-            share = F.cross_entropy(logits, batch[row, 1:], reduction="sum") / (
-                batch.shape[0] * (batch.shape[1] - 1))
-            expected = torch.autograd.grad(share, list(names.values()))
-            for (name, _), value in zip(names.items(), expected):
-                # 1e-6: HF's loss casts the logits to float32 (~5e-8 relative here)
-                torch.testing.assert_close(got[name][row], value, rtol=0,
-                                           atol=1e-6 * float(value.abs().max()) + 1e-14,
-                                           msg=f"{name} step {step} row {row}")
+        logits = reference(batch).logits[row, :-1]
+        return F.cross_entropy(logits, batch[row, 1:], reduction="sum") / (
+            batch.shape[0] * (batch.shape[1] - 1))
+
+    # 1e-6: HF's loss casts the logits to float32 (~5e-8 relative here)
+    assert_rows_equal_autograd(run, lambda: tiny_gpt2(F64), share, rel=1e-6)
 
 
 def test_positions_as_long_as_the_batch_are_said_and_the_fix_is_exact(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_rows_equal_autograd
 from torch import nn
 
 import attrib
@@ -73,21 +74,12 @@ def test_recurrent_rows_equal_each_examples_gradient(run_dir, case):
             opt.zero_grad()
     run = attrib.open_run(run_dir)
     assert float(run.residual_norms().max()) < 1e-10
-    reference = make()
-    params = dict(reference.named_parameters())
-    for step in range(run.n_steps):
-        with torch.no_grad():
-            for name, value in run.reconstruct(step).items():
-                params[name].copy_(value)
-        ids, got = run.contributions(step)
-        for row, example in enumerate(ids.tolist()):
-            share = F.cross_entropy(reference(tokens[example][None]), labels[example][None]
-                                    ) / len(ids)
-            for (name, _), value in zip(params.items(),
-                                        torch.autograd.grad(share, list(params.values()))):
-                torch.testing.assert_close(got[name][row], value, rtol=0,
-                                           atol=1e-10 * float(value.abs().max()) + 1e-15,
-                                           msg=f"{name} step {step} row {row}")
+    def share(reference, ids, row):
+        example = int(ids[row])
+        return F.cross_entropy(reference(tokens[example][None]), labels[example][None]
+                               ) / len(ids)
+
+    assert_rows_equal_autograd(run, make, share, rel=1e-10)
 
 
 def test_packed_sequences_are_said_and_recorded_as_residual(run_dir):

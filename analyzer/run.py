@@ -126,7 +126,8 @@ class Run:
         """Raise TrajectoryError, naming `what` needed it, unless the gradients of `params`
         (default: every tensor) were recorded."""
         needed = self.param_names if params is None else params
-        missing = [n for n in needed if n not in set(self.trajectory_params)]
+        stored = set(self.trajectory_params)
+        missing = [n for n in needed if n not in stored]
         if not missing:
             return
         where = (f"θ and the optimizer state are kept only at its checkpoints (steps "

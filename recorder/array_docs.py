@@ -12,8 +12,6 @@ temporary file and a rename so a reader never sees half a document.
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,8 @@ import zarr.api.asynchronous as zarr_async
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore, StorePath
+
+from attrib.schemas import format as fmt
 
 ROOT_DOC = "zarr.json"  # the root group's document: the store's own, never rewritten here
 
@@ -70,7 +70,4 @@ def _folder(store_path: StorePath) -> Path:
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fmt.write_bytes_atomic(path, data, durable=False)  # as zarr's own store: no fsync

@@ -81,7 +81,7 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
             i = index.get(full)
             if i is None or i in inside_attention:
                 continue
-            if _uncapturable(module, []) is not None:
+            if _refusal(module) is not None:
                 refused.setdefault(path, (module, []))[1].append(full)
                 unsupported.append(i)
                 continue
@@ -94,24 +94,22 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
                 groups.append(group)
             group.params[local] = i
     for module, refused_names in refused.values():  # one message per module
-        message = _uncapturable(module, refused_names)
+        message = (f"{refused_names} belong to {type(module).__name__}, {_refusal(module)} or "
+                   "exclude it from capture (its gradient is then recorded as residual)")
         if strict:
             raise UnsupportedModuleError(message)
         warnings.warn(f"attrib: {message}", stacklevel=3)
     return groups, unsupported
 
 
-def _uncapturable(module: nn.Module, names: list[str]) -> str | None:
-    """Why no per-example path handles `module`'s parameters `names`, or None."""
+def _refusal(module: nn.Module) -> str | None:
+    """Why no per-example path handles `module`'s parameters, or None."""
     if isinstance(module, NORMS):  # batch statistics couple the examples
-        return (f"{names} belong to {type(module).__name__}, whose batch statistics make "
-                "per-example gradients undefined; freeze it, use LayerNorm/GroupNorm, or "
-                "exclude it from capture (its gradient is then recorded as residual)")
+        return ("whose batch statistics make per-example gradients undefined; freeze it, use "
+                "LayerNorm/GroupNorm,")
     problem = recurrent.unsupported(module) if isinstance(module, nn.RNNBase) else None
     if problem is not None:
-        return (f"{names} belong to {type(module).__name__}, whose per-example capture does "
-                f"not cover it: {problem}; or exclude it from capture (its gradient is then "
-                "recorded as residual)")
+        return f"whose per-example capture does not cover it: {problem};"
     return None
 
 

@@ -270,12 +270,12 @@ class Recorder:
                   for p in self.params if p.trained_at_attach),  # frozen: never gets a .grad
             ]
         except BaseException:
-            self._abandon(new_run=resume is False)
+            self._abandon()
             raise
         atexit.register(self._close_at_exit)
 
     # -- set-up --------------------------------------------------------------------------------
-    def _abandon(self, new_run: bool) -> None:
+    def _abandon(self) -> None:
         """Undo a constructor that failed part-way: remove its hooks, stop its writer thread
         and, for a new run, delete the directory it created (a resumed run keeps its data)."""
         for handle in getattr(self, "_handles", []):
@@ -285,7 +285,7 @@ class Recorder:
         writer = getattr(self, "_writer", None)
         if writer is not None:
             writer.close()
-        if new_run and self._primary and self._created_run:  # it was empty or absent before
+        if self._primary and self._created_run:  # a new run: it was empty or absent before
             shutil.rmtree(self.path, ignore_errors=True)
 
     def _check_target(self, overwrite: bool, resume: bool | int) -> None:
@@ -867,18 +867,16 @@ class Recorder:
                          hparams: list[dict[str, float]]) -> None:
         """The step's gradients, θ fingerprints and hyperparameters into the block row (rank 0
         only in a distributed run: every rank holds the same)."""
-        if self.record_grads:
-            for p, g in zip(self.params, consumed):
-                if not self._recorded[p.index]:
-                    continue
-                target = rows[f"{fmt.GRADS}/{p.key}"]
-                if g is None:
-                    target.zero_()
-                elif self.grad_dtype == "bfloat16":  # its bits, in an int16 array
-                    target.copy_(g.detach().to(torch.bfloat16).view(torch.int16),
-                                 non_blocking=True)
-                else:
-                    target.copy_(g.detach(), non_blocking=True)
+        for p, g in zip(self.params, consumed):
+            if not self._recorded[p.index]:  # record_grads=False or left out by trajectory=
+                continue
+            target = rows[f"{fmt.GRADS}/{p.key}"]
+            if g is None:
+                target.zero_()
+            elif self.grad_dtype == "bfloat16":  # its bits, in an int16 array
+                target.copy_(g.detach().to(torch.bfloat16).view(torch.int16), non_blocking=True)
+            else:
+                target.copy_(g.detach(), non_blocking=True)
         fingerprint = rows[fmt.FINGERPRINT]
         fingerprint[0].copy_(self._before, non_blocking=True)
         self._after = self._fingerprint(live)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
 from attrib.recorder.per_example import Dense, Outer, PerExample
 
@@ -35,14 +34,9 @@ def rule(module: nn.RNNBase, args: tuple, kwargs: dict, grads: list[torch.Tensor
          ) -> dict[str, PerExample]:
     """Contributions of every parameter of `module` for one call with inputs `args` and the
     gradients of its outputs (output, h_n[, c_n]; None where the loss did not read one)."""
-    x = args[0]
-    if isinstance(x, PackedSequence):
-        raise RecurrentCaptureError("packed sequences are not supported; pad the batch")
+    x = args[0]  # packed input and unsupported layers never get here (capture.py refuses)
     if x.dim() != 3:
         raise RecurrentCaptureError("unbatched input is not supported")
-    problem = unsupported(module)
-    if problem is not None:
-        raise RecurrentCaptureError(problem)
     first = module.batch_first
     x = x.detach() if first else x.detach().transpose(0, 1)  # (B, T, I)
     batch, steps = x.shape[:2]
@@ -55,13 +49,15 @@ def rule(module: nn.RNNBase, args: tuple, kwargs: dict, grads: list[torch.Tensor
     h0 = zeros if h0 is None else h0.detach()
     c0 = zeros if c0 is None and lstm else (c0.detach() if lstm else None)
 
+    suffixes = [f"_l{layer}" + ("_reverse" if d else "")
+                for layer in range(layers) for d in range(directions)]
     with torch.enable_grad():
         layer_input = x
         gi_all, gh_all, inputs, previous, finals_h, finals_c = [], [], [], [], [], []
         for layer in range(layers):
             outputs = []
             for d in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if d else "")
+                suffix = suffixes[layer * directions + d]
                 # fresh leaves: the recomputation needs a graph through the gates
                 w_ih, w_hh, b_ih, b_hh = (
                     None if p is None else p.detach().requires_grad_()
@@ -98,9 +94,7 @@ def rule(module: nn.RNNBase, args: tuple, kwargs: dict, grads: list[torch.Tensor
                                      allow_unused=True)
     n = len(gi_all)
     out: dict[str, PerExample] = {}
-    for k in range(n):
-        layer, d = divmod(k, directions)
-        suffix = f"_l{layer}" + ("_reverse" if d else "")
+    for k, suffix in enumerate(suffixes):
         d_gi = _zero_if_none(deltas[k], gi_all[k])
         ghs = gh_all[k]
         d_gh = torch.stack([_zero_if_none(deltas[n + k * steps + t], ghs[t])

@@ -86,7 +86,7 @@ class Codecs:
             return cls.of(Codec(**stored))
         per_example = Codec(**stored["per_example"])
         return cls(Codec(**stored["trajectory"]), per_example,
-                   Codec(**stored.get("projected", stored["per_example"])))
+                   Codec(**stored["projected"]) if "projected" in stored else per_example)
 
     def describe(self) -> dict[str, dict[str, Any]]:
         return {"trajectory": dataclasses.asdict(self.trajectory),

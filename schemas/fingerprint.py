@@ -72,23 +72,19 @@ class _Group:
         device = vectors[members[0]].device
         self.index = torch.tensor(members, dtype=torch.long, device=device)
         self.blocks, self.elementwise = [], []  # (tensor, r, whole) / (tensor, first entry)
-        owners, sizes, pieces = [], [], []
+        block_terms, rest_terms, pieces = [], [], []  # (owner, number of terms) per part
         for k, i in enumerate(members):
             numel, r = tensors[i].numel(), vectors[i]
             whole = numel - numel % r.numel() if numel > SMALL else 0
             if whole:
                 self.blocks.append((i, r, whole))
-                owners.append(k)
-                sizes.append(whole // r.numel())
-        for k, i in enumerate(members):
-            numel, r = tensors[i].numel(), vectors[i]
-            whole = numel - numel % r.numel() if numel > SMALL else 0
+                block_terms.append((k, whole // r.numel()))
             if whole < numel:
                 self.elementwise.append((i, whole))
-                owners.append(k)
-                sizes.append(numel - whole)
+                rest_terms.append((k, numel - whole))
                 pieces.append(r[: numel - whole])
         self.vector = torch.cat(pieces) if pieces else vectors[members[0]][:0]
+        owners, sizes = zip(*block_terms, *rest_terms)  # the order sums() concatenates in
         self.segments = torch.repeat_interleave(torch.tensor(owners, device=device),
                                                 torch.tensor(sizes, device=device))
 

@@ -263,13 +263,22 @@ def inside(run_dir: Path, relative: str) -> Path:
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write JSON so that readers see either the old or the new document, never a mix. The
-    temporary name is per process and thread: two threads writing one file must not share it."""
+    """Write JSON so that readers see either the old or the new document, never a mix, and
+    the new one survives a crash of the machine (fsync)."""
+    write_bytes_atomic(path, json.dumps(document, indent=1, sort_keys=True).encode(),
+                       durable=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes, durable: bool) -> None:
+    """Write a file through a temporary one and a rename, so readers see the old or the new
+    content, never a mix; `durable` also fsyncs it. The temporary name is per process and
+    thread: two threads writing one file must not share it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(document, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -40,7 +40,7 @@ from attrib.schemas import projection
 from attrib.schemas.fingerprint import Fingerprint
 from attrib.schemas.format import FormatError
 
-RESIDUAL_FLOOR = 1e-8  # see _store_examples
+RESIDUAL_FLOOR = 1e-5  # see _store_examples
 RESIDUAL_WARN = 1e-3  # a residual norm above this is a use the capture missed (float32 sums
 # of many examples round to ~1e-6)
 BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
@@ -932,7 +932,8 @@ class Recorder:
         residual = []
         # relative to the tensor's gradient, or to RESIDUAL_FLOOR of the whole step's when the
         # tensor's is smaller: a gradient that is zero in exact arithmetic (attention's key
-        # bias) is rounding noise, and its parts' rounding would read as a large residual
+        # bias; a bias whose every example's terms cancel) is float32 rounding of thousands of
+        # cancelling token terms, ~1e-7 of the step's norm, which would read as a large residual
         floor = (RESIDUAL_FLOOR * grad_norm.double()).clamp_min(1e-300)
         for p, capture, g in zip(self.params, self.captures, consumed):
             if capture.full is not None and not self._block.lean:

@@ -119,13 +119,13 @@ class StepData:
 
 def data_influence(run: Run, name: str, shape: tuple[int, ...], stored, flat_a: torch.Tensor,
                     alpha: float, dtype) -> torch.Tensor | None:
-    """(examples, n_test): α c_{s,i} · A_s, exactly (Full) or estimated by ⟨Rc, RA⟩ (Project)."""
+    """(examples, n_test): α c_{s,i} · A_s, exactly (Full, Factored) or estimated by ⟨Rc, RA⟩
+    (Project)."""
     if stored is None:
         return None
     rows = stored.reshape(stored.shape[0], -1)
-    capture = run.capture[name]
-    if "project" in capture:
-        p = capture["project"]
+    if not run.exact_rows(name):
+        p = run.capture[name]["project"]
         vectors = flat_a.reshape(flat_a.shape[0], *shape)
         flat_a = projection.project(vectors, shape, p["kind"], p["k"], p["seed"], name)
     return alpha * (rows @ flat_a.T)

@@ -112,7 +112,7 @@ def _linear_response(run, model_fn, train_set, test_set, target, stages, by, los
     with torch.no_grad():
         f_final = targets.evaluate(model, theta_n, inputs, labels, target).cpu().numpy()
     adjoint = targets.gradients(model, theta_n, inputs, labels, target)
-    has_examples = any("full" in c or "project" in c for c in run.capture.values())
+    has_examples = bool(run.captured)
     rows = (InfluenceRows(tuple(by), len(labels), run.examples.column("example_id").to_numpy(),
                           run.steps.column("stage").to_pylist(),
                           dict(zip(run.param_names, run.params.column("module").to_pylist())))
@@ -147,7 +147,7 @@ class _Sweep:
         examples = run.examples.sort_by([("step", "ascending"), ("row", "ascending")])
         self.example_steps = examples.column("step").to_numpy()
         self.example_ids = examples.column("example_id").to_numpy()
-        self.captured = [n for n, c in run.capture.items() if "full" in c or "project" in c]
+        self.captured = run.captured
         self.randomness = "same" if batches.stochastic else "error"
 
     # -- forward pass: snapshots -----------------------------------------------------------------

@@ -307,7 +307,7 @@ class _Recursion:
         self.block = {
             "grads": {n: run.grads(n, first, stop).to(dtype) for n in self.names},
             "contrib": {n: run.contribution_rows(n, first, stop).to(dtype)
-                        for n, c in run.capture.items() if "full" in c or "project" in c},
+                        for n in run.captured},
             "v": ({n: run.state(n, "exp_avg_sq", first, stop).to(dtype) for n in self.names}
                   if self.kind != "sgd" else {}),
         }

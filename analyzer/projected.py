@@ -71,10 +71,10 @@ def test_gradients(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     theta = {n: t.double() for n, t in
              run.reconstruct(run.n_steps if step is None else step).items()}
     inputs, labels = targets.as_tensors(test_set, torch.float64)
-    stored = [n for n, c in run.capture.items() if "full" in c or "project" in c]
+    stored = run.captured
     if not stored:
-        raise KeyError(f"{run.dir} stores no per-example rows: record with capture=Full() or "
-                       "Project(k)")
+        raise KeyError(f"{run.dir} stores no per-example rows: record with capture=Full(), "
+                       "Factored() or Project(k)")
     grads = targets.gradients(model, theta, inputs, labels, target)
     return {name: grads[name].detach() for name in stored}
 
@@ -85,18 +85,18 @@ def step_weights(run: Run, start: int, stop: int) -> np.ndarray:
 
 
 def projected_tests(run: Run, name: str, gradients: torch.Tensor) -> np.ndarray:
-    """(n_test, d) test vectors in the stored rows' space: R q for Project, q for Full."""
+    """(n_test, d) test vectors in the stored rows' space: R q for Project, q for exact rows."""
     capture = run.capture.get(name, {})
     shape = run.param_shapes[name]
     if tuple(gradients.shape[1:]) != shape:
         raise ValueError(f"test gradients of {name!r} need shape (n_test, {shape}), got "
                          f"{tuple(gradients.shape)}")
-    if "project" in capture:
+    if name not in run.captured:
+        raise KeyError(f"{name!r} has no stored per-example rows; its capture is {capture}")
+    if not run.exact_rows(name):
         p = capture["project"]
         gradients = projection.project(gradients.double(), shape, p["kind"], p["k"], p["seed"],
                                        name)
-    elif "full" not in capture:
-        raise KeyError(f"{name!r} has no stored per-example rows; its capture is {capture}")
     return gradients.reshape(gradients.shape[0], -1).double().numpy()
 
 
@@ -156,6 +156,10 @@ def score_rows(total: np.ndarray, universe: np.ndarray) -> pa.Table:
 
 
 def array_path(run: Run, name: str) -> str:
-    """The Zarr path of a parameter's stored per-example rows."""
-    group = fmt.CONTRIB if "full" in run.capture.get(name, {}) else fmt.PROJ
+    """The Zarr path of a parameter's stored per-example rows (one array: Full or Project)."""
+    capture = run.capture.get(name, {})
+    if "factored" in capture and "full" not in capture:
+        raise ValueError(f"{name!r} was recorded with Factored capture, whose rows are two "
+                         "factor arrays, not one: use the default engine, which reads them")
+    group = fmt.CONTRIB if "full" in capture else fmt.PROJ
     return f"{group}/{run._keys[name]}"

@@ -23,6 +23,7 @@ import zarr
 
 from attrib.analyzer.trajectory import Replay, TrajectoryError
 from attrib.schemas import format as fmt
+from attrib.schemas.factored import densify
 
 
 class Run:
@@ -346,15 +347,26 @@ class Run:
 
     @property
     def capture(self) -> dict[str, dict]:
-        """Per parameter name, what was captured per example: full / project / topk settings."""
+        """Per parameter name, what was captured per example: full / factored / project / topk
+        settings."""
         return self.meta.get("capture", {})
+
+    @property
+    def captured(self) -> list[str]:
+        """Parameters with stored per-example rows: exact (Full, Factored) or projected."""
+        return [n for n, c in self.capture.items() if self.exact_rows(n) or "project" in c]
+
+    def exact_rows(self, param: str) -> bool:
+        """Whether `param`'s stored rows are c_{s,i} itself (Full, or Factored densified)."""
+        kind = self.capture.get(param, {})
+        return "full" in kind or "factored" in kind
 
     def contributions(self, step: int, param: str | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example contributions c_{s,i} of one step: (example ids, {param: rows}).
 
         Rows follow the examples in the order they were declared (micro-batch, then slot):
-        the parameter's shape for Full capture, k values for Project capture.
+        the parameter's shape for Full and Factored capture, k values for Project capture.
         """
         self._step_range(step, step + 1)
         if step in self.dropped_steps():
@@ -364,8 +376,7 @@ class Run:
                            "backpressure='block'")
         examples = self.table_where("examples", step).sort_by("row")
         ids = torch.tensor(examples.column("example_id").to_numpy())
-        names = [param] if param is not None else [n for n, c in self.capture.items()
-                                                      if "full" in c or "project" in c]
+        names = [param] if param is not None else self.captured
         return ids, {name: self.contribution_rows(name, step, step + 1)[0, : len(ids)]
                      for name in names}
 
@@ -382,12 +393,28 @@ class Run:
     def contribution_rows(self, param: str, start: int = 0, stop: int | None = None
                           ) -> torch.Tensor:
         """Stored per-example rows of steps [start, stop): (steps, examples_per_step, …),
-        rows beyond a step's examples are zero; one read per chunk, for streaming analyses."""
+        rows beyond a step's examples are zero; one read per chunk, for streaming analyses.
+        Factored rows are densified here; `factors` reads them as stored."""
         kind = self.capture.get(param, {})
+        if "factored" in kind and "full" not in kind:
+            left, right = self.factors(param, start, stop)
+            return densify(left, right, self.param_shapes[param])
         group = fmt.CONTRIB if "full" in kind else fmt.PROJ if "project" in kind else None
         if group is None:
             raise KeyError(f"{param!r} has no stored per-example contributions")
         return torch.from_numpy(self._steps_of(f"{group}/{self._key(param)}", start, stop))
+
+    def factors(self, param: str, start: int = 0, stop: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Factored tensor's rows of steps [start, stop) as stored: (left, right), each
+        (steps, examples_per_step, tokens, ·), with c_{s,i} = Σ_t left[s,i,t] ⊗ right[s,i,t]
+        reshaped to the tensor's shape (unused token slots are zero)."""
+        if "factored" not in self.capture.get(param, {}):
+            raise KeyError(f"{param!r} was not recorded with Factored capture (its rows: "
+                           f"{sorted(self.capture.get(param, {})) or 'none'})")
+        key = self._key(param)
+        return tuple(torch.from_numpy(self._steps_of(f"{group}/{key}", start, stop))
+                     for group in (fmt.FACTOR_LEFT, fmt.FACTOR_RIGHT))
 
     def residual_norms(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """‖G_s − Σ_i c_{s,i}‖ / ‖G_s‖ per (step, parameter); NaN where nothing is captured."""

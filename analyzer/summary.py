@@ -44,6 +44,8 @@ def _capture_summary(run: Run) -> dict[str, Any]:
     for policies in run.capture.values():
         for kind, settings in policies.items():
             label = {"full": f"Full({settings.get('dtype')})",
+                     "factored": f"Factored({settings.get('dtype')}, tokens="
+                                 f"{settings.get('tokens')})",
                      "project": f"Project({settings.get('kind')}, k={settings.get('k')})",
                      "topk": f"TopK({settings.get('k')}, {settings.get('scope')})"}[kind]
             counts[label] = counts.get(label, 0) + 1

@@ -84,7 +84,7 @@ def stored_features(run: Run, index: int, n_train: int, k: int | None, seed: int
         if math.prod(shape) > k and capture.get("project") != {"k": k, "seed": seed,
                                                                "kind": kind}:
             return None
-        if math.prod(shape) <= k and "full" not in capture and "project" not in capture:
+        if math.prod(shape) <= k and name not in run.captured:
             return None
     ids, rows = run.contributions(step)
     if len(ids) != n_train or not torch.equal(ids.sort().values, torch.arange(n_train)):

@@ -95,7 +95,8 @@ def _arrays(run: Run) -> str:
 
 
 def _step_arrays(run: Run):
-    kinds = tuple(f"{kind}/" for kind in (fmt.DELTAS, fmt.GRADS, fmt.CONTRIB, fmt.PROJ))
+    kinds = tuple(f"{kind}/" for kind in (fmt.DELTAS, fmt.GRADS, fmt.CONTRIB, fmt.PROJ,
+                                          fmt.FACTOR_LEFT, fmt.FACTOR_RIGHT))
     kinds += (fmt.FINGERPRINT,)
     return [(path, array) for path, array in run.arrays() if path.startswith(kinds)]
 

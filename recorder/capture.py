@@ -48,6 +48,7 @@ class StepData:
     full: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
     projected: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
     topk: dict[int, list[tuple[int, pe.PerExample]]] = field(default_factory=dict)  # factored
+    factors: dict[int, list[tuple[int, pe.Outer]]] = field(default_factory=dict)  # Factored
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # Σ_i c_i per parameter
     seconds: float = 0.0  # time spent computing contributions during backward
 
@@ -150,6 +151,14 @@ class ExampleCapture:
         for handle in self._handles:
             handle.remove()
         self.coupling.remove()
+
+    def factorable(self, index: int) -> bool:
+        """Whether every call that computes tensor `index`'s contributions hands them over as
+        dense factors (a Linear or Conv weight), so policies.Factored can store those."""
+        uses = [(g.rule, local) for g in self.groups for local, i in g.params.items()
+                if i == index]
+        return bool(uses) and all(rule in (pe.linear_rule, pe.conv_rule) and local == "weight"
+                                  for rule, local in uses)
 
     def begin_micro_batch(self, n: int) -> None:
         """The next forward/backward carries the `n` examples just declared."""
@@ -335,6 +344,10 @@ class ExampleCapture:
         if capture.full is not None:
             data.full.setdefault(index, []).append(
                 (offset, c.dense().to(getattr(torch, capture.full_dtype))))
+        if capture.factored is not None:  # an Outer: see factorable()
+            dtype = getattr(torch, capture.full_dtype)
+            data.factors.setdefault(index, []).append(
+                (offset, pe.Outer(c.left.to(dtype), c.right.to(dtype), c.shape)))
         if capture.topk is not None:  # densified chunk by chunk at the step (recorder/shifts.py)
             data.topk.setdefault(index, []).append((offset, c))
 

@@ -1,8 +1,10 @@
 """Capture policies: what to store of each parameter's per-example contributions.
 
-`Full` stores them exactly, `Project` stores a random projection (schemas/projection.py), `TopK`
-keeps only the largest per-example update coordinates in the `shifts` table. Policies compose:
-`capture=[TopK(64), Project(4096)]` applies both, each to the parameters its `params` globs match.
+`Full` stores them exactly, `Factored` stores Linear and Conv weights' exactly as the factors
+they are made of (far smaller), `Project` stores a random projection (schemas/projection.py),
+`TopK` keeps only the largest per-example update coordinates in the `shifts` table. Policies
+compose: `capture=[TopK(64), Project(4096)]` applies both, each to the parameters its `params`
+globs match.
 """
 
 from __future__ import annotations
@@ -32,6 +34,29 @@ class Full:
         if self.dtype not in (None, "float32", "float64", "bfloat16", "float16"):
             raise ValueError(f"Full(dtype={self.dtype!r}): use float32, float64, bfloat16 "
                              "or float16")
+
+
+@dataclass(frozen=True)
+class Factored:
+    """Exact per-example contributions, a weight matrix's as its factors.
+
+    A Linear or Conv weight's contribution from example i is c_i = Σ_t g_{i,t} ⊗ a_{i,t} over
+    its tokens (positions) t: output gradient times input. Storing the pairs takes
+    T·(d_out + d_in) floats instead of d_out·d_in, and is exact. Tensors without that form
+    (biases, norms, embeddings, modules on the torch.func path) and weights whose factors
+    would not be smaller are stored in full. `tokens`: factor slots per example and tensor
+    (default: what the first step used; a later step that needs more is said, and its rows
+    of that tensor become residual). dtype as for Full.
+    """
+
+    params: tuple[str, ...] = ("*",)
+    tokens: int | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
+            raise ValueError(f"Factored(tokens={self.tokens!r}): use None or an integer ≥ 1")
+        Full(dtype=self.dtype)  # the same dtypes
 
 
 @dataclass(frozen=True)
@@ -73,7 +98,7 @@ class TopK:
             raise ValueError(f"TopK(scope={self.scope!r}): use 'step' or 'tensor'")
 
 
-Policy = Full | Project | TopK
+Policy = Full | Factored | Project | TopK
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -88,27 +113,38 @@ class TensorCapture:
     full: Full | None = None
     project: Project | None = None
     topk: TopK | None = None
+    factored: Factored | None = None
+    tokens: int | None = None  # factor slots per example, fixed at the first step
 
     @property
     def full_dtype(self) -> str:
-        return (self.full.dtype if self.full is not None and self.full.dtype is not None
-                else self.storage_dtype)
+        chosen = self.full or self.factored
+        return chosen.dtype if chosen is not None and chosen.dtype is not None \
+            else self.storage_dtype
 
     @property
     def any(self) -> bool:
-        return self.full is not None or self.project is not None or self.topk is not None
+        return (self.full is not None or self.project is not None or self.topk is not None
+                or self.factored is not None)
+
+    def store_in_full(self) -> None:
+        """A Factored tensor without a smaller factored form: its rows are stored in full."""
+        self.full, self.factored, self.tokens = Full(dtype=self.factored.dtype), None, None
 
     @property
     def checked_in_projection(self) -> bool:
         """Whether the step's invariant Σ_i c_i = G is checked on the projected rows (R Σ_i c_i
         = Σ_i R c_i, R linear) rather than on the exact sum: when only projected rows are
         kept, the exact sum would cost a second weight-gradient product per module call."""
-        return self.project is not None and self.full is None and self.topk is None
+        return (self.project is not None and self.full is None and self.topk is None
+                and self.factored is None)
 
     def describe(self) -> dict:
         out: dict = {}
         if self.full is not None:
             out["full"] = {"dtype": self.full_dtype}
+        if self.factored is not None:
+            out["factored"] = {"dtype": self.full_dtype, "tokens": self.tokens}
         if self.project is not None:
             p = self.project
             out["project"] = {"k": p.k, "seed": p.seed, "kind": p.kind}
@@ -149,8 +185,11 @@ def resolve(policies: list[Policy], names: list[str], shapes: list[tuple[int, ..
         for policy in policies:
             if not _matches(name, policy.params):
                 continue
-            if isinstance(policy, Full) and capture.full is None:
+            if isinstance(policy, Full) and capture.full is None and capture.factored is None:
                 capture.full = policy
+            elif isinstance(policy, Factored) and capture.full is None \
+                    and capture.factored is None:
+                capture.factored = policy
             elif isinstance(policy, Project) and capture.project is None:
                 if math.prod(shape) <= policy.k:  # storing it exactly is smaller
                     capture.full = capture.full or Full(params=(name,))

@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from attrib.analyzer.run import Run
-from attrib.recorder import distributed
+from attrib.recorder import distributed, factors
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
@@ -218,6 +218,9 @@ class Recorder:
                                         self.captures, strict,
                                         scale=1.0 / self.ranks.world if self.ranks else 1.0)
                          if any(c.any for c in self.captures) else None)
+        for i, c in enumerate(self.captures):  # Factored where the calls hand over factors
+            if c.factored is not None and not self._capture.factorable(i):
+                c.store_in_full()
 
         self._block: Block | None = None  # created at the first step, when sizes are known
 
@@ -359,6 +362,11 @@ class Recorder:
             if capture.full is not None:
                 specs.append(ArraySpec(f"{fmt.CONTRIB}/{p.key}", (examples, *shape),
                                        capture.full_dtype))
+            if capture.tokens is not None:  # Factored, settled at the first step
+                m, n = projection.matrix_view(shape)
+                for group, width in ((fmt.FACTOR_LEFT, m), (fmt.FACTOR_RIGHT, n)):
+                    specs.append(ArraySpec(f"{group}/{p.key}", (examples, capture.tokens, width),
+                                           capture.full_dtype))
             if capture.project is not None:
                 specs.append(ArraySpec(f"{fmt.PROJ}/{p.key}", (examples, capture.project.k),
                                        "float32"))
@@ -386,7 +394,8 @@ class Recorder:
         depth = self._steps_per_chunk or max(1, min(MAX_STEPS_PER_CHUNK,
                                                     BLOCK_TARGET_BYTES // per_step))
         store = self._writer.store
-        meta = {"steps_per_chunk": depth, "examples_per_step": examples * world}
+        meta = {"steps_per_chunk": depth, "examples_per_step": examples * world,
+                "capture": self._capture_meta()}
         if self._primary:
             store.create_step_arrays(specs, depth, meta,
                                      rank_rows=examples if self.ranks is not None else None)
@@ -453,6 +462,8 @@ class Recorder:
             raise FormatError(f"{self.path} was recorded in format v{run.format_version}; this "
                               f"attrib appends v{fmt.FORMAT_VERSION} steps only, so it can't "
                               "resume it: record the continuation into a new directory")
+        factors.restore(self.captures, [p.name for p in self.params], run.capture)
+        meta_now = {**meta_now, "capture": self._capture_meta()}
         point = prepare(run, resume, meta_now, self._params_table().to_pylist(),
                         {p.name: p.param.detach().cpu() for p in self.params}, self.optimizer,
                         self.spec, [p.param for p in self.params])
@@ -512,8 +523,7 @@ class Recorder:
             "checkpoint_every": self.checkpoint_every,
             "steps_per_chunk": None,  # set at the first step
             "examples_per_step": None,
-            "capture": {p.name: c.describe() for p, c in zip(self.params, self.captures)
-                        if c.any},
+            "capture": self._capture_meta(),
             "residual_params": ([self.params[i].name for i in self._capture.unsupported]
                                 if self._capture is not None else []),
             "codec": codecs.describe(),
@@ -524,6 +534,9 @@ class Recorder:
             "user": user,
             "distributed": self.ranks.describe() if self.ranks is not None else None,
         }
+
+    def _capture_meta(self) -> dict[str, dict]:
+        return {p.name: c.describe() for p, c in zip(self.params, self.captures) if c.any}
 
     def _params_table(self):
         import pyarrow as pa
@@ -817,6 +830,9 @@ class Recorder:
                       "them out); attach a new Recorder after unfreezing parameters")
         data = self._capture.end_step() if self._capture is not None else None
         if self._block is None:
+            if data is not None:  # Factored: factors or full rows, by what this step used
+                factors.settle(self.captures, [tuple(p.param.shape) for p in self.params],
+                               data.factors, data.full)
             self._initialize_storage(self._examples_per_step or (
                 data.rows if data else sum(len(ids) for ids in self._examples)))
         row_index = len(self._block.records)
@@ -929,7 +945,7 @@ class Recorder:
                 f"examples_per_step={data.rows} (or more) to Recorder"
                 + ("; in a distributed run every rank needs the same batch size"
                    if mine is not None else ""))
-        residual = []
+        residual, short = [], set()
         # relative to the tensor's gradient, or to RESIDUAL_FLOOR of the whole step's when the
         # tensor's is smaller: a gradient that is zero in exact arithmetic (attention's key
         # bias; a bias whose every example's terms cancel) is float32 rounding of thousands of
@@ -940,6 +956,9 @@ class Recorder:
                 scatter_rows(data.full.get(p.index, []), rows[f"{fmt.CONTRIB}/{p.key}"])
             if capture.project is not None and not self._block.lean:
                 scatter_rows(data.projected.get(p.index, []), rows[f"{fmt.PROJ}/{p.key}"])
+            if (capture.tokens is not None and not self._block.lean
+                    and not self._store_factors(p, capture.tokens, data, rows)):
+                short.add(p.index)
             if not capture.any or self.ranks is not None:
                 # distributed: G averages every rank's examples, this rank sees its own only
                 residual.append(torch.tensor(math.nan))
@@ -962,13 +981,30 @@ class Recorder:
         if fmt.RESIDUAL_NORM in rows:
             rows[fmt.RESIDUAL_NORM].copy_(norms, non_blocking=True)
         if problem is None and not self._on_gpu:  # on a GPU this would wait for the step
-            self._check_explained(norms)
+            self._check_explained(norms, short)
         return self._top_shifts(data, clip_factor, hparams)
 
-    def _check_explained(self, norms: torch.Tensor) -> None:
+    def _store_factors(self, p: TrackedParam, slots: int, data: StepData,
+                       rows: dict[str, torch.Tensor]) -> bool:
+        """The step's factor pairs into their buffers; an example that needs more token slots
+        than the run keeps loses its rows of this tensor (its gradient becomes residual, said
+        here): returns whether the rows were stored."""
+        needed = factors.scatter(data.factors.get(p.index, []),
+                                 rows[f"{fmt.FACTOR_LEFT}/{p.key}"],
+                                 rows[f"{fmt.FACTOR_RIGHT}/{p.key}"])
+        if needed > slots:
+            data.sums.pop(p.index, None)
+            self._say(f"tokens {p.name}", (
+                f"step {self.step}: {p.name!r} needs {needed} factor slots per example, and the "
+                f"run keeps {slots} (what its first step used): its rows of this step are "
+                f"recorded as residual; pass Factored(tokens={needed}) or more"))
+            return False
+        return True
+
+    def _check_explained(self, norms: torch.Tensor, said: set[int]) -> None:
         """Say where captured rows explain only part of a tensor's gradient: a use the hooks
         do not see (`h @ emb.weight.T` in plain code, say) leaves it in the residual."""
-        known = set(self._capture.unsupported) | {
+        known = set(self._capture.unsupported) | said | {
             i for g in self._capture.groups if g.failed for i in g.params.values()}
         partial = [p.name for p, r in zip(self.params, norms.tolist())
                    if r > RESIDUAL_WARN and p.index not in known]

@@ -61,6 +61,10 @@ STEP_COUNT = "step_count"  # (steps, n_params) int64, optimizer's own step count
 ACTIVE = "active"  # (steps, n_params) bool, whether the parameter had a gradient at step s
 CONTRIB = "contrib"  # contrib/<key>: (steps, examples_per_step, *shape), Full capture c_{s,i}
 PROJ = "proj"  # proj/<key>: (steps, examples_per_step, k), Project capture R c_{s,i}
+# Factored capture: c_{s,i} = Σ_t left[s, i, t] ⊗ right[s, i, t], reshaped to the tensor's shape
+# (its matrix view (dim 0, the rest)); unused token slots are zero
+FACTOR_LEFT = "factor_left"  # factor_left/<key>: (steps, examples_per_step, tokens, dim 0)
+FACTOR_RIGHT = "factor_right"  # factor_right/<key>: (steps, examples_per_step, tokens, the rest)
 RESIDUAL_NORM = "residual_norm"  # (steps, n_params) float64, ‖G_s − Σ_i c_{s,i}‖ / ‖G_s‖
 
 # How closely θ rebuilt from a checkpoint and float32 deltas agrees with θ stored or live (verify,
@@ -84,7 +88,7 @@ def check_codecs(codecs: list[dict[str, Any]], where: str) -> None:
 
 def per_example(path: str) -> bool:
     """Whether a step array holds rows per example (axis 1) rather than one value per step."""
-    return path.startswith((f"{CONTRIB}/", f"{PROJ}/"))
+    return path.startswith((f"{CONTRIB}/", f"{PROJ}/", f"{FACTOR_LEFT}/", f"{FACTOR_RIGHT}/"))
 
 
 # How the consumed gradients are stored (Recorder(grad_dtype=)): float32 replays bit for bit;
@@ -328,11 +332,17 @@ def _optimizer(value: Any) -> bool:
 
 
 def _capture(value: Any) -> bool:
-    """{param: {"full": {dtype}, "project": {k, seed, kind}, "topk": {k, scope}}}"""
+    """{param: {"full": {dtype}, "factored": {dtype, tokens}, "project": {k, seed, kind},
+    "topk": {k, scope}}}"""
     if not isinstance(value, dict):
         return False
     for policies in value.values():
-        if not isinstance(policies, dict) or not set(policies) <= {"full", "project", "topk"}:
+        if not isinstance(policies, dict) or not set(policies) <= {"full", "factored", "project",
+                                                                    "topk"}:
+            return False
+        factored = policies.get("factored")
+        if factored is not None and not (isinstance(factored, dict) and (
+                factored.get("tokens") is None or _is_int(factored.get("tokens"), 1))):
             return False
         project = policies.get("project")
         if project is not None and not (isinstance(project, dict) and _is_int(project.get("k"), 1)

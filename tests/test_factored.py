@@ -1,0 +1,190 @@
+"""Factored capture: weights' per-example rows stored as their factors, exact and small.
+
+References: torch.func per-sample gradients in float64, and the same training recorded with
+Full capture.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_per_example import TinyGPT, assert_contributions_match, record, tokens_data
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import attrib
+from attrib.analyzer.verify import verify
+from attrib.schemas import format as fmt
+
+F64 = torch.float64
+
+
+def mnist_mlp(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, 10)).to(dtype)
+
+
+def test_mlp_rows_equal_per_sample_gradients_in_far_fewer_bytes(run_dir):
+    """The issue's MLP 784-256-256-10 at batch 128 with AdamW: every tensor's rows equal
+    float64 torch.func per-sample gradients; the weights are stored as factors, ≥ 50× fewer
+    bytes per example than Full's rows."""
+    model = mnist_mlp(F64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 784, generator=g, dtype=F64), torch.randint(0, 10, (256,), generator=g)
+    with attrib.Recorder(run_dir, model, opt, capture=attrib.Factored(), strict=True) as rec:
+        for step in range(2):
+            ids = torch.arange(step * 128, (step + 1) * 128)
+            rec.examples(ids)
+            F.cross_entropy(model(x[ids]), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(run_dir)
+    assert {n for n, c in run.capture.items() if "factored" in c} == {
+        "0.weight", "2.weight", "4.weight"}
+    reference = mnist_mlp(F64)
+
+    def loss(params, xi, yi):  # each example's share of the batch-mean loss
+        return F.cross_entropy(functional_call(reference, params, (xi[None],)), yi[None]) / 128
+
+    for step in range(2):
+        ids, rows = run.contributions(step)
+        expected = vmap(grad(loss), in_dims=(None, 0, 0))(run.reconstruct(step), x[ids], y[ids])
+        for name, value in expected.items():
+            torch.testing.assert_close(rows[name], value, rtol=0,
+                                       atol=1e-10 * float(value.abs().max()), msg=name)
+    assert np.nanmax(run.residual_norms()) < 1e-10
+    stored = sum(math.prod(run._array(f"{group}/{run._keys[n]}").shape[1:]) for n in run.captured
+                 for group in (fmt.CONTRIB, fmt.FACTOR_LEFT, fmt.FACTOR_RIGHT)
+                 if f"{group}/{run._keys[n]}" in run.group)
+    full = 128 * sum(p.numel() for p in model.parameters())
+    assert full / stored >= 50, full / stored
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_sequence_models_factor_every_token_and_use(tmp_path, micro):
+    """A tied LM with q/k/v Linears over 6 tokens (and micro-batches): factored weights equal
+    float64 per-sample gradients; the tied head (an Embedding's too) is stored in full."""
+    run, x, y = record(tmp_path / "run", TinyGPT, tokens_data, micro=micro,
+                       capture=attrib.Factored(dtype="float64"))
+    assert "factored" in run.capture["q.weight"] and "full" in run.capture["wte.weight"]
+    assert run.capture["q.weight"]["factored"]["tokens"] == 6
+    assert_contributions_match(run, TinyGPT, x, y, micro=micro, rel=1e-10)
+
+
+class Twice(nn.Module):
+    """One Linear called twice per forward: its factors hold both calls' tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.inner, self.head = nn.Linear(10, 10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def test_a_layer_called_twice_keeps_both_calls(tmp_path):
+    data = lambda: (torch.randn(96, 10, generator=torch.Generator().manual_seed(0)),  # noqa: E731
+                    torch.randint(0, 3, (96,), generator=torch.Generator().manual_seed(1)))
+    run, x, y = record(tmp_path / "run", Twice, data, capture=attrib.Factored(dtype="float64"))
+    assert run.capture["inner.weight"]["factored"]["tokens"] == 2
+    assert_contributions_match(run, Twice, x, y, rel=1e-10)
+
+
+def test_weights_whose_factors_are_not_smaller_are_stored_in_full(tmp_path):
+    """10 × 10 weights over 6 tokens: 6·20 factors > 100 entries, so Full rows are kept."""
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(2)
+            self.embed, self.mix = nn.Embedding(12, 10), nn.Linear(10, 10)
+            self.head = nn.Linear(10, 3)
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.mix(self.embed(idx))).mean(1))
+
+    run, x, y = record(tmp_path / "run", Wide, tokens_data,
+                       capture=attrib.Factored(dtype="float64"))
+    assert run.capture["mix.weight"] == {"full": {"dtype": "float64"}}
+    assert_contributions_match(run, Wide, x, y, rel=1e-10)
+
+
+def test_a_step_with_more_tokens_than_the_first_is_said_and_stays_exact_in_total(tmp_path):
+    """Token slots are fixed by the first step: a longer later step loses that tensor's rows
+    (residual, said once; strict raises and names the fix), and Factored(tokens=...) fits it."""
+    model_fn = lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))  # noqa: E731
+
+    def train(path, capture, strict=False):
+        torch.manual_seed(0)
+        model = model_fn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        with attrib.Recorder(path, model, opt, capture=capture, strict=strict) as rec:
+            for length in (3, 5, 3):
+                rec.examples(torch.arange(4))
+                x = torch.randn(4, length, 8, generator=g)
+                model(x).mean(1).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+        return attrib.open_run(path)
+
+    with pytest.warns(UserWarning, match=r"'0.weight' needs 5 factor slots per example, and "
+                                         r"the run keeps 3") as caught:
+        run = train(tmp_path / "short", attrib.Factored())
+    assert len(caught) == 1  # one message, not a second one about a missed use
+    residual = run.residual_norms()
+    names = run.param_names
+    assert residual[1, names.index("0.weight")] == pytest.approx(1.0)
+    assert np.nanmax(np.delete(residual, 1, axis=0)) < 1e-5
+    with pytest.raises(attrib.RecordingError, match=r"pass Factored\(tokens=5\)"):
+        train(tmp_path / "strict", attrib.Factored(), strict=True)
+    fitted = train(tmp_path / "fitted", attrib.Factored(tokens=5), strict=True)
+    assert np.nanmax(fitted.residual_norms()) < 1e-5
+    assert fitted.factors("0.weight")[0].shape == (3, 4, 5, 16)
+
+
+def test_path_kernel_from_factors_equals_full(tmp_path):
+    """The same training recorded with Factored and with Full: per-example path-kernel
+    influences agree to float64 rounding."""
+    results = {}
+    for name, capture in (("factored", attrib.Factored(dtype="float64")),
+                          ("full", attrib.Full(dtype="float64"))):
+        run, x, y = record(tmp_path / name, TinyGPT, tokens_data, capture=capture)
+        results[name] = attrib.analyze.path_kernel(
+            run, lambda: TinyGPT().double(), (x[:4], y[:4]), by=("example",)).to_arrow()
+    a, b = (results[k].sort_by([("test_id", "ascending"), ("example_id", "ascending")])
+            for k in ("factored", "full"))
+    va, vb = (np.asarray(t.column("value")) for t in (a, b))
+    assert a.num_rows == b.num_rows > 0
+    np.testing.assert_allclose(va, vb, rtol=1e-9, atol=1e-12 * np.abs(vb).max())
+
+
+def test_a_factored_run_resumes(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
+
+    def steps(rec, n):
+        for _ in range(n):
+            rec.examples(torch.arange(4))
+            model(x).mean(1).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    with attrib.Recorder(tmp_path / "run", model, opt, capture=attrib.Factored(),
+                         strict=True) as rec:
+        steps(rec, 2)
+    with attrib.Recorder(tmp_path / "run", model, opt, capture=attrib.Factored(), strict=True,
+                         resume=True) as rec:
+        steps(rec, 2)
+    run = attrib.open_run(tmp_path / "run")
+    assert run.n_steps == 4 and run.factors("0.weight")[0].shape == (4, 4, 3, 16)
+    assert np.nanmax(run.residual_norms()) < 1e-5
+    assert all(verify(tmp_path / "run").column("ok").to_pylist())

@@ -21,9 +21,6 @@ from attrib.recorder import recurrent
 from attrib.recorder.coupling import NORMS, BatchNormCoupling
 from attrib.recorder.policies import TensorCapture
 
-MISCOUNTED = ("; pass one id per example of the micro-batch (an input that every example shares "
-              "needs a batch dimension of 1)")
-
 
 class UnsupportedModuleError(TypeError):
     pass
@@ -184,14 +181,14 @@ class ExampleCapture:
         mismatch, self._mismatch = self._mismatch, None
         lost, self._lost = self._lost, None
         if lost is not None:
-            return lost + MISCOUNTED
+            return f"{lost}; pass one id per example of the micro-batch"
         if not missing:
             return None
         if data.rows == 0:
             return ("loss.backward() ran without rec.examples(ids) before it; call "
                     "rec.examples(ids) before every backward of a training micro-batch")
         if mismatch is not None:
-            return mismatch + MISCOUNTED
+            return f"{mismatch}; pass one id per example of the micro-batch"
         return (f"{missing[:3]} got gradients, but their modules never ran on the declared "
                 "micro-batch (parameters used outside their module's forward?)")
 
@@ -217,8 +214,7 @@ class ExampleCapture:
             self._warn_if_positions(group, module, args)
             if self._shared_by_batch(module, args, out):
                 self.coupling.saw(group.params.values())
-                expanded = self._broadcast(group, args, kwargs, out)
-                return (expanded, *output[1:]) if isinstance(output, tuple) else expanded
+                return self._broadcast(group, args, kwargs, out)
             if self._batch is None or out.dim() <= bdim or out.shape[bdim] != self._batch:
                 if self._batch is not None and out.dim() > bdim:
                     message = (f"module {group.path or '(the model)'!r} "
@@ -243,20 +239,13 @@ class ExampleCapture:
         return hook
 
     def _shared_by_batch(self, module: nn.Module, args: tuple, out: torch.Tensor) -> bool:
-        """A call whose input the micro-batch shares, so its output broadcasts over the batch:
-        an input with a batch dimension of 1 (Hugging Face's `position_ids`, a learned query
-        through a Linear), or Embedding indices without one (nanoGPT's `wpe(torch.arange(T))`;
-        a 1-d index tensor as long as the batch reads as batched: the two can't be told
-        apart). Recurrent layers are left out: their state is batched too."""
-        x = args[0] if args else None
-        if (self._batch is None or not isinstance(x, torch.Tensor) or x.dim() < 1
-                or isinstance(module, nn.RNNBase)):
-            return False
-        if isinstance(module, nn.Embedding):
-            return x.shape[0] != self._batch
-        bdim = pe.batch_dim(module)
-        return (self._batch > 1 and x.dim() > bdim and x.shape[bdim] == 1
-                and out.dim() > bdim and out.shape[bdim] == 1)
+        """An Embedding looked up with indices shared by the micro-batch: without a batch
+        dimension (nanoGPT's `wpe(torch.arange(T))`) or with one of size 1 (Hugging Face's
+        `position_ids`); its output broadcasts over the batch. A 1-d index tensor as long as
+        the batch reads as batched: the two can't be told apart."""
+        return (self._batch is not None and isinstance(module, nn.Embedding)
+                and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1
+                and args[0].shape[0] != self._batch)
 
     def _warn_if_positions(self, group: ModuleGroup, module: nn.Module, args: tuple) -> None:
         """1-d indices exactly as long as the batch read as one per example; when they are
@@ -280,18 +269,15 @@ class ExampleCapture:
                    out: torch.Tensor) -> torch.Tensor:
         """Return the shared output expanded over the micro-batch (a view, equal wherever the
         model broadcasts it), so backward hands each example its own output gradient: the
-        example's part of the call's gradient, which the broadcast would otherwise sum."""
-        batch, module = self._batch, group.module
-        if isinstance(module, nn.Embedding) and args[0].shape[0] != 1:  # no batch dimension:
-            ids = args[0]  # add it in front, where broadcasting puts it
-            expanded, args = out.expand(batch, *out.shape), (ids.expand(batch, *ids.shape),)
-        else:  # a batch dimension of 1: widen it (every input that has one)
-            bdim = pe.batch_dim(module)
-            expanded = _widen(out, bdim, batch)
-            args = tuple(_widen(a, bdim, batch) for a in args)
+        example's part of the lookup's gradient, which the broadcast would otherwise sum."""
+        batch, ids = self._batch, args[0]
+        if ids.shape[0] == 1:  # a batch dimension of 1 (HF's position_ids): widen it
+            expanded, ids = out.expand(batch, *out.shape[1:]), ids.expand(batch, *ids.shape[1:])
+        else:  # none: add it in front, where broadcasting puts it
+            expanded, ids = out.expand(batch, *out.shape), ids.expand(batch, *ids.shape)
         data, offset = self._data, self._offset
-        expanded.register_hook(lambda g: self._on_output_grad(group, args, kwargs, g, data,
-                                                              offset, batch))
+        expanded.register_hook(lambda g: self._on_output_grad(group, (ids, *args[1:]), kwargs, g,
+                                                              data, offset, batch))
         return expanded
 
     def _on_output_grad(self, group, args, kwargs, g, data: StepData, offset, batch) -> None:
@@ -350,15 +336,6 @@ class ExampleCapture:
                 (offset, pe.Outer(c.left.to(dtype), c.right.to(dtype), c.shape)))
         if capture.topk is not None:  # densified chunk by chunk at the step (recorder/shifts.py)
             data.topk.setdefault(index, []).append((offset, c))
-
-
-def _widen(value, dim: int, batch: int):
-    """`value` expanded to `batch` along `dim` where it has size 1 there (a view)."""
-    if not isinstance(value, torch.Tensor) or value.dim() <= dim or value.shape[dim] != 1:
-        return value
-    shape = list(value.shape)
-    shape[dim] = batch
-    return value.expand(shape)
 
 
 def scatter_rows(parts: list[tuple[int, torch.Tensor]], target: torch.Tensor) -> None:

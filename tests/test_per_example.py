@@ -76,34 +76,6 @@ class TinyGPT(nn.Module):
         return self.head(x).mean(1)
 
 
-class Gate(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        return x * self.w
-
-
-class SharedInputs(nn.Module):
-    """Modules whose input the whole batch shares (a batch dimension of 1): a Linear and a
-    LayerNorm on fixed positional features, a raw-parameter module (the generic path) and a
-    MultiheadAttention (a tuple output)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(9)
-        self.register_buffer("features", torch.randn(1, 6, 5))
-        self.wte, self.pos, self.pos_ln = nn.Embedding(12, 8), nn.Linear(5, 8), nn.LayerNorm(8)
-        self.gate, self.head = Gate(8), nn.Linear(8, 3)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-
-    def forward(self, idx):
-        shared = self.gate(self.pos_ln(self.pos(self.features)))  # (1, T, 8)
-        shared = self.attn(shared, shared, shared)[0]
-        return self.head(torch.tanh(self.wte(idx) + shared)).mean(1)
-
-
 def mlp():
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -124,7 +96,6 @@ CASES = {
                               torch.randint(0, 3, (96,)))),
     "transformer": (TinyTransformer, tokens_data),
     "gpt_tied_positional": (TinyGPT, tokens_data),
-    "shared_inputs": (SharedInputs, tokens_data),
     "generic": (Scaled, lambda: (torch.randn(96, 10, generator=torch.Generator().manual_seed(0)),
                                  torch.randint(0, 3, (96,)))),
 }

@@ -140,14 +140,23 @@ class ExampleCapture:
         self._mismatch: str | None = None  # a forward on a batch of another size, this step
         self._lost: str | None = None  # ... whose output backward reached: its rows are lost
         self._positions_said: set[str] = set()  # see _warn_if_positions
+        self._model_batch: tuple[int, ...] = ()  # leading sizes of the model call's input
         self._handles = [g.module.register_forward_hook(self._forward_hook(g), with_kwargs=True)
                          for g in self.groups]
+        self._handles.append(model.register_forward_pre_hook(self._note_model_input,
+                                                             with_kwargs=True))
         self.coupling = BatchNormCoupling(model, names, strict)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self.coupling.remove()
+
+    def _note_model_input(self, module, args, kwargs) -> None:
+        """The leading sizes of the model call's first tensor input: a call on the declared
+        micro-batch has the batch among them; an auxiliary call on `x[:1]` does not."""
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        self._model_batch = tuple(first.shape[:2]) if first is not None else ()
 
     def factorable(self, index: int) -> bool:
         """Whether every call that computes tensor `index`'s contributions hands them over as
@@ -239,13 +248,22 @@ class ExampleCapture:
         return hook
 
     def _shared_by_batch(self, module: nn.Module, args: tuple, out: torch.Tensor) -> bool:
-        """An Embedding looked up with indices shared by the micro-batch: without a batch
-        dimension (nanoGPT's `wpe(torch.arange(T))`) or with one of size 1 (Hugging Face's
-        `position_ids`); its output broadcasts over the batch. A 1-d index tensor as long as
-        the batch reads as batched: the two can't be told apart."""
-        return (self._batch is not None and isinstance(module, nn.Embedding)
-                and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1
-                and args[0].shape[0] != self._batch)
+        """An Embedding looked up with positions the micro-batch shares: consecutive indices
+        without a batch dimension (nanoGPT's `wpe(torch.arange(T))`) or with one of size 1
+        (Hugging Face's `position_ids`); its output broadcasts over the batch. Nothing else is
+        widened: other indices whose first dimension is not the batch's (`x[:1]`'s tokens) may
+        not be broadcast, and widening them would change what the model computes; nor are the
+        positions of a model call whose input does not hold the declared batch (an auxiliary
+        forward on `x[:1]`). Those read as a micro-batch of another size. A 1-d index tensor
+        as long as the batch reads as batched: the two can't be told apart."""
+        ids = args[0] if args else None
+        if (self._batch is None or not isinstance(module, nn.Embedding)
+                or (self._model_batch and self._batch not in self._model_batch)
+                or not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2)
+                or ids.shape[0] == self._batch or (ids.dim() == 2 and ids.shape[0] != 1)):
+            return False
+        row = ids.reshape(-1)
+        return torch.equal(row, row[:1] + torch.arange(len(row), device=row.device))
 
     def _warn_if_positions(self, group: ModuleGroup, module: nn.Module, args: tuple) -> None:
         """1-d indices exactly as long as the batch read as one per example; when they are
@@ -271,7 +289,7 @@ class ExampleCapture:
         model broadcasts it), so backward hands each example its own output gradient: the
         example's part of the lookup's gradient, which the broadcast would otherwise sum."""
         batch, ids = self._batch, args[0]
-        if ids.shape[0] == 1:  # a batch dimension of 1 (HF's position_ids): widen it
+        if ids.dim() == 2:  # a batch dimension of 1 (HF's position_ids): widen it
             expanded, ids = out.expand(batch, *out.shape[1:]), ids.expand(batch, *ids.shape[1:])
         else:  # none: add it in front, where broadcasting puts it
             expanded, ids = out.expand(batch, *out.shape), ids.expand(batch, *ids.shape)

@@ -397,6 +397,32 @@ def test_positions_as_long_as_the_batch_are_said_and_the_fix_is_exact(tmp_path):
     assert_contributions_match(run, lambda: Ambiguous(True), x, y)
 
 
+def test_a_forward_on_one_example_is_not_widened_into_the_batch(tmp_path):
+    """An auxiliary term on x[:1] inside the step: its lookups are token ids, not positions
+    the batch shares, so the recorder must not widen them (that changed the loss): training
+    is bit-identical to an unrecorded run, the step's rows are said to be missing."""
+    tokens = torch.randint(0, 12, (8, 6), generator=torch.Generator().manual_seed(2))
+
+    def train(path):
+        model = TinyGPT().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rec = attrib.Recorder(path, model, opt, capture=attrib.Full()) if path else None
+        if rec is not None:
+            rec.examples(torch.arange(8))
+        loss = model(tokens).logsumexp(1).mean() + 0.1 * model(tokens[:1]).square().sum()
+        loss.backward()
+        opt.step()
+        if rec is not None:
+            rec.close()
+        return loss.item(), [p.detach().clone() for p in model.parameters()]
+
+    with pytest.warns(UserWarning, match=r"ran on a batch of 1, but rec.examples\(\) declared 8"):
+        recorded = train(tmp_path / "run")
+    plain = train(None)
+    assert recorded[0] == plain[0]
+    assert all(torch.equal(a, b) for a, b in zip(recorded[1], plain[1]))
+
+
 class EchoLM(nn.Module):
     """Tied LM whose final LayerNorm bias has a gradient of exactly zero for every example:
     with targets a rotation of each row's own tokens, b shifts the logits of the inputs and of

@@ -2,7 +2,8 @@
 
 Each row records the aggregate trajectory plus one capture policy: none, Full (exact
 contributions), Factored (exact, weights as factors), Project(1024) dense and kron, TopK(64),
-on every workload of harness.py (the GRU LM's rows are recorder/recurrent.py's closed form). Columns as in record_overhead.py.
+on every workload of harness.py (the GRU LM's rows are recorder/recurrent.py's closed form).
+Columns as in record_overhead.py.
 Dense projection needs a k × numel matrix per tensor; where that exceeds the recorder's budget
 the row says so instead of a time. The peer rows compute per-example gradients without
 attrib, the way other tools do: torch.func (vmap of each example's gradient) and Opacus

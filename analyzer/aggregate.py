@@ -9,6 +9,7 @@ import torch
 
 from attrib.analyzer.run import Run
 from attrib.schemas import projection
+from attrib.schemas.factored import FactorRows
 
 AXES = ("example", "step", "stage", "param", "layer")
 COLUMNS = {"example": "example_id", "step": "step", "stage": "stage", "param": "param",
@@ -123,6 +124,8 @@ def data_influence(run: Run, name: str, shape: tuple[int, ...], stored, flat_a: 
     (Project)."""
     if stored is None:
         return None
+    if isinstance(stored, FactorRows):  # Factored: exact, Σ_t l_tᵀ A r_t per example
+        return alpha * stored.dot(flat_a)
     rows = stored.reshape(stored.shape[0], -1)
     if not run.exact_rows(name):
         p = run.capture[name]["project"]

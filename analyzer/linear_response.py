@@ -179,7 +179,7 @@ class _Sweep:
             for first in reversed(starts):
                 stop = min(first + block, n)
                 states = self._forward(first, stop)
-                contributions = {name: self.run.contribution_rows(name, first, stop)
+                contributions = {name: self.run.example_rows(name, first, stop)
                                  .to(self.dtype) for name in self.captured} if self.rows else {}
                 for s in range(stop - 1, first - 1, -1):
                     self._stage_effects(s + 1)

@@ -306,8 +306,7 @@ class _Recursion:
         run, dtype = self.run, self.dtype
         self.block = {
             "grads": {n: run.grads(n, first, stop).to(dtype) for n in self.names},
-            "contrib": {n: run.contribution_rows(n, first, stop).to(dtype)
-                        for n in run.captured},
+            "contrib": {n: run.example_rows(n, first, stop).to(dtype) for n in run.captured},
             "v": ({n: run.state(n, "exp_avg_sq", first, stop).to(dtype) for n in self.names}
                   if self.kind != "sgd" else {}),
         }

@@ -24,6 +24,7 @@ from attrib.analyzer import targets
 from attrib.analyzer.run import Run
 from attrib.schemas import format as fmt
 from attrib.schemas import projection
+from attrib.schemas.factored import FactorRows
 
 SCORES = pa.schema([pa.field("test_id", pa.int32()), pa.field("example_id", pa.int64()),
                     pa.field("value", pa.float64())])
@@ -114,20 +115,28 @@ def id_grid(run: Run, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     return grid, np.unique(grid[grid >= 0])
 
 
-def block_scores(rows: np.ndarray, ids: np.ndarray, q: np.ndarray, w: np.ndarray,
+def block_scores(rows: np.ndarray | FactorRows, ids: np.ndarray, q: np.ndarray, w: np.ndarray,
                  universe: np.ndarray) -> np.ndarray:
-    """(n_test, len(universe)) scores of one block of steps: rows (S, E, d), ids (S, E).
+    """(n_test, len(universe)) scores of one block of steps: rows (S, E, …) dense or factored,
+    ids (S, E).
 
     Rows become float64 a few steps at a time (≤ FLOAT64_SLICE values), so the copy stays
     small beside the float32 block."""
-    rows = rows.reshape(rows.shape[0], rows.shape[1], -1)
+    steps, examples = ids.shape
+    factored = isinstance(rows, FactorRows)
+    width = (rows.left.shape[-2] * (rows.left.shape[-1] + rows.right.shape[-1]) if factored
+             else int(np.prod(rows.shape[2:])))
     out = torch.zeros(len(universe), q.shape[0], dtype=torch.float64)
     test = torch.from_numpy(q)
-    per = max(1, FLOAT64_SLICE // max(1, rows.shape[1] * rows.shape[2]))
-    for a in range(0, rows.shape[0], per):
-        flat = torch.from_numpy(np.asarray(rows[a: a + per], dtype=np.float64))
-        scores = flat.reshape(-1, q.shape[1]) @ test.T
-        scores *= torch.from_numpy(np.repeat(w[a: a + per], rows.shape[1]))[:, None]
+    per = max(1, FLOAT64_SLICE // max(1, examples * width))
+    for a in range(0, steps, per):
+        part = rows[a: a + per]
+        if factored:  # Σ_t l_tᵀ Q r_t: exact rows that are never formed
+            scores = part.to(torch.float64).dot(test)
+        else:
+            scores = torch.from_numpy(np.asarray(part, dtype=np.float64)).reshape(
+                -1, q.shape[1]) @ test.T
+        scores *= torch.from_numpy(np.repeat(w[a: a + per], examples))[:, None]
         step_ids = ids[a: a + per].reshape(-1)
         keep = step_ids >= 0
         out.index_add_(0, torch.from_numpy(np.searchsorted(universe, step_ids[keep])),
@@ -142,7 +151,8 @@ def _stream(run: Run, name: str, q: np.ndarray, grid: np.ndarray, universe: np.n
     first = start - start % depth  # whole chunks: each is read and decoded once
     for a in range(first, stop, depth):
         lo, hi = max(a, start), min(a + depth, stop)
-        rows = run.contribution_rows(name, lo, hi).numpy()
+        rows = run.example_rows(name, lo, hi)
+        rows = rows if isinstance(rows, FactorRows) else rows.numpy()
         total += block_scores(rows, grid[lo - start: hi - start], q, w[lo - start: hi - start],
                               universe)
     return total

@@ -17,6 +17,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import attrib
+from attrib.analyzer.linear_response import linear_response
+from attrib.analyzer.projected import projected_influence
 from attrib.analyzer.verify import verify
 from attrib.schemas import format as fmt
 
@@ -149,20 +151,45 @@ def test_a_step_with_more_tokens_than_the_first_is_said_and_stays_exact_in_total
     assert fitted.factors("0.weight")[0].shape == (3, 4, 5, 16)
 
 
-def test_path_kernel_from_factors_equals_full(tmp_path):
-    """The same training recorded with Factored and with Full: per-example path-kernel
-    influences agree to float64 rounding."""
-    results = {}
+class TokenMLP(nn.Module):
+    """Per-token Linear over 6 tokens, then a head on their mean: both weights factored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed, self.mix, self.head = nn.Embedding(12, 16), nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.embed(idx))).mean(1))
+
+
+def test_analyses_read_factors_natively_and_equal_full(tmp_path):
+    """The same training recorded with Factored and with Full: the path kernel, linear
+    response and projected_influence (TracIn's sum), which read the factors without forming
+    rows, agree with the Full run's to float64 rounding."""
+    runs = {}
     for name, capture in (("factored", attrib.Factored(dtype="float64")),
                           ("full", attrib.Full(dtype="float64"))):
-        run, x, y = record(tmp_path / name, TinyGPT, tokens_data, capture=capture)
-        results[name] = attrib.analyze.path_kernel(
-            run, lambda: TinyGPT().double(), (x[:4], y[:4]), by=("example",)).to_arrow()
-    a, b = (results[k].sort_by([("test_id", "ascending"), ("example_id", "ascending")])
-            for k in ("factored", "full"))
-    va, vb = (np.asarray(t.column("value")) for t in (a, b))
-    assert a.num_rows == b.num_rows > 0
-    np.testing.assert_allclose(va, vb, rtol=1e-9, atol=1e-12 * np.abs(vb).max())
+        runs[name], x, y = record(tmp_path / name, TokenMLP, tokens_data, capture=capture)
+    assert "factored" in runs["factored"].capture["mix.weight"]
+    test = (x[:4], y[:4])
+    g = torch.Generator().manual_seed(3)
+    vectors = {n: torch.randn(3, *shape, generator=g, dtype=F64)
+               for n, shape in runs["full"].param_shapes.items()}
+
+    def analyses(run):
+        yield attrib.analyze.path_kernel(run, lambda: TokenMLP().double(), test,
+                                         by=("example",)).to_arrow()
+        yield linear_response(run, lambda: TokenMLP().double(), (x, y), test, by=("example",),
+                              progress=False).influence
+        yield projected_influence(run, vectors)
+
+    for got, expected in zip(analyses(runs["factored"]), analyses(runs["full"])):
+        keys = [c for c in ("test_id", "example_id", "term") if c in expected.column_names]
+        got, expected = (t.sort_by([(k, "ascending") for k in keys]) for t in (got, expected))
+        assert got.num_rows == expected.num_rows > 0
+        a, b = (np.asarray(t.column("value")) for t in (got, expected))
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * np.abs(b).max())
 
 
 def test_a_factored_run_resumes(tmp_path):

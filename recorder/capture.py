@@ -343,7 +343,14 @@ class ExampleCapture:
             p = capture.project
             projected = pe.project(c, self.shapes[index], p.kind, p.k, p.seed, self.names[index])
             data.projected.setdefault(index, []).append((offset, projected.float()))
-        total = projected.sum(0) if capture.checked_in_projection else c.total()
+        check = capture.check
+        if check is None:
+            total = c.total()
+        elif check is capture.project:
+            total = projected.sum(0)
+        else:
+            total = pe.project(c, self.shapes[index], check.kind, check.k, check.seed,
+                               self.names[index]).sum(0)
         data.sums[index] = data.sums[index] + total if index in data.sums else total
         if capture.full is not None:
             data.full.setdefault(index, []).append(

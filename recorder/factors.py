@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from attrib.recorder.capture import StepData
 from attrib.recorder.per_example import Outer
 from attrib.recorder.policies import TensorCapture
 from attrib.schemas import projection
@@ -34,22 +35,25 @@ def smaller_than_full(tokens: int, shape: tuple[int, ...]) -> bool:
     return tokens > 0 and tokens * (m + n) < m * n
 
 
-def settle(captures: list[TensorCapture], shapes: list[tuple[int, ...]],
-           factors: dict[int, Parts], full: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
+def settle(captures: list[TensorCapture], shapes: list[tuple[int, ...]], data: StepData
+           ) -> None:
     """At the first step: each Factored tensor keeps factors, with the slots the step used (or
     the ones asked for), when they are smaller than its full rows; else it is stored in full
-    from this step on, this step's factors densified into `full`."""
+    from this step on, this step's factors densified (and its check sum made exact)."""
     for index, capture in enumerate(captures):
         if capture.factored is None:
             continue
-        parts = factors.get(index, [])
+        parts = data.factors.get(index, [])
         tokens = capture.factored.tokens or tokens_used(parts)
         if smaller_than_full(tokens, shapes[index]):
             capture.tokens = tokens
             continue
         dtype = getattr(torch, capture.factored.dtype or capture.storage_dtype)
         capture.store_in_full()
-        full[index] = [(offset, c.dense().to(dtype)) for offset, c in factors.pop(index, [])]
+        data.full[index] = [(offset, c.dense().to(dtype)) for offset, c in parts]
+        data.factors.pop(index, None)
+        if parts:
+            data.sums[index] = sum(c.total() for _, c in parts)
 
 
 def restore(captures: list[TensorCapture], names: list[str], recorded: dict[str, Any]) -> None:

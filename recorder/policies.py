@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from attrib.schemas import projection
 
+CHECK_SKETCH_SIZE = 64  # see TensorCapture.check
 FULL_BUDGET = 1 << 20  # default policy: exact contributions up to this many scalars per step…
 DEFAULT_PROJECTION = 4096  # …else a kron projection of this size
 DENSE_BUDGET_BYTES = 1 << 30  # dense projection matrices kept in memory, all tensors together
@@ -99,6 +100,7 @@ class TopK:
 
 
 Policy = Full | Factored | Project | TopK
+CHECK_SKETCH = Project(CHECK_SKETCH_SIZE)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -132,12 +134,15 @@ class TensorCapture:
         self.full, self.factored, self.tokens = Full(dtype=self.factored.dtype), None, None
 
     @property
-    def checked_in_projection(self) -> bool:
-        """Whether the step's invariant Σ_i c_i = G is checked on the projected rows (R Σ_i c_i
-        = Σ_i R c_i, R linear) rather than on the exact sum: when only projected rows are
-        kept, the exact sum would cost a second weight-gradient product per module call."""
-        return (self.project is not None and self.full is None and self.topk is None
-                and self.factored is None)
+    def check(self) -> Project | None:
+        """The projection R the step's invariant Σ_i c_i = G is checked on (R Σ_i c_i =
+        Σ_i R c_i, R linear), or None for the exact sum, which would cost a second
+        weight-gradient product per module call where no dense rows are formed anyway: the
+        projected rows' own R, or for factored rows a fixed 8 × 8 kron sketch (a use the
+        capture missed shows in it almost surely)."""
+        if self.full is not None or self.topk is not None:
+            return None
+        return self.project or (CHECK_SKETCH if self.factored is not None else None)
 
     def describe(self) -> dict:
         out: dict = {}

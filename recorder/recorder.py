@@ -832,7 +832,7 @@ class Recorder:
         if self._block is None:
             if data is not None:  # Factored: factors or full rows, by what this step used
                 factors.settle(self.captures, [tuple(p.param.shape) for p in self.params],
-                               data.factors, data.full)
+                               data)
             self._initialize_storage(self._examples_per_step or (
                 data.rows if data else sum(len(ids) for ids in self._examples)))
         row_index = len(self._block.records)
@@ -966,10 +966,10 @@ class Recorder:
             if g is None:
                 residual.append(torch.tensor(0.0))
                 continue
-            if capture.checked_in_projection:  # Σ_i R c_i against R G (see TensorCapture)
-                project = capture.project
+            if capture.check is not None:  # Σ_i R c_i against R G (see TensorCapture)
+                check = capture.check
                 before_clip = projection.project(
-                    g.detach()[None], tuple(g.shape), project.kind, project.k, project.seed,
+                    g.detach()[None], tuple(g.shape), check.kind, check.k, check.seed,
                     p.name)[0].double() / clip_factor
             else:
                 before_clip = g.detach().double() / clip_factor

@@ -66,8 +66,10 @@ class Codecs:
     per-step scalars) is stored uncompressed with its CRC32C: float gradients compress only
     ~1.15x with zstd at a third of the writer's speed (benchmarks/writer_throughput.py), and
     so are projected rows (random projections: 1.02x with zstd, which doubled the writer's
-    time per GPT step), while exact per-example rows (many zeros) compress 2-3x and keep zstd.
-    `Recorder(codec=...)` sets one codec for everything."""
+    time per GPT step), and so are factored rows (activations and output gradients: 1.12x on
+    the MLP, where zstd more than doubled the writer's time), while exact per-example rows
+    (many zeros) compress 2-3x and keep zstd. `Recorder(codec=...)` sets one codec for
+    everything."""
 
     trajectory: Codec = Codec("none")
     per_example: Codec = Codec()
@@ -94,7 +96,7 @@ class Codecs:
                 "projected": dataclasses.asdict(self.projected)}
 
     def for_path(self, path: str) -> Codec:
-        if path.startswith(f"{fmt.PROJ}/"):
+        if path.startswith((f"{fmt.PROJ}/", f"{fmt.FACTOR_LEFT}/", f"{fmt.FACTOR_RIGHT}/")):
             return self.projected
         return self.per_example if fmt.per_example(path) else self.trajectory
 

@@ -215,3 +215,17 @@ def test_a_factored_run_resumes(tmp_path):
     assert run.n_steps == 4 and run.factors("0.weight")[0].shape == (4, 4, 3, 16)
     assert np.nanmax(run.residual_norms()) < 1e-5
     assert all(verify(tmp_path / "run").column("ok").to_pylist())
+
+
+def test_a_use_the_hooks_miss_shows_in_the_factored_check(tmp_path):
+    """Factored rows are checked on a sketch, not the exact sum: a plain-code use of a
+    factored weight (outside its module) still leaves a residual that strict mode refuses."""
+    class Leaky(TokenMLP):
+        def forward(self, idx):
+            h = self.embed(idx)
+            leak = (h @ self.mix.weight.T).mean((1, 2))[:, None]
+            return super().forward(idx) + leak * torch.tensor([1.0, 0.0, -1.0], dtype=h.dtype)
+
+    with pytest.raises(attrib.RecordingError, match=r"the per-example rows of \['mix.weight'\] "
+                                                    r"explain only part"):
+        record(tmp_path / "run", Leaky, tokens_data, capture=attrib.Factored())

@@ -1,8 +1,8 @@
 """Path-kernel analysis throughput: influence scores per second, exact vs projected vs strided.
 
-Records the same MLP run (784-64-10 on random data, SGD + momentum, batch 32) with Full capture
-and with Project(kron, k) for several k, then times `attrib.analyze.path_kernel` over each, and
-over the Full run with strides K. A score is one
+Records the same MLP run (784-64-10 on random data, SGD + momentum, batch 32) with Full capture,
+with Factored capture (exact, weights as factors) and with Project(kron, k) for several k, then
+times `attrib.analyze.path_kernel` over each, and over the Full run with strides K. A score is one
 (training example seen at a step) × (test point) influence; scores/s counts them. Also the
 per-example agreement of each approximate mode with the exact one (Pearson r of the summed
 example influences) and the peak RSS of each analysis (own subprocess).
@@ -24,7 +24,7 @@ from harness import print_table, run_isolated
 import attrib
 
 PROJECTIONS = (256, 1024, 4096)
-MODES = {"exact (Full, stride 1)": ("full", 1),
+MODES = {"exact (Full, stride 1)": ("full", 1), "exact (Factored, stride 1)": ("factored", 1),
          **{f"projected (kron {k})": (f"project{k}", 1) for k in PROJECTIONS},
          "exact, stride 5": ("full", 5), "exact, stride 20": ("full", 20)}
 
@@ -75,6 +75,7 @@ def main() -> None:
     rows, exact = [], None
     with tempfile.TemporaryDirectory() as tmp:
         record(f"{tmp}/full", attrib.Full(), steps)
+        record(f"{tmp}/factored", attrib.Factored(), steps)
         for k in PROJECTIONS:
             record(f"{tmp}/project{k}", attrib.Project(k, kind="kron"), steps)
         for mode, (capture, stride) in MODES.items():

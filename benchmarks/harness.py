@@ -305,6 +305,8 @@ def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None
     parser.add_argument("--quick", action="store_true", help="few steps (smoke test)")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "SETTING"), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--setting", action="append", choices=list(settings),
+                        help="measure only these settings (repeatable; default: all)")
     args = parser.parse_args()
     repeats = 1 if args.quick else 2
     if args.one:
@@ -314,7 +316,7 @@ def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None
         return
     rows = []
     for name in workloads or list(WORKLOADS):
-        for setting in settings:
+        for setting in args.setting or settings:
             count = (steps or {}).get(name)
             rows.append(run_isolated(name, setting, *(["--quick"] if args.quick else []),
                                      *(["--steps", str(count)] if count else [])))

@@ -9,12 +9,13 @@ forward (a layer called twice) gets every call's tokens, one after another in it
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from attrib.recorder.capture import StepData
-from attrib.recorder.per_example import Outer
+from attrib.recorder.per_example import Outer, project
 from attrib.recorder.policies import TensorCapture
 from attrib.schemas import projection
 
@@ -35,11 +36,12 @@ def smaller_than_full(tokens: int, shape: tuple[int, ...]) -> bool:
     return tokens > 0 and tokens * (m + n) < m * n
 
 
-def settle(captures: list[TensorCapture], shapes: list[tuple[int, ...]], data: StepData
-           ) -> None:
+def settle(captures: list[TensorCapture], names: list[str], shapes: list[tuple[int, ...]],
+           data: StepData) -> None:
     """At the first step: each Factored tensor keeps factors, with the slots the step used (or
     the ones asked for), when they are smaller than its full rows; else it is stored in full
-    from this step on, this step's factors densified (and its check sum made exact)."""
+    (or projected: TensorCapture.unfactor) from this step on, this step's factors converted
+    alike and its check sum made to match."""
     for index, capture in enumerate(captures):
         if capture.factored is None:
             continue
@@ -49,23 +51,32 @@ def settle(captures: list[TensorCapture], shapes: list[tuple[int, ...]], data: S
             capture.tokens = tokens
             continue
         dtype = getattr(torch, capture.factored.dtype or capture.storage_dtype)
-        capture.store_in_full()
-        data.full[index] = [(offset, c.dense().to(dtype)) for offset, c in parts]
+        capture.unfactor(math.prod(shapes[index]))
         data.factors.pop(index, None)
-        if parts:
+        if not parts:
+            continue
+        if capture.full is not None:
+            data.full[index] = [(offset, c.dense().to(dtype)) for offset, c in parts]
             data.sums[index] = sum(c.total() for _, c in parts)
+        else:
+            p = capture.project
+            data.projected[index] = [
+                (offset, project(c, shapes[index], p.kind, p.k, p.seed, names[index]).float())
+                for offset, c in parts]
+            data.sums[index] = sum(rows.sum(0) for _, rows in data.projected[index])
 
 
-def restore(captures: list[TensorCapture], names: list[str], recorded: dict[str, Any]) -> None:
+def restore(captures: list[TensorCapture], names: list[str], numels: list[int],
+            recorded: dict[str, Any]) -> None:
     """A resumed run: each Factored tensor as the run settled it at its first step."""
-    for capture, name in zip(captures, names):
-        stored = recorded.get(name, {})
+    for capture, name, numel in zip(captures, names, numels):
         if capture.factored is None:
             continue
+        stored = recorded.get(name, {})
         if "factored" in stored:
             capture.tokens = stored["factored"]["tokens"]
-        elif "full" in stored:
-            capture.store_in_full()
+        else:
+            capture.unfactor(numel)
 
 
 def scatter(parts: Parts, left: torch.Tensor, right: torch.Tensor) -> int:

@@ -45,18 +45,22 @@ class Factored:
     its tokens (positions) t: output gradient times input. Storing the pairs takes
     T·(d_out + d_in) floats instead of d_out·d_in, and is exact. Tensors without that form
     (biases, norms, embeddings, modules on the torch.func path) and weights whose factors
-    would not be smaller are stored in full. `tokens`: factor slots per example and tensor
-    (default: what the first step used; a later step that needs more is said, and its rows
-    of that tensor become residual). dtype as for Full.
+    would not be smaller are stored in full, or with `fallback=Project(k)` projected when
+    they have more than k scalars. `tokens`: factor slots per example and tensor (default:
+    what the first step used; a later step that needs more is said, and its rows of that
+    tensor become residual). dtype as for Full.
     """
 
     params: tuple[str, ...] = ("*",)
     tokens: int | None = None
     dtype: str | None = None
+    fallback: Project | None = None
 
     def __post_init__(self) -> None:
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"Factored(tokens={self.tokens!r}): use None or an integer ≥ 1")
+        if self.fallback is not None and not isinstance(self.fallback, Project):
+            raise ValueError(f"Factored(fallback={self.fallback!r}): use None or a Project")
         Full(dtype=self.dtype)  # the same dtypes
 
 
@@ -129,9 +133,14 @@ class TensorCapture:
         return (self.full is not None or self.project is not None or self.topk is not None
                 or self.factored is not None)
 
-    def store_in_full(self) -> None:
-        """A Factored tensor without a smaller factored form: its rows are stored in full."""
-        self.full, self.factored, self.tokens = Full(dtype=self.factored.dtype), None, None
+    def unfactor(self, numel: int) -> None:
+        """A Factored tensor without a smaller factored form: its rows are stored in full, or
+        projected by the policy's fallback when it has more scalars than the fallback's k."""
+        policy, self.factored, self.tokens = self.factored, None, None
+        if policy.fallback is not None and numel > policy.fallback.k:
+            self.project = self.project or policy.fallback
+        else:
+            self.full = Full(dtype=policy.dtype)
 
     @property
     def check(self) -> Project | None:
@@ -159,10 +168,12 @@ class TensorCapture:
 
 
 def default_policies(total_numel: int) -> list[Policy]:
-    """Exact when the model is small, else a kron projection (documented in the README)."""
+    """Exact rows, weights as factors where those are smaller; on a large model the tensors
+    without a smaller factored form are projected instead when larger than the projection
+    (documented in the README)."""
     if total_numel <= FULL_BUDGET:
-        return [Full()]
-    return [Project(DEFAULT_PROJECTION)]
+        return [Factored()]
+    return [Factored(fallback=Project(DEFAULT_PROJECTION))]
 
 
 def check_dense_budget(captures: list[TensorCapture], names: list[str],

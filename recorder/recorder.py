@@ -220,7 +220,7 @@ class Recorder:
                          if any(c.any for c in self.captures) else None)
         for i, c in enumerate(self.captures):  # Factored where the calls hand over factors
             if c.factored is not None and not self._capture.factorable(i):
-                c.store_in_full()
+                c.unfactor(self.params[i].param.numel())
 
         self._block: Block | None = None  # created at the first step, when sizes are known
 
@@ -462,7 +462,8 @@ class Recorder:
             raise FormatError(f"{self.path} was recorded in format v{run.format_version}; this "
                               f"attrib appends v{fmt.FORMAT_VERSION} steps only, so it can't "
                               "resume it: record the continuation into a new directory")
-        factors.restore(self.captures, [p.name for p in self.params], run.capture)
+        factors.restore(self.captures, [p.name for p in self.params],
+                        [p.param.numel() for p in self.params], run.capture)
         meta_now = {**meta_now, "capture": self._capture_meta()}
         point = prepare(run, resume, meta_now, self._params_table().to_pylist(),
                         {p.name: p.param.detach().cpu() for p in self.params}, self.optimizer,
@@ -831,8 +832,8 @@ class Recorder:
         data = self._capture.end_step() if self._capture is not None else None
         if self._block is None:
             if data is not None:  # Factored: factors or full rows, by what this step used
-                factors.settle(self.captures, [tuple(p.param.shape) for p in self.params],
-                               data)
+                factors.settle(self.captures, [p.name for p in self.params],
+                               [tuple(p.param.shape) for p in self.params], data)
             self._initialize_storage(self._examples_per_step or (
                 data.rows if data else sum(len(ids) for ids in self._examples)))
         row_index = len(self._block.records)

@@ -21,6 +21,7 @@ from attrib.analyzer.linear_response import linear_response
 from attrib.analyzer.projected import projected_influence
 from attrib.analyzer.verify import verify
 from attrib.schemas import format as fmt
+from attrib.schemas.projection import project
 
 F64 = torch.float64
 
@@ -99,22 +100,46 @@ def test_a_layer_called_twice_keeps_both_calls(tmp_path):
     assert_contributions_match(run, Twice, x, y, rel=1e-10)
 
 
+class Wide(nn.Module):
+    """10 × 10 weights over 6 tokens: 6·20 factors > 100 entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed, self.mix = nn.Embedding(12, 10), nn.Linear(10, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.embed(idx))).mean(1))
+
+
 def test_weights_whose_factors_are_not_smaller_are_stored_in_full(tmp_path):
     """10 × 10 weights over 6 tokens: 6·20 factors > 100 entries, so Full rows are kept."""
-    class Wide(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(2)
-            self.embed, self.mix = nn.Embedding(12, 10), nn.Linear(10, 10)
-            self.head = nn.Linear(10, 3)
-
-        def forward(self, idx):
-            return self.head(torch.tanh(self.mix(self.embed(idx))).mean(1))
-
     run, x, y = record(tmp_path / "run", Wide, tokens_data,
                        capture=attrib.Factored(dtype="float64"))
     assert run.capture["mix.weight"] == {"full": {"dtype": "float64"}}
     assert_contributions_match(run, Wide, x, y, rel=1e-10)
+
+
+def test_a_fallback_projection_takes_what_factors_cannot(tmp_path):
+    """Factored(fallback=Project(k)): a tensor without a smaller factored form and more than k
+    scalars is projected, from the first step on (that step's factors projected too); the
+    rows equal the projection of the exact ones."""
+    runs = {}
+    for name, capture in (("full", attrib.Full(dtype="float64")),
+                          ("fallback", attrib.Factored(dtype="float64",
+                                                       fallback=attrib.Project(16)))):
+        runs[name], _, _ = record(tmp_path / name, Wide, tokens_data, capture=capture)
+    capture = runs["fallback"].capture
+    assert "project" in capture["mix.weight"] and "project" in capture["embed.weight"]
+    assert "full" in capture["mix.bias"] and "factored" in capture["head.weight"]
+    for step in range(runs["full"].n_steps):
+        _, exact = runs["full"].contributions(step)
+        _, got = runs["fallback"].contributions(step)
+        for name in ("mix.weight", "embed.weight"):
+            expected = project(exact[name], tuple(exact[name].shape[1:]), "kron", 16, 0, name)
+            torch.testing.assert_close(got[name].double(), expected, rtol=1e-5, atol=1e-7)
+    assert np.nanmax(runs["fallback"].residual_norms()) < 1e-5
 
 
 def test_a_step_with_more_tokens_than_the_first_is_said_and_stays_exact_in_total(tmp_path):

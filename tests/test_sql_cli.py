@@ -74,11 +74,12 @@ def test_cli_info(two_runs):
     # 9 steps × 227 float32 gradients + checkpoints θ_0, θ_9 with AdamW's exp_avg and
     # exp_avg_sq (and a bool per tensor: state present) + per step: 7 float64 hparams, float64
     # clip factor, int64 step count and bool active per tensor, 2 float64 fingerprints per
-    # tensor + the default Full capture of a small model: 32 examples × 227 float32 per step,
-    # and a float64 residual norm per tensor
+    # tensor + the default Factored capture of a small model: per example and step the two
+    # weights' factors (16 + 10, 3 + 16 float32) and the biases in full (16, 3), and a float64
+    # residual norm per tensor
     assert info["dense_bytes_raw"] == (9 * 227 * 4 + 2 * (227 * 4 * 3 + 4)
                                        + 9 * (7 * 8 + 8 + 4 * 9 + 2 * 4 * 8)
-                                       + 9 * 32 * 227 * 4 + 9 * 4 * 8)
+                                       + 9 * 32 * (16 + 10 + 3 + 16 + 16 + 3) * 4 + 9 * 4 * 8)
     assert "bytes per parameter per step" in result.output
     assert info["dense_bytes_stored"] > 0 and info["dense_metadata_bytes"] > 0
 

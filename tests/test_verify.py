@@ -128,7 +128,7 @@ FULL_DISK = textwrap.dedent("""
     model = mlp(); opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     x, y = data()
     rec = attrib.Recorder({path!r}, model, opt, checkpoint_every=5, steps_per_chunk=2,
-                          strict={strict})
+                          capture=attrib.Full(), strict={strict})
     losses = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -91,6 +91,31 @@ class Outer:
 
 
 PerExample = Dense | Outer
+LOW_RANK_OVERSAMPLE, LOW_RANK_ITERATIONS = 4, 2
+
+
+def low_rank(c: Outer, rank: int) -> Outer:
+    """Each example's best rank-`rank` approximation of C_i = Σ_t l_t ⊗ r_t = L_iᵀ R_i, as
+    `rank` factor pairs, without forming C_i: randomized range finding with power iterations
+    (Halko, Martinsson & Tropp 2011), then an exact SVD of the small projected matrix."""
+    left, right = c.left, c.right  # (B, T, m), (B, T, n)
+    k = min(rank + LOW_RANK_OVERSAMPLE, left.shape[1])
+    g = torch.Generator(device=right.device).manual_seed(0)
+    omega = torch.randn(right.shape[-1], k, generator=g, device=right.device, dtype=right.dtype)
+
+    def times(vectors: torch.Tensor) -> torch.Tensor:  # C_i V: (B, n, k) → (B, m, k)
+        return left.transpose(1, 2) @ (right @ vectors)
+
+    def times_transposed(vectors: torch.Tensor) -> torch.Tensor:  # C_iᵀ U: → (B, n, k)
+        return right.transpose(1, 2) @ (left @ vectors)
+
+    basis = torch.linalg.qr(times(omega.expand(left.shape[0], -1, -1))).Q
+    for _ in range(LOW_RANK_ITERATIONS):
+        basis = torch.linalg.qr(times(torch.linalg.qr(times_transposed(basis)).Q)).Q
+    small = times_transposed(basis).transpose(1, 2)  # Qᵀ C_i: (B, k, n)
+    u, s, vh = torch.linalg.svd(small, full_matrices=False)
+    new_left = (basis @ u[..., :rank]) * s[:, None, :rank]  # (B, m, r)
+    return Outer(new_left.transpose(1, 2), vh[:, :rank], c.shape)
 
 
 def project(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int, name: str

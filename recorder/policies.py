@@ -46,19 +46,25 @@ class Factored:
     T·(d_out + d_in) floats instead of d_out·d_in, and is exact. Tensors without that form
     (biases, norms, embeddings, modules on the torch.func path) and weights whose factors
     would not be smaller are stored in full, or with `fallback=Project(k)` projected when
-    they have more than k scalars. `tokens`: factor slots per example and tensor (default:
-    what the first step used; a later step that needs more is said, and its rows of that
-    tensor become residual). dtype as for Full.
+    they have more than k scalars. `rank=r` keeps at most r factor pairs per example and
+    call: exact for a call of at most r tokens, else the best rank-r approximation of the
+    T-term sum (randomized SVD with power iterations); what it leaves out lands in the
+    analyses' residual term, so totals stay exact. `tokens`: factor slots per example and
+    tensor (default: what the first step used; a later step that needs more is said, and its
+    rows of that tensor become residual). dtype as for Full.
     """
 
     params: tuple[str, ...] = ("*",)
     tokens: int | None = None
     dtype: str | None = None
     fallback: Project | None = None
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"Factored(tokens={self.tokens!r}): use None or an integer ≥ 1")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"Factored(rank={self.rank!r}): use None or an integer ≥ 1")
         if self.fallback is not None and not isinstance(self.fallback, Project):
             raise ValueError(f"Factored(fallback={self.fallback!r}): use None or a Project")
         Full(dtype=self.dtype)  # the same dtypes
@@ -158,7 +164,8 @@ class TensorCapture:
         if self.full is not None:
             out["full"] = {"dtype": self.full_dtype}
         if self.factored is not None:
-            out["factored"] = {"dtype": self.full_dtype, "tokens": self.tokens}
+            out["factored"] = {"dtype": self.full_dtype, "tokens": self.tokens,
+                               "rank": self.factored.rank}
         if self.project is not None:
             p = self.project
             out["project"] = {"k": p.k, "seed": p.seed, "kind": p.kind}

@@ -341,8 +341,9 @@ def _capture(value: Any) -> bool:
                                                                     "topk"}:
             return False
         factored = policies.get("factored")
-        if factored is not None and not (isinstance(factored, dict) and (
-                factored.get("tokens") is None or _is_int(factored.get("tokens"), 1))):
+        if factored is not None and not (isinstance(factored, dict) and all(
+                factored.get(key) is None or _is_int(factored.get(key), 1)
+                for key in ("tokens", "rank"))):
             return False
         project = policies.get("project")
         if project is not None and not (isinstance(project, dict) and _is_int(project.get("k"), 1)

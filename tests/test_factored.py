@@ -254,3 +254,37 @@ def test_a_use_the_hooks_miss_shows_in_the_factored_check(tmp_path):
     with pytest.raises(attrib.RecordingError, match=r"the per-example rows of \['mix.weight'\] "
                                                     r"explain only part"):
         record(tmp_path / "run", Leaky, tokens_data, capture=attrib.Factored())
+
+
+def test_rank_r_factors_are_the_best_rank_r_rows_and_totals_stay_exact(tmp_path):
+    """Factored(rank=r): exact where a call has at most r tokens; with more, each example's
+    row is its best rank-r approximation (within 1% of the SVD's error, float64; rank 1 of 6
+    tokens, so the randomized range finder samples fewer directions than there are), and the path
+    kernel stays complete: what the rows leave out is in its residual term."""
+    runs = {}
+    for name, capture in (("full", attrib.Full(dtype="float64")),
+                          ("rank1", attrib.Factored(dtype="float64", rank=1)),
+                          ("rank8", attrib.Factored(dtype="float64", rank=8))):
+        runs[name], x, y = record(tmp_path / name, TokenMLP, tokens_data, capture=capture)
+    assert runs["rank1"].capture["mix.weight"]["factored"] == {
+        "dtype": "float64", "tokens": 1, "rank": 1}
+    for step in range(runs["full"].n_steps):
+        _, exact = runs["full"].contributions(step)
+        _, rank8 = runs["rank8"].contributions(step)
+        _, rank1 = runs["rank1"].contributions(step)
+        torch.testing.assert_close(rank8["mix.weight"], exact["mix.weight"], rtol=0,
+                                   atol=1e-12)  # 6 tokens ≤ 8: exact
+        u, s, vh = torch.linalg.svd(exact["mix.weight"], full_matrices=False)
+        best = (u[..., :1] * s[:, None, :1]) @ vh[:, :1]
+        optimal = (exact["mix.weight"] - best).flatten(1).norm(dim=1)
+        got = (exact["mix.weight"] - rank1["mix.weight"]).flatten(1).norm(dim=1)
+        assert (got <= 1.01 * optimal + 1e-12).all(), (got, optimal)
+        assert (optimal > 1e-3 * exact["mix.weight"].flatten(1).norm(dim=1)).any()  # not trivial
+    test = (x[:4], y[:4])
+    result = attrib.analyze.path_kernel(runs["rank1"], lambda: TokenMLP().double(), test,
+                                        by=("example",))
+    exact_result = attrib.analyze.path_kernel(runs["full"], lambda: TokenMLP().double(), test,
+                                              by=("example",))
+    gaps = np.asarray(result.completeness()["relative_gap"])
+    np.testing.assert_allclose(gaps, np.asarray(exact_result.completeness()["relative_gap"]),
+                               rtol=1e-6, atol=1e-12)

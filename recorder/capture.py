@@ -163,8 +163,9 @@ class ExampleCapture:
         dense factors (a Linear or Conv weight), so policies.Factored can store those."""
         uses = [(g.rule, local) for g in self.groups for local, i in g.params.items()
                 if i == index]
-        return bool(uses) and all(rule in (pe.linear_rule, pe.conv_rule) and local == "weight"
-                                  for rule, local in uses)
+        return bool(uses) and all(
+            rule in (pe.linear_rule, pe.conv_rule, pe.hf_conv1d_rule) and local == "weight"
+            for rule, local in uses)
 
     def begin_micro_batch(self, n: int) -> None:
         """The next forward/backward carries the `n` examples just declared."""

@@ -150,6 +150,20 @@ def linear_rule(module: nn.Linear, args, kwargs, g):
     return out
 
 
+def hf_conv1d_rule(module: nn.Module, args, kwargs, g):
+    """Hugging Face's Conv1D (GPT-2): y = x W + b with W (in, out), a Linear transposed."""
+    a, g3 = _tokens(args[0].detach()), _tokens(g)
+    return {"weight": Outer(a, g3, tuple(module.weight.shape)), "bias": Dense(g3.sum(1))}
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D, recognised without importing transformers."""
+    return (type(module).__name__ == "Conv1D" and type(module).__module__.startswith(
+        "transformers") and getattr(module, "weight", None) is not None
+        and tuple(module.weight.shape) == (getattr(module, "nx", None),
+                                            getattr(module, "nf", None)))
+
+
 def embedding_rule(module: nn.Embedding, args, kwargs, g):
     ids = args[0].reshape(args[0].shape[0], -1)
     g3 = _tokens(g)
@@ -205,6 +219,8 @@ def closed_form_rule(module: nn.Module) -> Rule | None:
     rule = RULES.get(type(module))
     if rule is None and isinstance(module, nn.Linear):  # subclasses that keep F.linear
         rule = linear_rule
+    if rule is None and is_hf_conv1d(module):
+        rule = hf_conv1d_rule
     if rule is conv_rule and not _conv_supported(module):
         return None
     if rule is embedding_rule and (module.sparse or module.scale_grad_by_freq

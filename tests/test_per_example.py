@@ -347,15 +347,18 @@ def test_a_frozen_layer_inside_the_optimizer_is_recorded_as_constant(run_dir):
                                        atol=1e-10 * float(expected[name].abs().max()))
 
 
-def test_hugging_face_gpt2_rows_equal_each_examples_gradient(run_dir):
-    """A real third-party LM: Hugging Face's GPT2LMHeadModel (Conv1D layers, lm_head tied to
-    wte, wpe looked up with position_ids of batch size 1). Reference: each example's share of
-    the batch's mean token loss, differentiated by plain autograd, one example at a time."""
+@pytest.mark.parametrize("capture", [attrib.Full(dtype="float64"),
+                                     attrib.Factored(dtype="float64")])
+def test_hugging_face_gpt2_rows_equal_each_examples_gradient(run_dir, capture):
+    """A real third-party LM: Hugging Face's GPT2LMHeadModel (Conv1D layers, closed form and
+    factored; lm_head tied to wte, wpe looked up with position_ids of batch size 1).
+    Reference: each example's share of the batch's mean token loss, differentiated by plain
+    autograd, one example at a time."""
     model = tiny_gpt2(F64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randint(0, 40, (32, 8), generator=torch.Generator().manual_seed(1))
-    with attrib.Recorder(run_dir, model, opt, capture=attrib.Full(dtype="float64"),
-                         strict=True) as rec:
+    with attrib.Recorder(run_dir, model, opt, capture=capture, strict=True) as rec:
+        rules = {g.path: g.rule for g in rec._capture.groups}
         for step in range(2):
             ids = torch.arange(4 * step, 4 * step + 4)
             rec.examples(ids)
@@ -363,6 +366,9 @@ def test_hugging_face_gpt2_rows_equal_each_examples_gradient(run_dir):
             opt.step()
             opt.zero_grad()
     run = attrib.open_run(run_dir)
+    assert rules["transformer.h.0.attn.c_attn"].__name__ == "hf_conv1d_rule"  # not vmap
+    if isinstance(capture, attrib.Factored):
+        assert "factored" in run.capture["transformer.h.0.mlp.c_fc.weight"]
     assert float(run.residual_norms().max()) < 1e-10
 
     def share(reference, ids, row):

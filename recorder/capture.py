@@ -8,8 +8,10 @@ rows of the examples that micro-batch declared with `rec.examples(ids)`.
 
 from __future__ import annotations
 
+import fnmatch
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -127,10 +129,12 @@ class ExampleCapture:
     """Hooks on the model that collect per-example contributions between optimizer steps."""
 
     def __init__(self, model: nn.Module, names: list[str], shapes: list[tuple[int, ...]],
-                 captures: list[TensorCapture], strict: bool, scale: float = 1.0) -> None:
+                 captures: list[TensorCapture], strict: bool, scale: float = 1.0,
+                 shared: Sequence[str] = ()) -> None:
         self.names, self.shapes, self.captures = names, shapes, captures
         self.scale = scale  # contributions are linear in the output gradient: scale it once
         self.groups, self.unsupported = assign_modules(model, names, captures, strict)
+        self._shared = declared_shared(self.groups, shared)  # see Recorder(shared=...)
         self.enabled = True
         self.strict = strict
         self._recomputing = False
@@ -222,9 +226,10 @@ class ExampleCapture:
                 return
             bdim = pe.batch_dim(module)
             self._warn_if_positions(group, module, args)
-            if self._shared_by_batch(module, args, out):
+            if self._shared_by_batch(group, args, out):
                 self.coupling.saw(group.params.values())
-                return self._broadcast(group, args, kwargs, out)
+                expanded = self._broadcast(group, args, kwargs, out)
+                return (expanded, *output[1:]) if isinstance(output, tuple) else expanded
             if self._batch is None or out.dim() <= bdim or out.shape[bdim] != self._batch:
                 if self._batch is not None and out.dim() > bdim:
                     message = (f"module {group.path or '(the model)'!r} "
@@ -248,7 +253,7 @@ class ExampleCapture:
                                                              offset, batch))
         return hook
 
-    def _shared_by_batch(self, module: nn.Module, args: tuple, out: torch.Tensor) -> bool:
+    def _shared_by_batch(self, group: ModuleGroup, args: tuple, out: torch.Tensor) -> bool:
         """An Embedding looked up with positions the micro-batch shares: consecutive indices
         without a batch dimension (nanoGPT's `wpe(torch.arange(T))`) or with one of size 1
         (Hugging Face's `position_ids`); its output broadcasts over the batch. Nothing else is
@@ -256,10 +261,16 @@ class ExampleCapture:
         not be broadcast, and widening them would change what the model computes; nor are the
         positions of a model call whose input does not hold the declared batch (an auxiliary
         forward on `x[:1]`). Those read as a micro-batch of another size. A 1-d index tensor
-        as long as the batch reads as batched: the two can't be told apart."""
-        ids = args[0] if args else None
-        if (self._batch is None or not isinstance(module, nn.Embedding)
-                or (self._model_batch and self._batch not in self._model_batch)
+        as long as the batch reads as batched: the two can't be told apart. Modules named in
+        Recorder(shared=...) are widened on any input with a batch dimension of 1."""
+        module, ids = group.module, (args[0] if args else None)
+        if self._batch is None or (self._model_batch and self._batch not in self._model_batch):
+            return False
+        if group.path in self._shared:
+            bdim = pe.batch_dim(module)
+            return (self._batch > 1 and isinstance(ids, torch.Tensor) and ids.dim() > bdim
+                    and ids.shape[bdim] == 1 and out.dim() > bdim and out.shape[bdim] == 1)
+        if (not isinstance(module, nn.Embedding)
                 or not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2)
                 or ids.shape[0] == self._batch or (ids.dim() == 2 and ids.shape[0] != 1)):
             return False
@@ -290,13 +301,15 @@ class ExampleCapture:
         model broadcasts it), so backward hands each example its own output gradient: the
         example's part of the lookup's gradient, which the broadcast would otherwise sum."""
         batch, ids = self._batch, args[0]
-        if ids.dim() == 2:  # a batch dimension of 1 (HF's position_ids): widen it
-            expanded, ids = out.expand(batch, *out.shape[1:]), ids.expand(batch, *ids.shape[1:])
-        else:  # none: add it in front, where broadcasting puts it
-            expanded, ids = out.expand(batch, *out.shape), ids.expand(batch, *ids.shape)
+        if isinstance(group.module, nn.Embedding) and ids.dim() == 1:  # no batch dimension:
+            expanded, args = out.expand(batch, *out.shape), (ids.expand(batch, *ids.shape),)
+        else:  # a batch dimension of 1 (HF's position_ids, a declared shared input): widen it
+            bdim = pe.batch_dim(group.module)
+            expanded = _widen(out, bdim, batch)
+            args = tuple(_widen(a, bdim, batch) for a in args)
         data, offset = self._data, self._offset
-        expanded.register_hook(lambda g: self._on_output_grad(group, (ids, *args[1:]), kwargs, g,
-                                                              data, offset, batch))
+        expanded.register_hook(lambda g: self._on_output_grad(group, args, kwargs, g, data,
+                                                              offset, batch))
         return expanded
 
     def _on_output_grad(self, group, args, kwargs, g, data: StepData, offset, batch) -> None:
@@ -364,6 +377,26 @@ class ExampleCapture:
                 (offset, pe.Outer(c.left.to(dtype), c.right.to(dtype), c.shape)))
         if capture.topk is not None:  # densified chunk by chunk at the step (recorder/shifts.py)
             data.topk.setdefault(index, []).append((offset, c))
+
+
+def declared_shared(groups: list[ModuleGroup], patterns: Sequence[str]) -> frozenset[str]:
+    """The captured modules Recorder(shared=...) names; a pattern that names none is refused
+    rather than leaving a shared input unwidened."""
+    paths = [g.path for g in groups]
+    unmatched = [q for q in patterns if not any(fnmatch.fnmatchcase(p, q) for p in paths)]
+    if unmatched:
+        raise ValueError(f"shared={list(patterns)}: {unmatched} match no module whose "
+                         f"parameters are captured; those modules are {paths}")
+    return frozenset(p for p in paths if any(fnmatch.fnmatchcase(p, q) for q in patterns))
+
+
+def _widen(value, dim: int, batch: int):
+    """`value` expanded to `batch` along `dim` where it has size 1 there (a view)."""
+    if not isinstance(value, torch.Tensor) or value.dim() <= dim or value.shape[dim] != 1:
+        return value
+    shape = list(value.shape)
+    shape[dim] = batch
+    return value.expand(shape)
 
 
 def scatter_rows(parts: list[tuple[int, torch.Tensor]], target: torch.Tensor) -> None:

@@ -150,6 +150,14 @@ class Recorder:
     needs every tensor's θ there (`Run.reconstruct` off a checkpoint, the path kernel, stage
     replay) refuses and says so. For runs too large to store every gradient.
 
+    `shared`: glob patterns of module paths whose calls may run on an input every example of
+    the micro-batch shares, with a batch dimension of 1 (fixed positional features through a
+    Linear, a learned query): such a call's output is handed on expanded over the micro-batch
+    (a view, equal wherever the model broadcasts it) so each example's part of the gradient is
+    captured. Only for modules whose output the model does broadcast over the batch: widening
+    an output the model uses as one row changes what it computes. Embedding lookups of
+    positions are recognised without it.
+
     `resume=True` continues the run in `path` at its last committed step, after the training
     script restored its own checkpoint; `resume=STEP` continues from an earlier step and
     discards the steps recorded after it. The parameters and optimizer state must match the
@@ -171,6 +179,7 @@ class Recorder:
         codec: Codec | None = None,
         buffers: int = BLOCK_BUFFERS,
         capture: Policy | list[Policy] | bool | None = None,
+        shared: str | Sequence[str] = (),
         examples_per_step: int | None = None,
         strict: bool = False,
         rng: bool | None = None,
@@ -216,7 +225,8 @@ class Recorder:
         self._capture = (ExampleCapture(model, [p.name for p in self.params],
                                         [tuple(p.param.shape) for p in self.params],
                                         self.captures, strict,
-                                        scale=1.0 / self.ranks.world if self.ranks else 1.0)
+                                        scale=1.0 / self.ranks.world if self.ranks else 1.0,
+                                        shared=(shared,) if isinstance(shared, str) else shared)
                          if any(c.any for c in self.captures) else None)
         for i, c in enumerate(self.captures):  # Factored where the calls hand over factors
             if c.factored is not None and not self._capture.factorable(i):

@@ -76,6 +76,34 @@ class TinyGPT(nn.Module):
         return self.head(x).mean(1)
 
 
+class Gate(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * self.w
+
+
+class SharedInputs(nn.Module):
+    """Modules on an input the whole batch shares (a batch dimension of 1): a Linear and a
+    LayerNorm on fixed positional features, a raw-parameter module (the generic path) and a
+    MultiheadAttention (a tuple output), added to per-example token embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.register_buffer("features", torch.randn(1, 6, 5))
+        self.wte, self.pos, self.pos_ln = nn.Embedding(12, 8), nn.Linear(5, 8), nn.LayerNorm(8)
+        self.gate, self.head = Gate(8), nn.Linear(8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, idx):
+        shared = self.gate(self.pos_ln(self.pos(self.features)))  # (1, T, 8)
+        shared = self.attn(shared, shared, shared)[0]
+        return self.head(torch.tanh(self.wte(idx) + shared)).mean(1)
+
+
 def mlp():
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -102,14 +130,14 @@ CASES = {
 
 
 def record(run_dir, make, data, reduction="mean", micro=1, clip=None, steps=3, batch=8,
-           capture=None, dtype=F64):
+           capture=None, dtype=F64, **options):
     model = make().to(dtype)
     x, y = data()
     x = x.to(dtype) if x.is_floating_point() else x
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(7)
     capture = capture or attrib.Full(dtype="float64" if dtype == F64 else "float32")
-    with attrib.Recorder(run_dir, model, opt, capture=capture, strict=True) as rec:
+    with attrib.Recorder(run_dir, model, opt, capture=capture, strict=True, **options) as rec:
         for _ in range(steps):
             for _ in range(micro):
                 ids = torch.randperm(len(x), generator=g)[:batch]
@@ -459,3 +487,16 @@ def test_a_gradient_zero_in_exact_arithmetic_is_not_read_as_a_missed_use(run_dir
     assert 0 < bias_norm < 1e-6 * total  # rounding only: the case the floor exists for
     residual = attrib.open_run(run_dir).residual_norms()
     assert residual.max() < 1e-3, residual
+
+
+def test_modules_declared_shared_are_captured_per_example(tmp_path):
+    """Recorder(shared=[...]): modules whose input the batch shares get exact rows (their
+    output widened); undeclared, the same model is refused in strict mode, as before; a
+    pattern that names no captured module is refused."""
+    declared = ("pos", "pos_ln", "gate", "att*")
+    run, x, y = record(tmp_path / "declared", SharedInputs, tokens_data, shared=declared)
+    assert_contributions_match(run, SharedInputs, x, y)
+    with pytest.raises(attrib.RecordingError, match=r"ran on a batch of 1, but rec.examples"):
+        record(tmp_path / "undeclared", SharedInputs, tokens_data)
+    with pytest.raises(ValueError, match=r"\['nope'\] match no module whose parameters"):
+        record(tmp_path / "unknown", SharedInputs, tokens_data, shared=("nope",))

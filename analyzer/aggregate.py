@@ -130,5 +130,6 @@ def data_influence(run: Run, name: str, shape: tuple[int, ...], stored, flat_a: 
     if not run.exact_rows(name):
         p = run.capture[name]["project"]
         vectors = flat_a.reshape(flat_a.shape[0], *shape)
-        flat_a = projection.project(vectors, shape, p["kind"], p["k"], p["seed"], name)
+        flat_a = projection.project(vectors, shape, p["kind"], p["k"], p["seed"], name,
+                                    projection.recorded_split(p, shape))
     return alpha * (rows @ flat_a.T)

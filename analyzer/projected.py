@@ -97,7 +97,7 @@ def projected_tests(run: Run, name: str, gradients: torch.Tensor) -> np.ndarray:
     if not run.exact_rows(name):
         p = capture["project"]
         gradients = projection.project(gradients.double(), shape, p["kind"], p["k"], p["seed"],
-                                       name)
+                                       name, projection.recorded_split(p, shape))
     return gradients.reshape(gradients.shape[0], -1).double().numpy()
 
 

@@ -45,7 +45,9 @@ def _capture_summary(run: Run) -> dict[str, Any]:
         for kind, settings in policies.items():
             label = {"full": f"Full({settings.get('dtype')})",
                      "factored": f"Factored({settings.get('dtype')}, tokens="
-                                 f"{settings.get('tokens')})",
+                                 f"{settings.get('tokens')}"
+                                 + (f", rank={settings['rank']})" if settings.get("rank")
+                                    else ")"),
                      "project": f"Project({settings.get('kind')}, k={settings.get('k')})",
                      "topk": f"TopK({settings.get('k')}, {settings.get('scope')})"}[kind]
             counts[label] = counts.get(label, 0) + 1

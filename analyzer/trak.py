@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from attrib.analyzer import targets
 from attrib.analyzer.checkpoint_methods import choose_checkpoints, features, score_table
 from attrib.analyzer.run import Run
+from attrib.schemas import projection
 
 
 def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
@@ -80,9 +81,11 @@ def stored_features(run: Run, index: int, n_train: int, k: int | None, seed: int
         return None
     shapes = run.param_shapes
     for name, shape in shapes.items():
-        capture = run.capture.get(name, {})
-        if math.prod(shape) > k and capture.get("project") != {"k": k, "seed": seed,
-                                                               "kind": kind}:
+        stored = run.capture.get(name, {}).get("project")
+        if math.prod(shape) > k and (  # the projection features() would apply, split and all
+                stored is None or (stored["k"], stored["seed"], stored["kind"]) != (k, seed, kind)
+                or projection.recorded_split(stored, shape) != projection.split_for(kind, k,
+                                                                                     shape)):
             return None
         if math.prod(shape) <= k and name not in run.captured:
             return None

@@ -369,12 +369,8 @@ class ExampleCapture:
         if capture.full is not None:
             data.full.setdefault(index, []).append(
                 (offset, c.dense().to(getattr(torch, capture.full_dtype))))
-        if capture.factored is not None:  # an Outer: see factorable()
-            dtype, rank = getattr(torch, capture.full_dtype), capture.factored.rank
-            if rank is not None and c.right.shape[1] > rank:
-                c = pe.low_rank(c, rank)
-            data.factors.setdefault(index, []).append(
-                (offset, pe.Outer(c.left.to(dtype), c.right.to(dtype), c.shape)))
+        if capture.factored is not None:  # an Outer (see factorable()), kept exact until the
+            data.factors.setdefault(index, []).append((offset, c))  # step's end (factors.py)
         if capture.topk is not None:  # densified chunk by chunk at the step (recorder/shifts.py)
             data.topk.setdefault(index, []).append((offset, c))
 

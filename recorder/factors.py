@@ -15,19 +15,25 @@ from typing import Any
 import torch
 
 from attrib.recorder.capture import StepData
-from attrib.recorder.per_example import Outer, project
+from attrib.recorder.per_example import Outer, low_rank, project
 from attrib.recorder.policies import TensorCapture
 from attrib.schemas import projection
 
 Parts = list[tuple[int, Outer]]  # (first row of the micro-batch, its factors)
 
 
-def tokens_used(parts: Parts) -> int:
-    """Token slots one step needs: per micro-batch, the tokens of every call that reached the
+def slots(c: Outer, rank: int | None) -> int:
+    """Factor slots one call takes: its tokens, at most `rank` with Factored(rank=...)."""
+    tokens = c.right.shape[1]
+    return tokens if rank is None else min(tokens, rank)
+
+
+def tokens_used(parts: Parts, rank: int | None = None) -> int:
+    """Token slots one step needs: per micro-batch, the slots of every call that reached the
     tensor; the most over the step's micro-batches."""
     used: dict[int, int] = {}
     for offset, c in parts:
-        used[offset] = used.get(offset, 0) + c.right.shape[1]
+        used[offset] = used.get(offset, 0) + slots(c, rank)
     return max(used.values(), default=0)
 
 
@@ -46,7 +52,7 @@ def settle(captures: list[TensorCapture], names: list[str], shapes: list[tuple[i
         if capture.factored is None:
             continue
         parts = data.factors.get(index, [])
-        tokens = capture.factored.tokens or tokens_used(parts)
+        tokens = capture.factored.tokens or tokens_used(parts, capture.factored.rank)
         if smaller_than_full(tokens, shapes[index]):
             capture.tokens = tokens
             continue
@@ -68,27 +74,37 @@ def settle(captures: list[TensorCapture], names: list[str], shapes: list[tuple[i
 
 def restore(captures: list[TensorCapture], names: list[str], numels: list[int],
             recorded: dict[str, Any]) -> None:
-    """A resumed run: each Factored tensor as the run settled it at its first step."""
+    """A resumed run: each Factored tensor as the run settled it at its first step; asking
+    for other token slots is refused (the arrays have theirs)."""
     for capture, name, numel in zip(captures, names, numels):
         if capture.factored is None:
             continue
         stored = recorded.get(name, {})
         if "factored" in stored:
-            capture.tokens = stored["factored"]["tokens"]
+            kept, asked = stored["factored"]["tokens"], capture.factored.tokens
+            if kept is not None and asked is not None and asked != kept:
+                raise ValueError(
+                    f"{name!r} keeps {kept} factor slots per example in this run (fixed at "
+                    f"its first step), not the {asked} asked for; resume with "
+                    f"Factored(tokens={kept}) (or tokens=None), or record a new run")
+            capture.tokens = kept
         else:
             capture.unfactor(numel)
 
 
-def scatter(parts: Parts, left: torch.Tensor, right: torch.Tensor) -> int:
-    """Lay one step's factor pairs into its (examples, tokens, ·) buffers; returns the slots the
-    step needed, which exceed the buffers' when nothing was written (the buffers stay zero)."""
+def scatter(parts: Parts, left: torch.Tensor, right: torch.Tensor, rank: int | None) -> int:
+    """Lay one step's factor pairs into its (examples, tokens, ·) buffers (cut to `rank` pairs
+    per call where it has more tokens, cast to the buffers' dtype); returns the slots the step
+    needed, which exceed the buffers' when nothing was written (the buffers stay zero)."""
     left.zero_()
     right.zero_()
-    needed = tokens_used(parts)
+    needed = tokens_used(parts, rank)
     if needed > left.shape[1]:
         return needed
     at: dict[int, int] = {}
     for offset, c in parts:
+        if rank is not None and c.right.shape[1] > rank:
+            c = low_rank(c, rank)
         rows, tokens = c.right.shape[:2]
         start = at.get(offset, 0)
         left[offset: offset + rows, start: start + tokens] = c.left

@@ -98,7 +98,9 @@ def low_rank(c: Outer, rank: int) -> Outer:
     """Each example's best rank-`rank` approximation of C_i = Σ_t l_t ⊗ r_t = L_iᵀ R_i, as
     `rank` factor pairs, without forming C_i: randomized range finding with power iterations
     (Halko, Martinsson & Tropp 2011), then an exact SVD of the small projected matrix."""
-    left, right = c.left, c.right  # (B, T, m), (B, T, n)
+    # (B, T, m), (B, T, n); half precision has no QR/SVD kernels: those run in float32
+    left, right = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+                   for t in (c.left, c.right))
     k = min(rank + LOW_RANK_OVERSAMPLE, left.shape[1])
     g = torch.Generator(device=right.device).manual_seed(0)
     omega = torch.randn(right.shape[-1], k, generator=g, device=right.device, dtype=right.dtype)
@@ -120,10 +122,12 @@ def low_rank(c: Outer, rank: int) -> Outer:
 
 def project(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int, name: str
             ) -> torch.Tensor:
-    """(B, k) projection of the contributions, by the contract in schemas/projection.py."""
+    """(B, k) projection of the contributions, by the contract in schemas/projection.py (the
+    split a new recording fits to the shape)."""
     view = projection.matrix_view(shape)
-    if kind == "kron" and view is not None:
-        r_l, r_r = projection.kron_factors(seed, name, k, *view)
+    split = projection.split_for(kind, k, shape)
+    if split is not None:
+        r_l, r_r = projection.kron_factors(seed, name, split, *view)
         dtype = c.right.dtype if isinstance(c, Outer) else c.values.dtype
         device = c.right.device if isinstance(c, Outer) else c.values.device
         return c.kron(r_l.to(device, dtype), r_r.to(device, dtype))

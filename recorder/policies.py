@@ -122,6 +122,7 @@ class TensorCapture:
     """The resolved policy for one parameter tensor."""
 
     storage_dtype: str
+    shape: tuple[int, ...] = ()
     full: Full | None = None
     project: Project | None = None
     topk: TopK | None = None
@@ -168,7 +169,9 @@ class TensorCapture:
                                "rank": self.factored.rank}
         if self.project is not None:
             p = self.project
-            out["project"] = {"k": p.k, "seed": p.seed, "kind": p.kind}
+            split = projection.split_for(p.kind, p.k, self.shape)
+            out["project"] = {"k": p.k, "seed": p.seed, "kind": p.kind,
+                              "split": list(split) if split is not None else None}
         if self.topk is not None:
             out["topk"] = {"k": self.topk.k, "scope": self.topk.scope}
         return out
@@ -188,8 +191,8 @@ def check_dense_budget(captures: list[TensorCapture], names: list[str],
     """Dense R is k × numel floats per tensor: refuse early rather than run out of memory."""
     sizes = {name: capture.project.k * math.prod(shape) * 4
              for capture, name, shape in zip(captures, names, shapes)
-             if capture.project is not None and (capture.project.kind == "dense"
-                                                 or projection.matrix_view(shape) is None)}
+             if capture.project is not None and projection.split_for(
+                 capture.project.kind, capture.project.k, shape) is None}
     if sum(sizes.values()) > DENSE_BUDGET_BYTES:
         largest = max(sizes, key=sizes.get)
         raise ValueError(
@@ -204,7 +207,7 @@ def resolve(policies: list[Policy], names: list[str], shapes: list[tuple[int, ..
     """Per tensor, the policies whose globs match it (the first match of each type wins)."""
     out = []
     for name, shape, dtype in zip(names, shapes, dtypes):
-        capture = TensorCapture(dtype)
+        capture = TensorCapture(dtype, shape)
         for policy in policies:
             if not _matches(name, policy.params):
                 continue

@@ -42,7 +42,7 @@ from attrib.schemas.format import FormatError
 
 RESIDUAL_FLOOR = 1e-5  # see _store_examples
 RESIDUAL_WARN = 1e-3  # a residual norm above this is a use the capture missed (float32 sums
-# of many examples round to ~1e-6)
+# of many examples round to ~1e-6; see residual_warning for half precision)
 BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
 MAX_STEPS_PER_CHUNK = 64
 BLOCK_BUFFERS = 3  # one being filled, up to two being written: bounds host memory
@@ -51,6 +51,13 @@ DEFAULT_STAGE = "default"
 # block keeps the trajectory and tables but drops its per-example rows (training never waits
 # on them; steps.examples_dropped marks the steps, whose data influence becomes residual).
 BACKPRESSURE = ("block", "drop_examples")
+
+
+def residual_warning(dtype: torch.dtype) -> float:
+    """The residual norm above which a tensor's rows are said to miss a use: RESIDUAL_WARN, or
+    for half precision 10 ulps (bfloat16 sums of a batch's rows round to ~5e-3 of the total)."""
+    return max(RESIDUAL_WARN, 10 * torch.finfo(dtype).eps) if dtype.is_floating_point \
+        else RESIDUAL_WARN
 
 
 @dataclass
@@ -1002,7 +1009,8 @@ class Recorder:
         here): returns whether the rows were stored."""
         needed = factors.scatter(data.factors.get(p.index, []),
                                  rows[f"{fmt.FACTOR_LEFT}/{p.key}"],
-                                 rows[f"{fmt.FACTOR_RIGHT}/{p.key}"])
+                                 rows[f"{fmt.FACTOR_RIGHT}/{p.key}"],
+                                 self.captures[p.index].factored.rank)
         if needed > slots:
             data.sums.pop(p.index, None)
             self._say(f"tokens {p.name}", (
@@ -1018,7 +1026,7 @@ class Recorder:
         known = set(self._capture.unsupported) | said | {
             i for g in self._capture.groups if g.failed for i in g.params.values()}
         partial = [p.name for p, r in zip(self.params, norms.tolist())
-                   if r > RESIDUAL_WARN and p.index not in known]
+                   if r > residual_warning(p.param.dtype) and p.index not in known]
         if partial:
             self._say(f"partial {partial}", (
                 f"step {self.step}: the per-example rows of {partial} explain only part of "

@@ -332,8 +332,8 @@ def _optimizer(value: Any) -> bool:
 
 
 def _capture(value: Any) -> bool:
-    """{param: {"full": {dtype}, "factored": {dtype, tokens}, "project": {k, seed, kind},
-    "topk": {k, scope}}}"""
+    """{param: {"full": {dtype}, "factored": {dtype, tokens, rank}, "project": {k, seed, kind,
+    split}, "topk": {k, scope}}}"""
     if not isinstance(value, dict):
         return False
     for policies in value.values():
@@ -348,11 +348,18 @@ def _capture(value: Any) -> bool:
         project = policies.get("project")
         if project is not None and not (isinstance(project, dict) and _is_int(project.get("k"), 1)
                                         and _is_int(project.get("seed"))
-                                        and isinstance(project.get("kind"), str)):
+                                        and isinstance(project.get("kind"), str)
+                                        and _split(project.get("split"), project.get("k"))):
             return False
         if not all(isinstance(p, dict) for p in policies.values()):
             return False
     return True
+
+
+def _split(value: Any, k: Any) -> bool:
+    """A Project capture's kron split: absent/null, or [k_l, k_r] with k_l · k_r = k."""
+    return value is None or (isinstance(value, list) and len(value) == 2
+                             and all(_is_int(v, 1) for v in value) and value[0] * value[1] == k)
 
 
 def _tables(value: Any) -> bool:

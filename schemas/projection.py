@@ -10,6 +10,10 @@ Two kinds (METHODS.md §2, projected mode):
 - kron: for a tensor viewed as a matrix (m, n), R = R_l ⊗ R_r with R_l ∈ R^{k_l×m},
   R_r ∈ R^{k_r×n}, k = k_l·k_r, entries N(0, 1/k_l) and N(0, 1/k_r); then R vec(C) =
   vec(R_l C R_rᵀ), which a layer's factored gradient Σ_t g_t ⊗ a_t reaches without forming C.
+  The split (k_l, k_r) is fitted to the shape (`fitted_split`: k_l ≤ m and k_r ≤ n, so R has
+  rank k) and recorded per tensor; a tensor no split of k fits is projected densely. Runs
+  recorded before the split was stored used `kron_split(k)` whatever the shape, which on a
+  narrow matrix gave R a rank below k (`recorded_split` reads both).
 """
 
 from __future__ import annotations
@@ -36,9 +40,34 @@ def gaussian(seed: int, name: str, tag: str, rows: int, cols: int) -> torch.Tens
 
 
 def kron_split(k: int) -> tuple[int, int]:
-    """k = k_l · k_r with k_l the largest divisor of k not above √k (32 × 32 for 1024)."""
+    """k = k_l · k_r with k_l the largest divisor of k not above √k (32 × 32 for 1024): the
+    split of runs recorded before splits were stored."""
     k_l = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
     return k_l, k // k_l
+
+
+@lru_cache(maxsize=1024)
+def fitted_split(k: int, m: int, n: int) -> tuple[int, int] | None:
+    """The most balanced k = k_l · k_r with k_l ≤ m and k_r ≤ n (R_l ⊗ R_r then has rank k),
+    or None when no divisor pair fits (the tensor is projected densely)."""
+    fits = [(d, k // d) for d in range(1, min(k, m) + 1) if k % d == 0 and k // d <= n]
+    return min(fits, key=lambda s: abs(math.log(s[0] / s[1])), default=None)
+
+
+def split_for(kind: str, k: int, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The kron split a new recording uses for a tensor, None where it projects densely."""
+    view = matrix_view(shape)
+    return fitted_split(k, *view) if kind == "kron" and view is not None else None
+
+
+def recorded_split(settings: dict, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The split a run's Project capture of a tensor used (its `project` settings): stored
+    since splits were fitted to shapes (null: dense); before, kron_split(k) on every matrix."""
+    if "split" in settings:
+        return tuple(settings["split"]) if settings["split"] is not None else None
+    if settings["kind"] == "kron" and matrix_view(shape) is not None:
+        return kron_split(settings["k"])
+    return None
 
 
 def matrix_view(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -52,23 +81,28 @@ def dense_matrix(seed: int, name: str, k: int, numel: int) -> torch.Tensor:
     return gaussian(seed, name, "dense", k, numel)
 
 
-def kron_factors(seed: int, name: str, k: int, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    k_l, k_r = kron_split(k)
+def kron_factors(seed: int, name: str, split: tuple[int, int], m: int, n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    k_l, k_r = split
     return gaussian(seed, name, "left", k_l, m), gaussian(seed, name, "right", k_r, n)
 
 
 def project(vectors: torch.Tensor, shape: tuple[int, ...], kind: str, k: int, seed: int,
-            name: str) -> torch.Tensor:
+            name: str, split: tuple[int, int] | str | None = "fitted") -> torch.Tensor:
     """Project a batch of full gradients (B, *shape) of parameter `name` to (B, k).
 
-    `kind="kron"` on a tensor without a matrix view (a bias) is a dense projection.
+    `kind="kron"` uses `split` (k_l, k_r): by default the one a new recording fits to the
+    shape; for a recorded run pass `recorded_split(run.capture[name]["project"], shape)`.
+    A tensor without a matrix view (a bias), or a split of None, is projected densely.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown projection kind {kind!r}; use one of {KINDS}")
     batch = vectors.shape[0]
     view = matrix_view(shape)
-    if kind == "kron" and view is not None:
-        r_l, r_r = kron_factors(seed, name, k, *view)
+    if split == "fitted":
+        split = split_for(kind, k, shape)
+    if kind == "kron" and view is not None and split is not None:
+        r_l, r_r = kron_factors(seed, name, split, *view)
         c = vectors.reshape(batch, *view)
         return (r_l.to(c) @ c @ r_r.to(c).T).reshape(batch, k)
     r = dense_matrix(seed, name, k, math.prod(shape))

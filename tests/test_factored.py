@@ -288,3 +288,77 @@ def test_rank_r_factors_are_the_best_rank_r_rows_and_totals_stay_exact(tmp_path)
     gaps = np.asarray(result.completeness()["relative_gap"])
     np.testing.assert_allclose(gaps, np.asarray(exact_result.completeness()["relative_gap"]),
                                rtol=1e-6, atol=1e-12)
+
+
+def test_the_first_step_keeps_exact_parts_until_the_storage_is_settled(tmp_path):
+    """rank=2 on 4 × 4 weights over 8 tokens: factors are not smaller, so the weight is
+    stored in full (or projected) from step 0, and step 0's rows are exact, not the rank-2
+    cut the factors would have had (that cut failed the step's check in strict mode)."""
+    def run(name, capture):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        with attrib.Recorder(tmp_path / name, model, opt, capture=capture, strict=True) as rec:
+            for _ in range(2):
+                rec.examples(torch.arange(5))
+                model(torch.randn(5, 8, 4, generator=g, dtype=F64)).mean(1).square().sum() \
+                    .backward()
+                opt.step()
+                opt.zero_grad()
+        return attrib.open_run(tmp_path / name)
+
+    full = run("full", attrib.Full(dtype="float64"))
+    cut = run("cut", attrib.Factored(dtype="float64", rank=2))
+    assert cut.capture["0.weight"] == {"full": {"dtype": "float64"}}
+    for step in range(2):
+        torch.testing.assert_close(cut.contributions(step)[1]["0.weight"],
+                                   full.contributions(step)[1]["0.weight"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rank_r_runs_on_half_precision_models(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attrib.Recorder(tmp_path / "run", model, opt, capture=attrib.Factored(rank=2)) as rec:
+        rec.examples(torch.arange(4))
+        model(torch.randn(4, 6, 16).to(dtype)).float().mean(1).square().sum().backward()
+        opt.step()
+    run = attrib.open_run(tmp_path / "run")
+    assert run.capture["0.weight"]["factored"]["tokens"] == 2
+    assert run.factors("0.weight")[0].abs().sum() > 0  # stored, not dropped as failed
+
+
+def test_topk_shifts_come_from_exact_rows_under_rank_r(tmp_path):
+    """TopK beside Factored(rank=r) reads the exact contributions, not the rank-r cut."""
+    tables = {}
+    for name, factored in (("exact", attrib.Full()), ("rank", attrib.Factored(rank=1))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        with attrib.Recorder(tmp_path / name, model, opt,
+                             capture=[factored, attrib.TopK(6, scope="tensor")]) as rec:
+            for _ in range(2):
+                rec.examples(torch.arange(4))
+                model(torch.randn(4, 6, 16, generator=g)).mean(1).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+        tables[name] = attrib.open_run(tmp_path / name).table("shifts").to_pylist()
+    assert tables["exact"] == tables["rank"] and tables["exact"]
+
+
+def test_resuming_with_other_token_slots_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attrib.Recorder(tmp_path / "run", model, opt, capture=attrib.Factored()) as rec:
+        rec.examples(torch.arange(4))
+        model(torch.randn(4, 3, 8)).mean(1).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.raises(ValueError, match=r"'0.weight' keeps 3 factor slots per example in this "
+                                         r"run .*resume with Factored\(tokens=3\)"):
+        attrib.Recorder(tmp_path / "run", model, opt, capture=attrib.Factored(tokens=6),
+                        resume=True)

@@ -17,7 +17,7 @@ def test_kron_equals_dense_projection_with_kronecker_matrix():
     shape = (6, 10)
     c = torch.randn(5, *shape, dtype=torch.float64)
     got = projection.project(c, shape, "kron", 12, seed=3, name="w")
-    r_l, r_r = projection.kron_factors(3, "w", 12, *shape)
+    r_l, r_r = projection.kron_factors(3, "w", projection.fitted_split(12, *shape), *shape)
     explicit = c.reshape(5, -1) @ torch.kron(r_l.double(), r_r.double()).T
     torch.testing.assert_close(got, explicit, rtol=1e-12, atol=1e-12)
 
@@ -83,7 +83,8 @@ def test_projection_policy_sizes(run_dir):
     rec.close()
     capture = attrib.open_run(run_dir).capture
     assert "embed.weight" not in capture and "head.weight" not in capture
-    assert capture["encoder.linear1.weight"] == {"project": {"k": 256, "seed": 0, "kind": "kron"}}
+    assert capture["encoder.linear1.weight"] == {  # split fitted to the 32 × 16 weight
+        "project": {"k": 256, "seed": 0, "kind": "kron", "split": [16, 16]}}
     assert capture["encoder.norm1.weight"] == {"full": {"dtype": "float32"}}  # 16 ≤ 256
 
 
@@ -127,3 +128,23 @@ def test_projected_capture_checks_its_rows_against_the_projected_gradient(tmp_pa
         norms[type(policy).__name__] = attrib.open_run(path).residual_norms()[:, 2]  # head.w
     assert (norms["Full"] > 0.05).all()
     assert (abs(norms["Project"] / norms["Full"] - 1) < 0.3).all(), norms
+
+
+def test_the_kron_split_fits_the_shape_so_the_projection_has_rank_k():
+    """512 on a 32 × 20 matrix: the old balanced split (16, 32) has more right rows than the
+    matrix has columns (rank 320); the fitted one (32, 16) gives rank 512. A k no split fits
+    is projected densely; runs recorded before splits were stored keep their old split."""
+    assert projection.kron_split(512) == (16, 32)
+    assert projection.fitted_split(512, 32, 20) == (32, 16)
+    r_l, r_r = projection.kron_factors(0, "w", projection.fitted_split(512, 32, 20), 32, 20)
+    assert torch.linalg.matrix_rank(torch.kron(r_l.double(), r_r.double())) == 512
+    assert projection.fitted_split(7, 3, 2) is None  # 7 = 1 · 7 or 7 · 1: neither fits
+    c = torch.randn(2, 3, 2, dtype=torch.float64)
+    torch.testing.assert_close(projection.project(c, (3, 2), "kron", 7, 0, "w"),
+                               projection.project(c, (3, 2), "dense", 7, 0, "w"))
+    old = {"k": 512, "seed": 0, "kind": "kron"}  # no "split": recorded before it was stored
+    assert projection.recorded_split(old, (32, 20)) == (16, 32)
+    assert projection.recorded_split({**old, "split": [32, 16]}, (32, 20)) == (32, 16)
+    assert projection.recorded_split({**old, "split": None}, (32, 20)) is None
+    assert projection.recorded_split(old, (20,)) is None  # a bias: dense
+

@@ -73,7 +73,8 @@ def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapt
             own = {local: index[canonical[id(p)]] for local, p in module.named_parameters()
                    if canonical[id(p)] in index}
             if own:
-                groups.append(ModuleGroup(module, path, own, None))
+                groups.append(ModuleGroup(module, path, own, pe.mha_rule
+                                          if pe.mha_supported(module) else None))
                 inside_attention.update(own.values())
     unsupported: list[int] = []
     refused: dict[str, tuple[nn.Module, list[str]]] = {}  # module path → (module, names)
@@ -167,9 +168,7 @@ class ExampleCapture:
         dense factors (a Linear or Conv weight), so policies.Factored can store those."""
         uses = [(g.rule, local) for g in self.groups for local, i in g.params.items()
                 if i == index]
-        return bool(uses) and all(
-            rule in (pe.linear_rule, pe.conv_rule, pe.hf_conv1d_rule) and local == "weight"
-            for rule, local in uses)
+        return bool(uses) and all(local in pe.FACTORED.get(rule, ()) for rule, local in uses)
 
     def begin_micro_batch(self, n: int) -> None:
         """The next forward/backward carries the `n` examples just declared."""

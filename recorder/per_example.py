@@ -168,6 +168,60 @@ def is_hf_conv1d(module: nn.Module) -> bool:
                                             getattr(module, "nf", None)))
 
 
+MHA_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                 "average_attn_weights", "is_causal")
+
+
+def mha_supported(module: nn.MultiheadAttention) -> bool:
+    """The configurations mha_rule covers: one packed in_proj_weight, no bias_k/bias_v or zero
+    attention, no attention dropout (a recompute would draw other dropout masks)."""
+    return (module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+            and module.dropout == 0.0)
+
+
+def mha_rule(module: nn.MultiheadAttention, args, kwargs, g):
+    """nn.MultiheadAttention in closed form. The attention is recomputed once for the batch by
+    PyTorch's own F.multi_head_attention_forward (so masks and causality mean what they mean
+    there) on q, k, v projected outside it (identity projections inside) and with an identity
+    output projection; one backward of the output gradient then gives every example's dq, dk,
+    dv (examples don't interact in attention) and the attention output o. The projections
+    are Linears: in_proj_weight gets Σ_t [dq_t; dk_t; dv_t] ⊗ [x_q,t; x_k,t; x_v,t] block by
+    block, out_proj.weight Σ_t g_t ⊗ o_t."""
+    call = {**dict(zip(MHA_ARGUMENTS, args)), **kwargs}
+    inputs = [call[n].detach() for n in ("query", "key", "value")]
+    if inputs[0].dim() != 3:
+        raise ValueError("unbatched MultiheadAttention input (2-d query) is not supported")
+    if module.batch_first:  # F.multi_head_attention_forward takes (T, B, d)
+        inputs, g = [x.transpose(0, 1) for x in inputs], g.transpose(0, 1)
+    d = module.embed_dim
+    weight = module.in_proj_weight.detach()
+    bias = module.in_proj_bias.detach() if module.in_proj_bias is not None else None
+    eye, zeros = torch.eye(d, dtype=g.dtype, device=g.device), g.new_zeros(3 * d)
+    with torch.enable_grad():
+        qkv = [F.linear(x, w, None if bias is None else b).requires_grad_()
+               for x, w, b in zip(inputs, weight.chunk(3), (bias.chunk(3) if bias is not None
+                                                            else (None,) * 3))]
+        o, _ = F.multi_head_attention_forward(
+            *qkv, d, module.num_heads, None, zeros, None, None, False, 0.0, eye, zeros[:d],
+            training=False, key_padding_mask=call.get("key_padding_mask"), need_weights=False,
+            attn_mask=call.get("attn_mask"), use_separate_proj_weight=True, q_proj_weight=eye,
+            k_proj_weight=eye, v_proj_weight=eye, is_causal=bool(call.get("is_causal")))
+        grads = torch.autograd.grad(o, qkv, g @ module.out_proj.weight.detach())
+    first = [t.transpose(0, 1) for t in (*grads, *inputs, o.detach(), g)]  # batch first
+    dq, dk, dv, xq, xk, xv, attended, g = first
+    blank = torch.zeros_like(dq)
+    left = torch.cat([torch.cat(parts, -1) for parts in
+                      ((dq, blank, blank), (blank, dk, blank), (blank, blank, dv))], 1)
+    out: dict[str, PerExample] = {
+        "in_proj_weight": Outer(left, torch.cat([xq, xk, xv], 1), tuple(weight.shape)),
+        "out_proj.weight": Outer(g, attended, tuple(module.out_proj.weight.shape))}
+    if bias is not None:
+        out["in_proj_bias"] = Dense(torch.cat([dq.sum(1), dk.sum(1), dv.sum(1)], -1))
+    if module.out_proj.bias is not None:
+        out["out_proj.bias"] = Dense(g.sum(1))
+    return out
+
+
 def embedding_rule(module: nn.Embedding, args, kwargs, g):
     ids = args[0].reshape(args[0].shape[0], -1)
     g3 = _tokens(g)
@@ -216,6 +270,12 @@ def _conv_supported(module: nn.Module) -> bool:
 RULES: dict[type, Rule] = {nn.Linear: linear_rule, nn.Embedding: embedding_rule,
                            nn.LayerNorm: layer_norm_rule, nn.Conv1d: conv_rule,
                            nn.Conv2d: conv_rule}
+
+
+# the tensors each rule hands over as dense factors (an Outer without ids): Factored stores them
+FACTORED: dict[Rule, tuple[str, ...]] = {
+    linear_rule: ("weight",), conv_rule: ("weight",), hf_conv1d_rule: ("weight",),
+    mha_rule: ("in_proj_weight", "out_proj.weight")}
 
 
 def closed_form_rule(module: nn.Module) -> Rule | None:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import attrib
+from attrib.recorder import per_example as pe
 
 F64 = torch.float64
 
@@ -500,3 +501,38 @@ def test_modules_declared_shared_are_captured_per_example(tmp_path):
         record(tmp_path / "undeclared", SharedInputs, tokens_data)
     with pytest.raises(ValueError, match=r"\['nope'\] match no module whose parameters"):
         record(tmp_path / "unknown", SharedInputs, tokens_data, shared=("nope",))
+
+
+class MaskedAttention(nn.Module):
+    """Time-first MultiheadAttention with a causal mask and a key padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(10)
+        self.embed, self.head = nn.Embedding(12, 8), nn.Linear(8, 3)
+        self.attn = nn.MultiheadAttention(8, 2)
+
+    def forward(self, idx):
+        x = self.embed(idx).transpose(0, 1)  # (T, B, d)
+        t = idx.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        padding = (idx == 0) & (torch.arange(t) == t - 1)  # never a query's only key
+        out, _ = self.attn(x, x, x, key_padding_mask=padding, attn_mask=causal)
+        return self.head(out.mean(0))
+
+
+@pytest.mark.parametrize("make", [TinyTransformer, MaskedAttention])
+def test_attention_has_a_closed_form_equal_to_per_sample_gradients(tmp_path, make):
+    """nn.MultiheadAttention (batch-first or not, masks) through mha_rule, not vmap; Factored
+    stores its projections as factors."""
+    run, x, y = record(tmp_path / "full", make, tokens_data)
+    assert_contributions_match(run, make, x, y, rel=1e-10)
+    model = make()
+    attention = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    with attrib.Recorder(tmp_path / "probe", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         capture=attrib.Factored()) as rec:
+        assert next(g.rule for g in rec._capture.groups if g.module is attention) \
+            is pe.mha_rule
+    factored, x, y = record(tmp_path / "factored", make, tokens_data,
+                            capture=attrib.Factored(dtype="float64"))
+    assert_contributions_match(factored, make, x, y, rel=1e-10)

@@ -30,6 +30,7 @@ from attrib.analyzer import targets
 from attrib.analyzer.checkpoint_methods import choose_checkpoints, features, score_table
 from attrib.analyzer.run import Run
 from attrib.schemas import projection
+from attrib.schemas.factored import FactorRows
 
 
 def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
@@ -74,26 +75,45 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
 
 def stored_features(run: Run, index: int, n_train: int, k: int | None, seed: int,
                     kind: str) -> torch.Tensor | None:
-    """The stored projected contributions of checkpoint `index`'s step, rows in example-id
-    order, when they are TRAK's features up to scale; else None."""
+    """The stored contributions of checkpoint `index`'s step as TRAK's features up to scale,
+    rows in example-id order: projected rows where their projection is the one features()
+    applies, exact (Full or Factored) rows projected here (Factored ones from their factors);
+    None when a tensor has neither or the step did not see every example once."""
     step = run.checkpoint_steps[index]
     if k is None or step >= run.n_steps:
         return None
-    shapes = run.param_shapes
-    for name, shape in shapes.items():
-        stored = run.capture.get(name, {}).get("project")
-        if math.prod(shape) > k and (  # the projection features() would apply, split and all
-                stored is None or (stored["k"], stored["seed"], stored["kind"]) != (k, seed, kind)
-                or projection.recorded_split(stored, shape) != projection.split_for(kind, k,
-                                                                                     shape)):
-            return None
-        if math.prod(shape) <= k and name not in run.captured:
-            return None
-    ids, rows = run.contributions(step)
+    examples = run.table_where("examples", step).sort_by("row")
+    ids = torch.tensor(examples.column("example_id").to_numpy())
     if len(ids) != n_train or not torch.equal(ids.sort().values, torch.arange(n_train)):
         return None
-    order = ids.argsort()
-    return torch.cat([rows[name].reshape(len(ids), -1) for name in shapes], dim=1)[order]
+    parts = []
+    for name, shape in run.param_shapes.items():
+        part = _stored_part(run, name, shape, step, len(ids), k, seed, kind)
+        if part is None:
+            return None
+        parts.append(part.reshape(len(ids), -1))
+    return torch.cat(parts, dim=1)[ids.argsort()]
+
+
+def _stored_part(run: Run, name: str, shape: tuple[int, ...], step: int, n: int, k: int,
+                 seed: int, kind: str) -> torch.Tensor | None:
+    """One tensor's rows of the step in features()'s space, or None."""
+    if math.prod(shape) <= k:  # features() keeps small tensors exact
+        return run.contribution_rows(name, step, step + 1)[0, :n] if run.exact_rows(name) \
+            else None
+    if run.exact_rows(name):
+        rows = run.example_rows(name, step, step + 1)[0, :n]
+        split = projection.split_for(kind, k, shape)
+        if isinstance(rows, FactorRows) and split is not None:
+            return rows.kron(*projection.kron_factors(seed, name, split,
+                                                      *projection.matrix_view(shape)))
+        rows = rows.dense() if isinstance(rows, FactorRows) else rows
+        return projection.project(rows.double(), shape, kind, k, seed, name)
+    stored = run.capture.get(name, {}).get("project")
+    if stored is None or (stored["k"], stored["seed"], stored["kind"]) != (k, seed, kind) \
+            or projection.recorded_split(stored, shape) != projection.split_for(kind, k, shape):
+        return None  # not the projection features() applies, split and all
+    return run.contribution_rows(name, step, step + 1)[0, :n]
 
 
 def from_stored(stored: torch.Tensor, p: torch.Tensor, computed: torch.Tensor

@@ -38,6 +38,12 @@ class FactorRows:
     def dense(self) -> torch.Tensor:
         return densify(self.left, self.right, self.shape)
 
+    def kron(self, r_l: torch.Tensor, r_r: torch.Tensor) -> torch.Tensor:
+        """(…, k_l·k_r) kron projections R_l C R_rᵀ of the rows, from the factors:
+        Σ_t (R_l l_t) ⊗ (R_r r_t)."""
+        left, right = self.left @ r_l.T.to(self.left), self.right @ r_r.T.to(self.right)
+        return (left.transpose(-1, -2) @ right).flatten(-2)
+
     def dot(self, vectors: torch.Tensor) -> torch.Tensor:
         """(rows, k) inner products of the rows (every leading dimension flattened) with k
         flat vectors (k, numel)."""

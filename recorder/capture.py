@@ -165,7 +165,7 @@ class ExampleCapture:
 
     def factorable(self, index: int) -> bool:
         """Whether every call that computes tensor `index`'s contributions hands them over as
-        dense factors (a Linear or Conv weight), so policies.Factored can store those."""
+        factors (per_example.FACTORED), so policies.Factored can store those."""
         uses = [(g.rule, local) for g in self.groups for local, i in g.params.items()
                 if i == index]
         return bool(uses) and all(local in pe.FACTORED.get(rule, ()) for rule, local in uses)

@@ -1,9 +1,11 @@
 """Factored per-example rows (policies.Factored): the token slots each weight keeps, and one
 step's factor pairs laid into the block buffers.
 
-A Linear or Conv call hands the capture c_i = Σ_t left[i, t] ⊗ right[i, t] (per_example.Outer):
-output gradients and inputs per token. Storing those pairs is exact; it is worth it while
-T·(m + n) < m·n for a weight viewed as an m × n matrix. A tensor used several times in one
+A Linear, Conv, Conv1D or attention projection call hands the capture c_i = Σ_t left[i, t] ⊗
+right[i, t] (per_example.Outer): output gradients and inputs per token; an Embedding lookup is
+the same with one-hot rows of the vocabulary on the left (so a head tied to it joins in).
+Storing those pairs is exact; it is worth it while T·(m + n) < m·n for a weight viewed as an
+m × n matrix. A tensor used several times in one
 forward (a layer called twice) gets every call's tokens, one after another in its slots.
 """
 
@@ -103,6 +105,7 @@ def scatter(parts: Parts, left: torch.Tensor, right: torch.Tensor, rank: int | N
         return needed
     at: dict[int, int] = {}
     for offset, c in parts:
+        c = c.with_dense_left()  # an Embedding's lookups: one-hot rows of the vocabulary
         if rank is not None and c.right.shape[1] > rank:
             c = low_rank(c, rank)
         rows, tokens = c.right.shape[:2]

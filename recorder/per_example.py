@@ -63,6 +63,13 @@ class Outer:
     def rows(self) -> int:
         return self.right.shape[0]
 
+    def with_dense_left(self) -> Outer:
+        """The same contributions with an Embedding's index rows as one-hot left factors."""
+        if self.ids is None:
+            return self
+        return Outer(F.one_hot(self.ids, self.vocab).to(self.right.dtype), self.right,
+                     self.shape)
+
     def slice(self, start: int, stop: int) -> Outer:
         return Outer(None if self.left is None else self.left[start:stop],
                      self.right[start:stop], self.shape,
@@ -275,7 +282,7 @@ RULES: dict[type, Rule] = {nn.Linear: linear_rule, nn.Embedding: embedding_rule,
 # the tensors each rule hands over as dense factors (an Outer without ids): Factored stores them
 FACTORED: dict[Rule, tuple[str, ...]] = {
     linear_rule: ("weight",), conv_rule: ("weight",), hf_conv1d_rule: ("weight",),
-    mha_rule: ("in_proj_weight", "out_proj.weight")}
+    mha_rule: ("in_proj_weight", "out_proj.weight"), embedding_rule: ("weight",)}
 
 
 def closed_form_rule(module: nn.Module) -> Rule | None:

@@ -41,10 +41,11 @@ class Full:
 class Factored:
     """Exact per-example contributions, a weight matrix's as its factors.
 
-    A Linear or Conv weight's contribution from example i is c_i = Σ_t g_{i,t} ⊗ a_{i,t} over
-    its tokens (positions) t: output gradient times input. Storing the pairs takes
-    T·(d_out + d_in) floats instead of d_out·d_in, and is exact. Tensors without that form
-    (biases, norms, embeddings, modules on the torch.func path) and weights whose factors
+    A Linear, Conv, Conv1D or attention projection weight's contribution from example i is
+    c_i = Σ_t g_{i,t} ⊗ a_{i,t} over its tokens (positions) t: output gradient times input (an
+    Embedding's: one-hot rows ⊗ output gradients, also when a head is tied to it). Storing the
+    pairs takes T·(d_out + d_in) floats instead of d_out·d_in, and is exact. Tensors without
+    that form (biases, norms, modules on the torch.func path) and weights whose factors
     would not be smaller are stored in full, or with `fallback=Project(k)` projected when
     they have more than k scalars. `rank=r` keeps at most r factor pairs per example and
     call: exact for a call of at most r tokens, else the best rank-r approximation of the

@@ -362,3 +362,17 @@ def test_resuming_with_other_token_slots_is_refused(tmp_path):
                                          r"run .*resume with Factored\(tokens=3\)"):
         attrib.Recorder(tmp_path / "run", model, opt, capture=attrib.Factored(tokens=6),
                         resume=True)
+
+
+def test_embeddings_and_tied_heads_are_factored_exactly(tmp_path):
+    """An Embedding's lookups are factors too (one-hot rows ⊗ output gradients), so a token
+    embedding tied to the output head (12 slots: 6 lookups, 6 head tokens) and an arange
+    positional embedding are stored as factors, exact against float64 per-sample gradients."""
+    def make():
+        return TinyGPT(vocab=40, d=32)
+
+    run, x, y = record(tmp_path / "run", make, tokens_data,
+                       capture=attrib.Factored(dtype="float64"))
+    assert run.capture["wte.weight"]["factored"]["tokens"] == 12
+    assert run.capture["wpe.weight"]["factored"]["tokens"] == 6
+    assert_contributions_match(run, make, x, y, rel=1e-10)

@@ -65,21 +65,18 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
 
     Views: every recorded table, every stored analysis table (a name in both, such as
     `tokens`, unions the two), and the neuron views `neuron_shifts` and `neurons`. With several
-    runs each view gains a leading `run` column (the run directory's name). External access is
-    off: queries read only files inside the runs and write none.
+    runs each view gains a leading `run` column (the run directory's name). The sandbox: the
+    only paths DuckDB may touch are the Parquet files the views list (no directory, so nothing
+    can be created beside them; no temp folder, so nothing spills to disk), and the
+    configuration is locked once the views exist; `sql` admits read-only statements only.
     """
     from attrib.analyzer.queries import NEURON_ROWS_MACRO, neuron_view_sql
     from attrib.analyzer.results import result_files
 
-    con = duckdb.connect()
-    # the views read the runs' own files; the user's SQL may read nothing else and write
-    # nowhere (no read_csv('/etc/...'), COPY ... TO, INSTALL), and can't switch that back on
-    folders = ", ".join(_quote(str(run.dir.resolve())) for run in runs)
-    con.execute(f"SET allowed_directories = [{folders}]")
-    con.execute("SET enable_external_access = false")
     names = _run_names(runs)
     labels = names if len(runs) > 1 else [None] * len(runs)
     selects: dict[str, list[str]] = {}
+    readable: list[Path] = []
     for label, run in zip(labels, runs):
         sources = {t: run.table_files(t) for t in fmt.TABLES}
         for table, files in result_files(run).items():
@@ -87,6 +84,12 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
         for table, files in sources.items():
             if files:
                 selects.setdefault(table, []).append(_select(files, label))
+                readable += files
+    con = duckdb.connect()
+    con.execute("SET temp_directory = ''")  # DuckDB's default, <cwd>/.tmp, is writable
+    con.execute("SET allowed_directories = []")
+    con.execute(f"SET allowed_paths = [{', '.join(_quote(str(f)) for f in readable)}]")
+    con.execute("SET enable_external_access = false")
     for table, schema in fmt.TABLES.items():
         if table not in selects:  # an empty view with the declared columns
             empty = schema.empty_table()
@@ -103,7 +106,30 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
     for view, body in neuron_view_sql(len(runs) > 1).items():
         con.execute(f"CREATE VIEW {view} AS {body}")
     con.execute(NEURON_ROWS_MACRO)
+    con.execute("SET lock_configuration = true")  # no SET, enable_logging(...) or PRAGMA
     return con
+
+
+READ_ONLY = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+
+
+def check_read_only(query: str) -> None:
+    """Refuse anything but one read-only statement (SELECT, WITH, FROM, VALUES, EXPLAIN,
+    DESCRIBE, SUMMARIZE, SHOW), before it runs: COPY, ATTACH, CALL, PRAGMA, SET, INSTALL,
+    CREATE and the rest could write beside the runs or change the sandbox."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise ValueError(f"SQL error: {e}") from e
+    if len(statements) != 1:
+        raise ValueError(f"attrib sql runs one statement at a time; this query has "
+                         f"{len(statements)}: split it")
+    kind = statements[0].type
+    if kind not in READ_ONLY:
+        raise ValueError(f"attrib sql answers read-only queries (SELECT, WITH, FROM, EXPLAIN, "
+                         f"DESCRIBE, SUMMARIZE, SHOW); this is a {kind.name} statement, which "
+                         "is refused: the runs are never written through SQL. Read the result "
+                         "with --format csv/json/parquet --output FILE instead of COPY")
 
 
 def sql(runs: str | Path | Run | list, query: str, params: dict[str, Any] | None = None
@@ -114,6 +140,7 @@ def sql(runs: str | Path | Run | list, query: str, params: dict[str, Any] | None
         runs = [runs]
     elif not (isinstance(runs, list) and all(isinstance(r, Run) for r in runs)):
         runs = resolve_runs(runs)
+    check_read_only(query)
     con = connect(runs)
     try:
         return con.sql(query, params=params or None).to_arrow_table()

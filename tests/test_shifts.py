@@ -98,7 +98,8 @@ def test_topk_per_tensor_scope_and_sql(run_dir):
 
 def test_policies_compose_topk_with_projection(run_dir):
     run = run_with_topk(run_dir, "sgd", [attrib.TopK(6), attrib.Project(32)])[0]
-    assert run.capture["0.weight"] == {"project": {"k": 32, "seed": 0, "kind": "kron"},
+    assert run.capture["0.weight"] == {"project": {"k": 32, "seed": 0, "kind": "kron",
+                                                   "split": [4, 8]},
                                        "topk": {"k": 6, "scope": "step"}}
     assert run.shifts.num_rows == 6 * run.n_steps
     ids, rows = run.contributions(1)

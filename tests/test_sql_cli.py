@@ -84,16 +84,42 @@ def test_cli_info(two_runs):
     assert info["dense_bytes_stored"] > 0 and info["dense_metadata_bytes"] > 0
 
 
-def test_sql_reads_only_the_runs_files_and_writes_nothing(tmp_path):
+def test_sql_reads_only_the_runs_files_and_writes_nothing(tmp_path, monkeypatch):
+    """The sandbox against the attacks that once worked: writes into the run (COPY over the
+    manifest or a steps part, ATTACH, logging to files), reads outside it, several
+    statements, a temp folder in the working directory. Each is refused before or while it
+    runs, and the run's files are byte for byte as before."""
     import duckdb
 
     model = mlp()
-    train(tmp_path / "run", model, OPTIMIZERS["sgd"](model.parameters()), steps=3)
+    run = tmp_path / "run"
+    train(run, model, OPTIMIZERS["sgd"](model.parameters()), steps=3)
     (tmp_path / "secret.csv").write_text("a\n1\n")
-    assert attrib.sql(tmp_path / "run", "SELECT count(*) AS n FROM steps")["n"][0].as_py() == 3
-    for query in (f"SELECT * FROM read_csv('{tmp_path / 'secret.csv'}')",
-                  f"COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'",
-                  "SET enable_external_access = true"):
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    part = next(p for p in before if p.parent.name == "steps" and p.suffix == ".parquet")
+    assert attrib.sql(run, "SELECT count(*) AS n FROM steps")["n"][0].as_py() == 3
+    assert attrib.sql(run, "SELECT current_setting('temp_directory') AS t")["t"][0].as_py() == ""
+    refused = {  # statement kinds refused before anything runs
+        f"COPY (SELECT 'x') TO '{run / 'manifest.json'}' (FORMAT csv)": "COPY",
+        f"COPY (SELECT * FROM steps) TO '{part}' (FORMAT parquet, USE_TMP_FILE false)": "COPY",
+        f"ATTACH '{run / 'x.db'}'": "ATTACH",
+        f"CALL enable_logging(storage='file', storage_path='{run / 'logs'}')": "CALL",
+        "SET enable_external_access = true": "SET",
+        "PRAGMA version": "PRAGMA",
+        "INSTALL httpfs": "LOAD",
+        "CREATE TABLE t AS SELECT 1": "CREATE",
+    }
+    for query, kind in refused.items():
+        with pytest.raises(ValueError, match=f"this is a {kind} statement, which is refused"):
+            attrib.sql(run, query)
+    with pytest.raises(ValueError, match="one statement at a time; this query has 2"):
+        attrib.sql(run, "SELECT 1; DROP VIEW steps")
+    for query in (f"SELECT * FROM read_csv('{tmp_path / 'secret.csv'}')",  # outside the run
+                  f"SELECT * FROM glob('{run}/*')",
+                  f"SELECT * FROM enable_logging(storage='file', storage_path='{run / 'logs'}')"):
         with pytest.raises((duckdb.PermissionException, duckdb.InvalidInputException)):
-            attrib.sql(tmp_path / "run", query)
-    assert not (tmp_path / "out.csv").exists()
+            attrib.sql(run, query)
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before and not any(p.is_dir() for p in run.rglob("logs"))
+    assert not (tmp_path / ".tmp").exists() and not (tmp_path / "x.db").exists()

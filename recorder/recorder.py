@@ -29,7 +29,7 @@ from attrib.recorder import distributed, factors
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
-from attrib.recorder.resume import ResumePoint, prepare
+from attrib.recorder.resume import ResumePoint, prepare, still_recording
 from attrib.recorder.rng import RngCapture, stochastic_modules
 from attrib.recorder.shifts import ShiftInput, top_shifts
 from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore, now_iso, remove_run
@@ -323,6 +323,12 @@ class Recorder:
                     f"{self.path} already holds a recorded run; pass overwrite=True to replace "
                     "it, or choose another directory"
                 )
+            try:
+                busy = still_recording(Run(self.path), "overwriting it")
+            except (OSError, ValueError):  # a damaged run: nothing can be recording into it
+                busy = None
+            if busy is not None:
+                raise FileExistsError(f"{busy}, or choose another directory")
             remove_run(self.path)
         elif self.path.exists() and any(self.path.iterdir()):
             raise FileExistsError(f"{self.path} is not empty; record into a new directory")

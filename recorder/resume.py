@@ -50,16 +50,25 @@ def prepare(run: Run, resume: bool | int, meta_now: dict[str, Any], params_now: 
             live: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
             spec: optim_info.OptimizerSpec, optimizer_params: list[torch.Tensor]) -> ResumePoint:
     """Check the live state against the run and say where it continues (nothing written)."""
-    if run.writer_running():
-        raise ResumeError(f"{run.dir} is being recorded by process {run.manifest.get('pid')} "
-                          "(this one, if a Recorder on it is still open); close that Recorder "
-                          "or stop that process before resuming")
+    busy = still_recording(run, "resuming")
+    if busy is not None:
+        raise ResumeError(busy)
     _check_settings(run, meta_now, params_now)
     step = _resume_step(run, resume)
     if not _matches(run.reconstruct(step), live):
         raise ResumeError(_mismatch_message(run, step, live))
     _check_optimizer(run, step, optimizer, spec, optimizer_params)
     return _point(run, step)
+
+
+def still_recording(run: Run, doing: str) -> str | None:
+    """Why `doing` (resuming, overwriting) would break a run a live process is recording into,
+    or None when none is."""
+    if not run.writer_running():
+        return None
+    return (f"{run.dir} is being recorded by process {run.manifest.get('pid')} (this one, if a "
+            f"Recorder on it is still open); close that Recorder or stop that process before "
+            f"{doing}")
 
 
 def _check_settings(run: Run, meta_now: dict[str, Any], params_now: list[dict]) -> None:

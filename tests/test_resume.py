@@ -197,3 +197,24 @@ def test_resume_refuses_a_different_setup(tmp_path):
     run = attrib.open_run(path)
     assert run.n_steps == 10 and run.status == "complete" and run.manifest["resumes"] == []
     assert np.array_equal(run.steps.column("step").to_numpy(), np.arange(10))
+
+
+def test_overwrite_refuses_a_run_that_is_still_recording(tmp_path):
+    """overwrite=True on a run a live Recorder writes into would delete its files under it:
+    refused like resume=, and the live run completes intact."""
+    model = mlp()
+    opt = adamw(model)
+    x, y = data()
+    with attrib.Recorder(tmp_path, model, opt) as rec:
+        train_steps(rec, model, opt, 0, 3, x, y)
+        with pytest.raises(FileExistsError, match=r"is being recorded by process .* before "
+                                                  r"overwriting it, or choose another"):
+            other = mlp()
+            attrib.Recorder(tmp_path, other, adamw(other), overwrite=True)
+        train_steps(rec, model, opt, 3, 6, x, y)
+    run = attrib.open_run(tmp_path)
+    assert run.status == "complete" and run.n_steps == 6
+    assert all(verify(tmp_path).column("ok").to_pylist())
+    fresh = mlp()  # once it is closed, overwriting is allowed
+    with attrib.Recorder(tmp_path, fresh, adamw(fresh), overwrite=True):
+        pass

@@ -586,6 +586,11 @@ class Recorder:
                 f"rec.examples() takes a 1-D sequence of integer example ids, got an array of "
                 f"shape {array.shape} and dtype {array.dtype}"
             )
+        if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int64).max):
+            raise ValueError(
+                f"rec.examples() ids must lie in [0, 2^63) (stored as int64), got "
+                f"{array.min()}…{array.max()}; number the examples from 0, e.g. by their "
+                "position in the dataset")
         batch = token_batch(array, tokens) if tokens is not None else None
         self._guard(self._begin_next_step)
         if batch is not None:

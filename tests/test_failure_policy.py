@@ -59,6 +59,15 @@ def test_bad_example_ids(run_dir, ids):
         rec.examples(ids)
 
 
+@pytest.mark.parametrize("ids", [np.array([1, 2**63], dtype=np.uint64), [-1, 3]])
+def test_example_ids_outside_int64_or_negative_are_refused(run_dir, ids):
+    """2^63 would be stored wrapped to a negative id, and −1 means "no example" in readers."""
+    model = mlp()
+    with (attrib.Recorder(run_dir, model, OPTIMIZERS["sgd"](model.parameters())) as rec,
+          pytest.raises(ValueError, match=r"ids must lie in \[0, 2\^63\)")):
+        rec.examples(ids)
+
+
 def _train_with_new_group(run_dir, strict: bool) -> int:
     """Add a param group mid-run, which the recorder can't follow; returns steps trained."""
     model, extra = mlp(), torch.nn.Linear(2, 2)

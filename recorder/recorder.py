@@ -13,6 +13,7 @@ import atexit
 import fnmatch
 import math
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -51,6 +52,30 @@ DEFAULT_STAGE = "default"
 # block keeps the trajectory and tables but drops its per-example rows (training never waits
 # on them; steps.examples_dropped marks the steps, whose data influence becomes residual).
 BACKPRESSURE = ("block", "drop_examples")
+
+
+_OPEN: set[Recorder] = set()  # recorders not closed yet, closed at interpreter exit
+_EXIT_HOOKED = False
+
+
+def _close_open_recorders() -> None:
+    for recorder in list(_OPEN):
+        recorder._close_at_exit()
+
+
+def _close_at_exit_later(recorder: Recorder) -> None:
+    """Close `recorder` at a normal interpreter exit if the script never does. It must run
+    before concurrent.futures shuts its thread pools down (at threading's shutdown, before
+    atexit handlers), or the writer can't write the last blocks: threading's own exit hooks
+    run last-registered first, so one registered after those pools' runs before them."""
+    global _EXIT_HOOKED
+    if not _EXIT_HOOKED:
+        _EXIT_HOOKED = True
+        try:
+            getattr(threading, "_register_atexit", atexit.register)(_close_open_recorders)
+        except RuntimeError:  # the interpreter is already shutting down
+            atexit.register(_close_open_recorders)
+    _OPEN.add(recorder)
 
 
 def residual_warning(dtype: torch.dtype) -> float:
@@ -292,7 +317,7 @@ class Recorder:
         except BaseException:
             self._abandon()
             raise
-        atexit.register(self._close_at_exit)
+        _close_at_exit_later(self)
 
     # -- set-up --------------------------------------------------------------------------------
     def _abandon(self) -> None:
@@ -654,7 +679,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        atexit.unregister(self._close_at_exit)
+        _OPEN.discard(self)
         for handle in self._handles:
             handle.remove()
         if self._capture is not None:

@@ -12,6 +12,7 @@ import torch
 from conftest import OPTIMIZERS, data, mlp
 
 import attrib
+from attrib.analyzer.verify import verify
 
 
 def test_exception_in_training_marks_crashed_and_keeps_steps(run_dir):
@@ -73,3 +74,32 @@ def test_kill_9_keeps_every_committed_block(tmp_path):
         rebuilt = run.reconstruct(step)
         for name, value in live.items():
             torch.testing.assert_close(rebuilt[name], value, rtol=0, atol=1e-6)
+
+
+def test_a_recorder_never_closed_commits_every_step_at_exit(tmp_path):
+    """No `with`, no close(): at a normal interpreter exit every trained step is committed
+    (the close runs before the thread pools the writer needs shut down) and the manifest
+    says the run was never closed."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import attrib
+        from conftest import data, mlp
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rec = attrib.Recorder({str(tmp_path / "run")!r}, model, opt, steps_per_chunk=4)
+        x, y = data()
+        for _ in range(10):
+            rec.examples(torch.arange(32))
+            torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+            opt.step()
+            opt.zero_grad()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "was never closed" in result.stderr
+    run = attrib.open_run(tmp_path / "run")
+    assert (run.status, run.n_steps) == ("incomplete", 10)
+    assert run.manifest["error"] == "Recorder.close() was never called"
+    assert all(verify(tmp_path / "run").column("ok").to_pylist())

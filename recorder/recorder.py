@@ -634,11 +634,22 @@ class Recorder:
         if not self._enabled:
             return
         for name, value in scalars.items():
+            try:  # checked here: the writer would fail on it later, steps after the fact
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"rec.log(): the metric name {name!r} is not valid Unicode "
+                                 "text (a lone surrogate?); name it with plain text") from None
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise ValueError(f"rec.log({name}=...) needs a scalar, got {value.numel()}")
                 value = _host(value.reshape(()))
-            elif not isinstance(value, (int, float, np.integer, np.floating)):
+            elif isinstance(value, (int, float, np.integer, np.floating)):
+                try:  # stored as float64: a Python int beyond int64 (10**30) is fine as one
+                    value = float(value)
+                except OverflowError:
+                    raise ValueError(f"rec.log({name}=...) got {value}, beyond float64's "
+                                     "range") from None
+            else:
                 raise TypeError(f"rec.log({name}=...) needs a number, got {type(value).__name__}")
             target = (self._pending.row if self._after_step and self._pending is not None
                       else self._upcoming)

@@ -308,3 +308,29 @@ def test_bad_sizes_are_refused_up_front(run_dir, setting, message):
     with pytest.raises(ValueError, match=message):
         attrib.Recorder(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), **setting)
     assert not run_dir.exists()
+
+
+def test_logged_values_the_writer_cannot_store_are_refused_or_stored_as_float(run_dir):
+    """rec.log(big=10**30) is stored as the float 1e30 (it used to fail the writer after the
+    manifest counted the step); a metric name with a lone surrogate and a number beyond
+    float64 are refused at log() time; the run stays complete and verifies."""
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    with attrib.Recorder(run_dir, model, opt, steps_per_chunk=2) as rec:
+        for step in range(4):
+            rec.examples(torch.arange(8))
+            torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(big=10**30, count=np.int64(step))
+            with pytest.raises(ValueError, match="not valid Unicode text"):
+                rec.log(**{"bad\ud800": 1.0})
+            with pytest.raises(ValueError, match="beyond float64's range"):
+                rec.log(huge=10**400)
+    run = attrib.open_run(run_dir)
+    assert run.status == "complete" and run.n_steps == 4
+    metrics = attrib.sql(run_dir, "SELECT metrics['big'] AS big, metrics['count'] AS c "
+                                  "FROM steps ORDER BY step")
+    assert metrics["big"].to_pylist() == [1e30] * 4 and metrics["c"].to_pylist() == [0, 1, 2, 3]
+    assert all(verify(run_dir).column("ok").to_pylist())

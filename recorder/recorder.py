@@ -640,8 +640,9 @@ class Recorder:
                 raise ValueError(f"rec.log(): the metric name {name!r} is not valid Unicode "
                                  "text (a lone surrogate?); name it with plain text") from None
             if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"rec.log({name}=...) needs a scalar, got {value.numel()}")
+                if value.numel() != 1 or value.is_complex():
+                    raise ValueError(f"rec.log({name}=...) needs a real scalar, got "
+                                     f"{value.numel()} {value.dtype} values")
                 value = _host(value.reshape(()))
             elif isinstance(value, (int, float, np.integer, np.floating)):
                 try:  # stored as float64: a Python int beyond int64 (10**30) is fine as one
@@ -705,6 +706,11 @@ class Recorder:
         self._writer.close()
         store = self._writer.store
         if self._writer.error is not None:
+            if self._failure is None and not self.strict:  # found only now: say so
+                warnings.warn(f"attrib: recording stopped: the background writer failed "
+                              f"({self._writer.error!r}); the {self._writer.committed_steps} "
+                              "steps written before it are kept and the run is marked "
+                              "incomplete", stacklevel=3)
             self._failure = self._failure or f"background writer failed: {self._writer.error!r}"
             store.manifest["error_trace"] = self._writer.error_trace
         if self._failure is not None:

@@ -190,6 +190,19 @@ class BackgroundWriter:
                 self._release(item)
 
     def _write(self, item: Block | tuple[int, dict[str, torch.Tensor]]) -> None:
+        """Write one item; a block that fails part-way is cut back out (single process), so
+        the manifest never counts steps whose tables were not all written."""
+        before = self.committed_steps
+        try:
+            self._write_item(item)
+        except BaseException:
+            if self.ranks is None and self.committed_steps != before:
+                self.committed_steps = before
+                with contextlib.suppress(Exception):  # the disk may be what failed
+                    self.cut(before)
+            raise
+
+    def _write_item(self, item: Block | tuple[int, dict[str, torch.Tensor]]) -> None:
         steps: pa.Table | None = None
         if isinstance(item, Block):
             steps = self._write_block(item)

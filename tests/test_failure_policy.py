@@ -334,3 +334,33 @@ def test_logged_values_the_writer_cannot_store_are_refused_or_stored_as_float(ru
                                   "FROM steps ORDER BY step")
     assert metrics["big"].to_pylist() == [1e30] * 4 and metrics["c"].to_pylist() == [0, 1, 2, 3]
     assert all(verify(run_dir).column("ok").to_pylist())
+
+
+def test_a_block_whose_tables_fail_is_not_counted(run_dir):
+    """The steps table's folder becomes unwritable mid-run (replaced by a file): the block
+    being written fails after its arrays and examples part, and is cut back out, so the
+    manifest counts only steps whose every table was written and the run verifies."""
+    import time
+
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    steps_dir = run_dir / "tables" / "steps"
+    with (pytest.warns(UserWarning, match="recording stopped"),
+          attrib.Recorder(run_dir, model, opt, steps_per_chunk=2) as rec):
+        for step in range(6):
+            if step == 3:  # the first block (steps 0-1) is committed by now
+                deadline = time.monotonic() + 60
+                while attrib.open_run(run_dir).n_steps < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                steps_dir.rename(run_dir / "steps-aside")
+                steps_dir.write_text("not a folder")
+            rec.examples(torch.arange(8))
+            torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+            opt.step()
+            opt.zero_grad()
+    steps_dir.unlink()
+    (run_dir / "steps-aside").rename(steps_dir)
+    run = attrib.open_run(run_dir)
+    assert run.status == "incomplete" and run.n_steps == 2 and run.steps.num_rows == 2
+    assert all(verify(run_dir).column("ok").to_pylist())

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ RANK_SEQUENCES = 10**8  # part sequence numbers per rank
 # rows at close, so resizes (a zarr.json rewrite per array) are rare
 INITIAL_ROWS = 256
 WRITE_THREADS = 2  # threads writing chunks (see chunks.put_all)
+RETIRE_SECONDS = 60.0  # how long a file no commit lists is kept for readers of older commits
 COMPACT_ROWS = 1 << 22  # rows per merged Parquet file of a table at close (a step range each)
 
 
@@ -180,6 +182,7 @@ class RunStore:
         self._sequence = 0
         self._pending_checkpoints = 0  # appended since the last commit
         self._obsolete: list[str] = []  # parts to delete once a commit no longer lists them
+        self._retired: list[tuple[float, str]] = []  # (when, part) unlisted, kept for readers
         self.example_rows: slice | None = None  # this rank's rows of per-example arrays
 
     def _claim(self) -> None:
@@ -364,9 +367,19 @@ class RunStore:
             self.manifest["status"] = status.value
         self.manifest["updated"] = now_iso()
         fmt.write_json_atomic(self.dir / fmt.MANIFEST_FILE, self.manifest)
-        for relative in self._obsolete:
-            (self.dir / relative).unlink(missing_ok=True)
+        self._retire(final=status is not None and status is not fmt.Status.RECORDING)
+
+    def _retire(self, final: bool) -> None:
+        """Delete the parts earlier commits stopped listing, once RETIRE_SECONDS have passed:
+        a reader that read an earlier manifest (`attrib info`, `sql`, `verify` while the run
+        is recorded) still finds every file it lists. The final commit deletes them all."""
+        now = time.monotonic()
+        self._retired += [(now, part) for part in self._obsolete]
         self._obsolete = []
+        fresh = [] if final else [(t, p) for t, p in self._retired if now - t < RETIRE_SECONDS]
+        for _, part in self._retired[: len(self._retired) - len(fresh)]:  # oldest first
+            (self.dir / part).unlink(missing_ok=True)
+        self._retired = fresh
 
     def truncate(self, steps: int, n_checkpoints: int, whole: dict[str, pa.Table]) -> None:
         """Keep steps [0, steps) and the first `n_checkpoints` checkpoints, drop the rest

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -103,3 +104,38 @@ def test_a_recorder_never_closed_commits_every_step_at_exit(tmp_path):
     assert (run.status, run.n_steps) == ("incomplete", 10)
     assert run.manifest["error"] == "Recorder.close() was never called"
     assert all(verify(tmp_path / "run").column("ok").to_pylist())
+
+
+def test_a_reader_of_an_earlier_commit_finds_every_file_it_lists(tmp_path):
+    """The stages and checkpoints tables are rewritten whole at each commit: a reader that
+    opened the run before later commits (info, sql, verify while recording) must still find
+    the files its manifest lists; the final commit removes the unlisted ones."""
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    with attrib.Recorder(tmp_path / "run", model, opt, steps_per_chunk=1,
+                         checkpoint_every=2) as rec:
+        for step in range(8):
+            if step == 3:
+                deadline = time.monotonic() + 60
+                while (attrib.open_run(tmp_path / "run").n_steps < 2
+                       and time.monotonic() < deadline):
+                    time.sleep(0.05)
+                early = attrib.open_run(tmp_path / "run")  # reads the manifest of now
+                assert early.n_steps >= 2
+            rec.examples(torch.arange(8))
+            rec.stage(f"stage{step // 2}")
+            torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+            opt.step()
+            opt.zero_grad()
+        deadline = time.monotonic() + 60  # later blocks committed, each rewriting stages
+        while attrib.open_run(tmp_path / "run").n_steps < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert attrib.open_run(tmp_path / "run").n_steps >= 7
+        assert early.table("stages").num_rows >= 1  # its files are still there
+        assert early.table("checkpoints").num_rows >= 1
+    listed = {p for parts in attrib.open_run(tmp_path / "run").manifest["tables"].values()
+              for p in parts}
+    on_disk = {p.relative_to(tmp_path / "run").as_posix()
+               for p in (tmp_path / "run" / "tables").rglob("*.parquet")}
+    assert on_disk == listed  # the final commit left no unlisted file behind

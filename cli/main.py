@@ -34,7 +34,8 @@ def info(run: str, as_json: bool) -> None:
         summary = open_run(run).info()
     except FormatError as e:
         _fail(str(e))
-    click.echo(json.dumps(summary, indent=1, default=str) if as_json else render.summary(summary))
+    click.echo(json.dumps(summary, indent=1, default=str) if as_json
+               else render.printable(render.summary(summary)))
 
 
 @main.command()
@@ -121,9 +122,9 @@ def _emit(table, out_format: str, output: str | None, max_rows: int) -> None:
         "csv": lambda: render.csv_text(table),
     }[out_format]()
     if output:
-        Path(output).write_text(text)
+        Path(output).write_text(text)  # a file gets the values as they are
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(render.printable(text))
 
 
 def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None):

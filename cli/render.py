@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+
+# control characters (terminal escape sequences, OSC titles, bells, bidi overrides): a name a run
+# stores must not drive the terminal that prints it
+_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters shown as escapes (\\x1b, \\u202e); newlines kept."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def _cell(value: Any) -> str:
@@ -17,7 +27,7 @@ def _cell(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, (list, dict, tuple)):
         return json.dumps(value, default=str)
-    return str(value)
+    return printable(str(value)).replace("\n", "\\n")
 
 
 def aligned(table: pa.Table, max_rows: int = 50) -> str:

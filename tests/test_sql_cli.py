@@ -6,8 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
-from conftest import OPTIMIZERS, mlp, train
+from conftest import OPTIMIZERS, data, mlp, train
 
 import attrib
 from attrib.cli.main import main
@@ -123,3 +124,30 @@ def test_sql_reads_only_the_runs_files_and_writes_nothing(tmp_path, monkeypatch)
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before and not any(p.is_dir() for p in run.rglob("logs"))
     assert not (tmp_path / ".tmp").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_names_from_a_run_cannot_drive_the_terminal(tmp_path):
+    """A stage named with an OSC title sequence and a clear-screen escape: `attrib info` and
+    `attrib sql` print the escapes visibly, never the raw control characters; JSON and files
+    keep the value as it is."""
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    evil = "\x1b]0;pwned\x07stage\x1b[2J\u202e"
+    with attrib.Recorder(tmp_path / "run", model, opt) as rec:
+        rec.stage(evil)
+        rec.examples(torch.arange(8))
+        torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+        opt.step()
+    runner = CliRunner()
+    for args in (["info", str(tmp_path / "run")],
+                 ["sql", str(tmp_path / "run"), "SELECT stage FROM steps"],
+                 ["sql", str(tmp_path / "run"), "SELECT stage FROM steps", "--format", "csv"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert not any(c in result.output for c in "\x1b\x07\u202e"), (args, result.output)
+        assert "\\x1b]0;pwned\\x07stage\\x1b[2J\\u202e" in result.output, (args, result.output)
+    out = tmp_path / "stages.csv"
+    runner.invoke(main, ["sql", str(tmp_path / "run"), "SELECT stage FROM steps", "--format",
+                         "csv", "-o", str(out)])
+    assert evil in out.read_text()

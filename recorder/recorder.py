@@ -916,6 +916,7 @@ class Recorder:
         self._pre_clip_norms = [None] * len(self.params)
         self._norms_pending = False  # also after a backward that raised before its end
         clip_factor, uniform, grad_norm = _clip_factor(used, pre_norms)
+        self._warn_if_not_finite(grad_norm)
         hparams = [optim_info.group_hparams(self.spec, g) for g in self.optimizer.param_groups]
         if self._primary:
             self._trajectory_rows(rows, live, consumed, clip_factor, hparams)
@@ -1072,6 +1073,17 @@ class Recorder:
                 f"recorded as residual; pass Factored(tokens={needed}) or more"))
             return False
         return True
+
+    def _warn_if_not_finite(self, grad_norm: torch.Tensor) -> None:
+        """Say (once) at the step where the gradient turns NaN or inf: the training diverged,
+        and every θ after it is non-finite by construction, which verify and the analyses
+        would otherwise be the first to show. On the CPU only (on a GPU it would wait)."""
+        if self._on_gpu or "not finite" in self._problems_seen or bool(torch.isfinite(grad_norm)):
+            return
+        self._problems_seen.add("not finite")
+        warnings.warn(f"attrib: step {self.step}: the gradient is not finite (NaN or inf: the "
+                      "loss diverged or overflowed); it is recorded as the optimizer consumed "
+                      "it, so θ after this step is not finite either", stacklevel=6)
 
     def _check_explained(self, norms: torch.Tensor, said: set[int]) -> None:
         """Say where captured rows explain only part of a tensor's gradient: a use the hooks

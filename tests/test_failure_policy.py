@@ -364,3 +364,19 @@ def test_a_block_whose_tables_fail_is_not_counted(run_dir):
     run = attrib.open_run(run_dir)
     assert run.status == "incomplete" and run.n_steps == 2 and run.steps.num_rows == 2
     assert all(verify(run_dir).column("ok").to_pylist())
+
+
+def test_a_non_finite_gradient_is_said_at_its_step(run_dir):
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    with (pytest.warns(UserWarning, match=r"step 2: the gradient is not finite") as caught,
+          attrib.Recorder(run_dir, model, opt, capture=False) as rec):
+        for step in range(4):
+            rec.examples(torch.arange(8))
+            loss = torch.nn.functional.cross_entropy(model(x[:8]), y[:8])
+            (loss * (float("nan") if step == 2 else 1.0)).backward()
+            opt.step()
+            opt.zero_grad()
+    assert sum("not finite" in str(w.message) for w in caught) == 1  # once, not per step
+    assert attrib.open_run(run_dir).n_steps == 4

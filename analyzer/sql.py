@@ -136,13 +136,38 @@ def sql(runs: str | Path | Run | list, query: str, params: dict[str, Any] | None
         ) -> pa.Table:
     """Answer a DuckDB SQL query over the runs' tables; returns an Arrow table. `params`
     binds the query's named parameters ($name)."""
+    con = _open(runs, query)
+    try:
+        return con.sql(query, params=params or None).to_arrow_table()
+    finally:
+        con.close()
+
+
+def sql_head(runs: str | Path | Run | list, query: str, rows: int,
+             params: dict[str, Any] | None = None) -> tuple[pa.Table, int]:
+    """The first `rows` rows of a query's answer and how many rows it has, read in batches:
+    showing 50 rows of 10^8 never holds the whole answer in memory."""
+    con = _open(runs, query)
+    try:
+        reader = con.sql(query, params=params or None).to_arrow_reader(PREVIEW_BATCH)
+        kept, total = [], 0
+        for batch in reader:
+            if total < rows:
+                kept.append(batch.slice(0, rows - total))
+            total += batch.num_rows
+        return pa.Table.from_batches(kept, schema=reader.schema), total
+    finally:
+        con.close()
+
+
+PREVIEW_BATCH = 1 << 16  # rows per batch sql_head reads
+
+
+def _open(runs: str | Path | Run | list, query: str) -> duckdb.DuckDBPyConnection:
+    """A sandboxed connection over the runs, once the query is known to be read-only."""
     if isinstance(runs, Run):
         runs = [runs]
     elif not (isinstance(runs, list) and all(isinstance(r, Run) for r in runs)):
         runs = resolve_runs(runs)
     check_read_only(query)
-    con = connect(runs)
-    try:
-        return con.sql(query, params=params or None).to_arrow_table()
-    finally:
-        con.close()
+    return connect(runs)

@@ -78,7 +78,7 @@ def sql_command(args: tuple[str, ...], query_name: str | None, params: tuple[str
     import duckdb
 
     from attrib.analyzer.queries import named_queries
-    from attrib.analyzer.sql import named, sql
+    from attrib.analyzer.sql import named, sql, sql_head
 
     if list_queries:
         for query in named_queries().values():
@@ -90,10 +90,13 @@ def sql_command(args: tuple[str, ...], query_name: str | None, params: tuple[str
     if not runs or (not query_name and not query):
         _fail("name the run(s) and a query: attrib sql RUN... \"SELECT ...\", or "
               "attrib sql RUN --query NAME (attrib sql --list shows the named queries)")
+    total = None
     try:
         if query_name:
             given = dict(_key_value(p) for p in params)
             table = named(runs, query_name, **given)
+        elif out_format == "table" and not output:  # only what is shown is kept
+            table, total = sql_head(runs, query[0], max_rows)
         else:
             table = sql(runs, query[0])
     except (FileNotFoundError, FormatError, ValueError) as e:
@@ -105,7 +108,7 @@ def sql_command(args: tuple[str, ...], query_name: str | None, params: tuple[str
             _fail("--format parquet needs --output FILE")
         pq.write_table(table, output)
         return
-    _emit(table, out_format, output, max_rows)
+    _emit(table, out_format, output, max_rows, total)
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -115,9 +118,10 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _emit(table, out_format: str, output: str | None, max_rows: int) -> None:
+def _emit(table, out_format: str, output: str | None, max_rows: int,
+          total: int | None = None) -> None:
     text = {
-        "table": lambda: render.aligned(table, max_rows) + "\n",
+        "table": lambda: render.aligned(table, max_rows, total) + "\n",
         "json": lambda: json.dumps(table.to_pylist(), default=str) + "\n",
         "csv": lambda: render.csv_text(table),
     }[out_format]()

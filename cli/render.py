@@ -30,8 +30,10 @@ def _cell(value: Any) -> str:
     return printable(str(value)).replace("\n", "\\n")
 
 
-def aligned(table: pa.Table, max_rows: int = 50) -> str:
-    """An aligned plain-text table; numbers right-aligned, at most `max_rows` rows."""
+def aligned(table: pa.Table, max_rows: int = 50, total: int | None = None) -> str:
+    """An aligned plain-text table; numbers right-aligned, at most `max_rows` rows; `total`:
+    the answer's row count when `table` holds only its first rows."""
+    total = table.num_rows if total is None else total
     names = table.column_names
     rows = [[_cell(v) for v in row.values()] for row in table.slice(0, max_rows).to_pylist()]
     numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in table.schema]
@@ -42,9 +44,9 @@ def aligned(table: pa.Table, max_rows: int = 50) -> str:
                          for c, w, num in zip(cells, widths, numeric)).rstrip()
 
     out = [line(names), line(["-" * w for w in widths]), *(line(r) for r in rows)]
-    if table.num_rows > max_rows:
-        out.append(f"... {table.num_rows - max_rows} more rows (use --format csv for all)")
-    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})")
+    if total > max_rows:
+        out.append(f"... {total - max_rows} more rows (use --format csv for all)")
+    out.append(f"({total} row{'s' if total != 1 else ''})")
     return "\n".join(out)
 
 

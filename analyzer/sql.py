@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,23 +134,28 @@ def check_read_only(query: str) -> None:
                          "with --format csv/json/parquet --output FILE instead of COPY")
 
 
-def sql(runs: str | Path | Run | list, query: str, params: dict[str, Any] | None = None
-        ) -> pa.Table:
+class QueryInterrupted(ValueError):
+    """A query stopped by its timeout or by Ctrl-C."""
+
+
+def sql(runs: str | Path | Run | list, query: str, params: dict[str, Any] | None = None,
+        timeout: float | None = None) -> pa.Table:
     """Answer a DuckDB SQL query over the runs' tables; returns an Arrow table. `params`
-    binds the query's named parameters ($name)."""
+    binds the query's named parameters ($name); `timeout` (seconds) stops a query that runs
+    longer with QueryInterrupted, as Ctrl-C does."""
     con = _open(runs, query)
-    try:
-        return con.sql(query, params=params or None).to_arrow_table()
-    finally:
-        con.close()
+    return _interruptible(con, timeout,
+                          lambda: con.sql(query, params=params or None).to_arrow_table())
 
 
 def sql_head(runs: str | Path | Run | list, query: str, rows: int,
-             params: dict[str, Any] | None = None) -> tuple[pa.Table, int]:
+             params: dict[str, Any] | None = None, timeout: float | None = None
+             ) -> tuple[pa.Table, int]:
     """The first `rows` rows of a query's answer and how many rows it has, read in batches:
     showing 50 rows of 10^8 never holds the whole answer in memory."""
     con = _open(runs, query)
-    try:
+
+    def head() -> tuple[pa.Table, int]:
         reader = con.sql(query, params=params or None).to_arrow_reader(PREVIEW_BATCH)
         kept, total = [], 0
         for batch in reader:
@@ -156,7 +163,36 @@ def sql_head(runs: str | Path | Run | list, query: str, rows: int,
                 kept.append(batch.slice(0, rows - total))
             total += batch.num_rows
         return pa.Table.from_batches(kept, schema=reader.schema), total
+    return _interruptible(con, timeout, head)
+
+
+def _interruptible(con: duckdb.DuckDBPyConnection, timeout: float | None, run):
+    """Run `run()` on `con`, interrupting DuckDB itself at the timeout or on Ctrl-C (a long
+    recursive query would otherwise not see Ctrl-C until it ends); closes `con`."""
+    timer = threading.Timer(timeout, con.interrupt) if timeout is not None else None
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    interrupted: list[bool] = []
+
+    def on_ctrl_c(signum, frame) -> None:
+        interrupted.append(True)
+        con.interrupt()
+
+    try:
+        if main:
+            signal.signal(signal.SIGINT, on_ctrl_c)
+        if timer is not None:
+            timer.start()
+        return run()
+    except duckdb.InterruptException:
+        raise QueryInterrupted("the query was interrupted (Ctrl-C)" if interrupted else
+                               f"the query ran longer than its timeout of {timeout:g} s and "
+                               "was stopped; narrow it or raise --timeout") from None
     finally:
+        if timer is not None:
+            timer.cancel()
+        if main:
+            signal.signal(signal.SIGINT, previous)
         con.close()
 
 

@@ -63,8 +63,11 @@ def verify(run: str, as_json: bool) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Write to this file instead of standard output (required for parquet).")
 @click.option("--max-rows", default=50, show_default=True, help="Rows shown by --format table.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop a query that runs longer (Ctrl-C stops one too).")
 def sql_command(args: tuple[str, ...], query_name: str | None, params: tuple[str, ...],
-                list_queries: bool, out_format: str, output: str | None, max_rows: int) -> None:
+                list_queries: bool, out_format: str, output: str | None, max_rows: int,
+                timeout: float | None) -> None:
     """Answer a DuckDB SQL query over the tables of one or more runs: RUNS... QUERY.
 
     Views: steps, examples, stages, params, checkpoints, shifts, rng, tokens, vocabulary, the
@@ -96,9 +99,9 @@ def sql_command(args: tuple[str, ...], query_name: str | None, params: tuple[str
             given = dict(_key_value(p) for p in params)
             table = named(runs, query_name, **given)
         elif out_format == "table" and not output:  # only what is shown is kept
-            table, total = sql_head(runs, query[0], max_rows)
+            table, total = sql_head(runs, query[0], max_rows, timeout=timeout)
         else:
-            table = sql(runs, query[0])
+            table = sql(runs, query[0], timeout=timeout)
     except (FileNotFoundError, FormatError, ValueError) as e:
         _fail(str(e))
     except duckdb.Error as e:

@@ -178,3 +178,21 @@ def test_sql_table_output_reads_only_the_rows_it_shows(tmp_path):
     assert "... 99999950 more rows" in out.stdout and "(100000000 rows)" in out.stdout
     peak = int(out.stdout.split("PEAK_MIB")[1])
     assert peak < 1200, peak  # the materialised answer alone would be 1,526 MiB
+
+
+def test_a_query_past_its_timeout_is_stopped_with_one_line(tmp_path):
+    """A recursive CTE of 10^8 steps with --timeout 0.5: DuckDB itself is interrupted, the CLI
+    says so in one line (no traceback), and attrib.sql raises QueryInterrupted."""
+    from attrib.analyzer.sql import QueryInterrupted
+
+    model = mlp()
+    train(tmp_path / "run", model, OPTIMIZERS["sgd"](model.parameters()), steps=2)
+    slow = ("WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r WHERE "
+            "i < 100000000) SELECT count(*) FROM r")
+    result = CliRunner().invoke(main, ["sql", str(tmp_path / "run"), slow, "--timeout", "0.5"])
+    assert result.exit_code != 0
+    assert "ran longer than its timeout of 0.5 s" in result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(QueryInterrupted, match=r"timeout of 0\.5 s"):
+        attrib.sql(tmp_path / "run", slow, timeout=0.5)
+    assert attrib.sql(tmp_path / "run", "SELECT 1 AS one", timeout=30)["one"][0].as_py() == 1

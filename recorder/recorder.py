@@ -9,11 +9,9 @@ the moments are not stored: readers rebuild them by replaying the optimizer.
 
 from __future__ import annotations
 
-import atexit
 import fnmatch
 import math
 import shutil
-import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -26,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from attrib.analyzer.run import Run
-from attrib.recorder import distributed, factors
+from attrib.recorder import distributed, factors, lifecycle
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
@@ -52,30 +50,6 @@ DEFAULT_STAGE = "default"
 # block keeps the trajectory and tables but drops its per-example rows (training never waits
 # on them; steps.examples_dropped marks the steps, whose data influence becomes residual).
 BACKPRESSURE = ("block", "drop_examples")
-
-
-_OPEN: set[Recorder] = set()  # recorders not closed yet, closed at interpreter exit
-_EXIT_HOOKED = False
-
-
-def _close_open_recorders() -> None:
-    for recorder in list(_OPEN):
-        recorder._close_at_exit()
-
-
-def _close_at_exit_later(recorder: Recorder) -> None:
-    """Close `recorder` at a normal interpreter exit if the script never does. It must run
-    before concurrent.futures shuts its thread pools down (at threading's shutdown, before
-    atexit handlers), or the writer can't write the last blocks: threading's own exit hooks
-    run last-registered first, so one registered after those pools' runs before them."""
-    global _EXIT_HOOKED
-    if not _EXIT_HOOKED:
-        _EXIT_HOOKED = True
-        try:
-            getattr(threading, "_register_atexit", atexit.register)(_close_open_recorders)
-        except RuntimeError:  # the interpreter is already shutting down
-            atexit.register(_close_open_recorders)
-    _OPEN.add(recorder)
 
 
 def residual_warning(dtype: torch.dtype) -> float:
@@ -317,7 +291,7 @@ class Recorder:
         except BaseException:
             self._abandon()
             raise
-        _close_at_exit_later(self)
+        lifecycle.track(self, on_sigterm=self.ranks is None)
 
     # -- set-up --------------------------------------------------------------------------------
     def _abandon(self) -> None:
@@ -691,7 +665,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        _OPEN.discard(self)
+        lifecycle.untrack(self)
         for handle in self._handles:
             handle.remove()
         if self._capture is not None:
@@ -771,11 +745,16 @@ class Recorder:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(fmt.Status.CRASHED if exc_type is not None else None)
 
-    def _close_at_exit(self) -> None:
-        warnings.warn(f"attrib: Recorder for {self.path} was never closed; closing it at exit "
-                      "and marking the run incomplete", stacklevel=1)
-        self._failure = self._failure or "Recorder.close() was never called"
-        self.close(fmt.Status.INCOMPLETE)
+    def close_unfinished(self, warning: str, failure: str) -> None:
+        """Close a recorder the script did not close (recorder/lifecycle.py): at exit, or on
+        SIGTERM. Every step trained so far is committed; the run is marked incomplete."""
+        warnings.warn(f"attrib: Recorder for {self.path} {warning}; closing it and marking "
+                      "the run incomplete", stacklevel=1)
+        self._failure = self._failure or failure
+        try:
+            self.close(fmt.Status.INCOMPLETE)
+        except Exception as e:
+            warnings.warn(f"attrib: closing {self.path} failed ({e!r})", stacklevel=1)
 
     # -- failure policy ------------------------------------------------------------------------
     def _guard(self, fn, *args):

@@ -139,3 +139,42 @@ def test_a_reader_of_an_earlier_commit_finds_every_file_it_lists(tmp_path):
     on_disk = {p.relative_to(tmp_path / "run").as_posix()
                for p in (tmp_path / "run" / "tables").rglob("*.parquet")}
     assert on_disk == listed  # the final commit left no unlisted file behind
+
+
+def test_sigterm_commits_the_trained_steps_then_terminates(tmp_path):
+    """SIGTERM (a cluster preempting the job) mid-training: the recorder commits every step
+    trained so far and marks the run, then the process ends by the signal as it would have."""
+    import signal
+
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import attrib
+        from conftest import data, mlp
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = data()
+        with attrib.Recorder({str(tmp_path / "run")!r}, model, opt, steps_per_chunk=4) as rec:
+            for step in range(10_000):
+                rec.examples(torch.arange(32))
+                torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+                opt.step()
+                opt.zero_grad()
+                print("trained", step + 1, flush=True)
+                time.sleep(0.01)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    trained = 0
+    while trained < 6:  # a block and a half in
+        trained = int(child.stdout.readline().split()[1])
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    trained = max([trained, *(int(n) for n in out.split()[1::2])])
+    assert child.returncode == -signal.SIGTERM, err
+    assert "was stopped by SIGTERM" in err
+    run = attrib.open_run(tmp_path / "run")
+    assert run.status == "incomplete" and run.n_steps >= 6 and run.n_steps in (trained,
+                                                                               trained + 1)
+    assert "SIGTERM" in run.manifest["error"]
+    assert all(verify(tmp_path / "run").column("ok").to_pylist())

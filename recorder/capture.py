@@ -347,9 +347,11 @@ class ExampleCapture:
                 self._recomputing = False
         for local, contribution in per.items():
             if local in group.params:
-                self._consume(group.params[local], contribution, data, offset)
+                self.consume(group.params[local], contribution, data, offset)
 
-    def _consume(self, index: int, c: pe.PerExample, data: StepData, offset: int) -> None:
+    def consume(self, index: int, c: pe.PerExample, data: StepData, offset: int) -> None:
+        """One call's contributions to tensor `index` into the step's data, as its capture
+        says (factors.settle calls it again for a tensor its first step moved off Factored)."""
         capture = self.captures[index]
         projected = None
         if capture.project is not None:

@@ -12,12 +12,13 @@ forward (a layer called twice) gets every call's tokens, one after another in it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from attrib.recorder.capture import StepData
-from attrib.recorder.per_example import Outer, low_rank, project
+from attrib.recorder.per_example import Outer, PerExample, low_rank
 from attrib.recorder.policies import TensorCapture
 from attrib.schemas import projection
 
@@ -44,12 +45,12 @@ def smaller_than_full(tokens: int, shape: tuple[int, ...]) -> bool:
     return tokens > 0 and tokens * (m + n) < m * n
 
 
-def settle(captures: list[TensorCapture], names: list[str], shapes: list[tuple[int, ...]],
-           data: StepData) -> None:
+def settle(captures: list[TensorCapture], shapes: list[tuple[int, ...]], data: StepData,
+           consume: Callable[[int, PerExample, StepData, int], None]) -> None:
     """At the first step: each Factored tensor keeps factors, with the slots the step used (or
     the ones asked for), when they are smaller than its full rows; else it is stored in full
-    (or projected: TensorCapture.unfactor) from this step on, this step's factors converted
-    alike and its check sum made to match."""
+    (or projected: TensorCapture.unfactor) from this step on, and this step's calls are
+    consumed again under that capture (ExampleCapture.consume), rows and check sum alike."""
     for index, capture in enumerate(captures):
         if capture.factored is None:
             continue
@@ -58,20 +59,11 @@ def settle(captures: list[TensorCapture], names: list[str], shapes: list[tuple[i
         if smaller_than_full(tokens, shapes[index]):
             capture.tokens = tokens
             continue
-        dtype = getattr(torch, capture.factored.dtype or capture.storage_dtype)
         capture.unfactor(math.prod(shapes[index]))
-        data.factors.pop(index, None)
-        if not parts:
-            continue
-        if capture.full is not None:
-            data.full[index] = [(offset, c.dense().to(dtype)) for offset, c in parts]
-            data.sums[index] = sum(c.total() for _, c in parts)
-        else:
-            p = capture.project
-            data.projected[index] = [
-                (offset, project(c, shapes[index], p.kind, p.k, p.seed, names[index]).float())
-                for offset, c in parts]
-            data.sums[index] = sum(rows.sum(0) for _, rows in data.projected[index])
+        for kept in (data.factors, data.full, data.projected, data.topk, data.sums):
+            kept.pop(index, None)
+        for offset, c in parts:
+            consume(index, c, data, offset)
 
 
 def restore(captures: list[TensorCapture], names: list[str], numels: list[int],

@@ -881,8 +881,8 @@ class Recorder:
         data = self._capture.end_step() if self._capture is not None else None
         if self._block is None:
             if data is not None:  # Factored: factors or full rows, by what this step used
-                factors.settle(self.captures, [p.name for p in self.params],
-                               [tuple(p.param.shape) for p in self.params], data)
+                factors.settle(self.captures, [tuple(p.param.shape) for p in self.params],
+                               data, self._capture.consume)
             self._initialize_storage(self._examples_per_step or (
                 data.rows if data else sum(len(ids) for ids in self._examples)))
         row_index = len(self._block.records)

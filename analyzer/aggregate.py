@@ -8,7 +8,6 @@ import pyarrow as pa
 import torch
 
 from attrib.analyzer.run import Run
-from attrib.schemas import projection
 from attrib.schemas.factored import FactorRows
 
 AXES = ("example", "step", "stage", "param", "layer")
@@ -127,9 +126,5 @@ def data_influence(run: Run, name: str, shape: tuple[int, ...], stored, flat_a: 
     if isinstance(stored, FactorRows):  # Factored: exact, Σ_t l_tᵀ A r_t per example
         return alpha * stored.dot(flat_a)
     rows = stored.reshape(stored.shape[0], -1)
-    if not run.exact_rows(name):
-        p = run.capture[name]["project"]
-        vectors = flat_a.reshape(flat_a.shape[0], *shape)
-        flat_a = projection.project(vectors, shape, p["kind"], p["k"], p["seed"], name,
-                                    projection.recorded_split(p, shape))
+    flat_a = run.in_row_space(name, flat_a.reshape(flat_a.shape[0], *shape))
     return alpha * (rows @ flat_a.T)

@@ -23,7 +23,6 @@ import torch
 from attrib.analyzer import targets
 from attrib.analyzer.run import Run
 from attrib.schemas import format as fmt
-from attrib.schemas import projection
 from attrib.schemas.factored import FactorRows
 
 SCORES = pa.schema([pa.field("test_id", pa.int32()), pa.field("example_id", pa.int64()),
@@ -94,11 +93,7 @@ def projected_tests(run: Run, name: str, gradients: torch.Tensor) -> np.ndarray:
                          f"{tuple(gradients.shape)}")
     if name not in run.captured:
         raise KeyError(f"{name!r} has no stored per-example rows; its capture is {capture}")
-    if not run.exact_rows(name):
-        p = capture["project"]
-        gradients = projection.project(gradients.double(), shape, p["kind"], p["k"], p["seed"],
-                                       name, projection.recorded_split(p, shape))
-    return gradients.reshape(gradients.shape[0], -1).double().numpy()
+    return run.in_row_space(name, gradients.double()).numpy()
 
 
 def id_grid(run: Run, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +163,7 @@ def score_rows(total: np.ndarray, universe: np.ndarray) -> pa.Table:
 def array_path(run: Run, name: str) -> str:
     """The Zarr path of a parameter's stored per-example rows (one array: Full or Project)."""
     capture = run.capture.get(name, {})
-    if "factored" in capture and "full" not in capture:
+    if run.factored_rows(name):
         raise ValueError(f"{name!r} was recorded with Factored capture, whose rows are two "
                          "factor arrays, not one: use the default engine, which reads them")
     group = fmt.CONTRIB if "full" in capture else fmt.PROJ

@@ -23,6 +23,7 @@ import zarr
 
 from attrib.analyzer.trajectory import Replay, TrajectoryError
 from attrib.schemas import format as fmt
+from attrib.schemas import projection
 from attrib.schemas.factored import FactorRows, densify
 
 
@@ -361,6 +362,20 @@ class Run:
         kind = self.capture.get(param, {})
         return "full" in kind or "factored" in kind
 
+    def factored_rows(self, param: str) -> bool:
+        """Whether `param`'s rows are stored as factors only (no Full array beside them)."""
+        kind = self.capture.get(param, {})
+        return "factored" in kind and "full" not in kind
+
+    def in_row_space(self, param: str, vectors: torch.Tensor) -> torch.Tensor:
+        """Vectors (n, *shape) in the space of `param`'s stored rows, flattened: R v with the
+        run's own projection (its split included) for projected rows, v for exact ones."""
+        if not self.exact_rows(param):
+            p, shape = self.capture[param]["project"], self.param_shapes[param]
+            vectors = projection.project(vectors, shape, p["kind"], p["k"], p["seed"], param,
+                                         projection.recorded_split(p, shape))
+        return vectors.reshape(vectors.shape[0], -1)
+
     def contributions(self, step: int, param: str | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example contributions c_{s,i} of one step: (example ids, {param: rows}).
@@ -396,7 +411,7 @@ class Run:
         rows beyond a step's examples are zero; one read per chunk, for streaming analyses.
         Factored rows are densified here; `factors` reads them as stored."""
         kind = self.capture.get(param, {})
-        if "factored" in kind and "full" not in kind:
+        if self.factored_rows(param):
             left, right = self.factors(param, start, stop)
             return densify(left, right, self.param_shapes[param])
         group = fmt.CONTRIB if "full" in kind else fmt.PROJ if "project" in kind else None
@@ -408,8 +423,7 @@ class Run:
                      ) -> torch.Tensor | FactorRows:
         """contribution_rows for analyses: Factored rows stay factored (FactorRows.dot takes
         the inner products a densified block would, at a fraction of the memory)."""
-        kind = self.capture.get(param, {})
-        if "factored" in kind and "full" not in kind:
+        if self.factored_rows(param):
             return FactorRows(*self.factors(param, start, stop), self.param_shapes[param])
         return self.contribution_rows(param, start, stop)
 

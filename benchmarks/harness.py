@@ -188,9 +188,11 @@ def per_example_peer(name: str, model: torch.nn.Module):
     return func_backward
 
 
-def run_block(work: Workload, steps: int, settings: dict | None, out_dir: str | None) -> float:
+def run_block(work: Workload, steps: int, settings: dict | None, out_dir: str | None,
+              after_step: Callable[[int, torch.nn.Module], None] | None = None) -> float:
     """Seconds per step over `steps` AdamW steps with clipping (+ close() when recording);
-    settings {"peer": "torch.func" | "opacus"} time a peer's per-example gradients instead."""
+    settings {"peer": "torch.func" | "opacus"} time a peer's per-example gradients instead;
+    `after_step(i, model)` runs after each timed step, inside the timing."""
     model = work.model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
@@ -219,6 +221,8 @@ def run_block(work: Workload, steps: int, settings: dict | None, out_dir: str | 
     started = time.perf_counter()
     for i, (x, y) in enumerate(batches[2:]):
         step(rec, x, y, i)
+        if after_step is not None:
+            after_step(i, model)
     if rec is not None:
         rec.close()
     return (time.perf_counter() - started) / steps

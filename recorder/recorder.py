@@ -239,6 +239,7 @@ class Recorder:
                 c.unfactor(self.params[i].param.numel())
 
         self._block: Block | None = None  # created at the first step, when sizes are known
+        self._example_capacity = 0  # examples per step the per-example arrays hold
 
         self.step = 0  # index of the next optimizer step
         self._epoch: int | None = None
@@ -433,6 +434,7 @@ class Recorder:
         per step. Distributed: rank 0 fills every array, with its examples in rows [0, B);
         rank r only the per-example arrays, rows [r·B, (r+1)·B)."""
         specs = self._array_specs(examples)
+        self._example_capacity = examples
         if self.ranks is not None:
             store = self._writer.store
             store.example_rows = slice(self.ranks.rank * examples,
@@ -885,6 +887,8 @@ class Recorder:
                                data, self._capture.consume)
             self._initialize_storage(self._examples_per_step or (
                 data.rows if data else sum(len(ids) for ids in self._examples)))
+        elif data is not None and data.rows > self._example_capacity and self.ranks is None:
+            self._widen_examples(data.rows)
         row_index = len(self._block.records)
         rows = {path: buffer[row_index] for path, buffer in self._block.buffers.items()}
         live = [p.param.detach() for p in self.params]
@@ -928,6 +932,16 @@ class Recorder:
             self._last_checkpoint = self.step + 1
         self._block.records.append(record)
         return record
+
+    def _widen_examples(self, rows: int) -> None:
+        """A step with more examples than any before it (a short first batch): the steps so
+        far go to the writer as they are, the per-example arrays widen to `rows` per step (the
+        rows earlier steps left empty read as the fill value, as a short batch's do), and the
+        next steps go into new buffers that wide."""
+        self._warn_moved()
+        self._writer.submit(self._block)
+        self._writer.widen_examples(rows)
+        self._attach_step_arrays(rows)
 
     def _trajectory_rows(self, rows: dict[str, torch.Tensor], live: list[torch.Tensor],
                          consumed: list[torch.Tensor | None], clip_factor: torch.Tensor,
@@ -986,16 +1000,12 @@ class Recorder:
         if problem is not None:
             self._say(problem, f"step {self.step}: {problem}. The step's per-example data is "
                       "missing and its gradient is recorded as residual")
-        store = self._writer.store
-        mine = store.example_rows
-        capacity = mine.stop - mine.start if mine is not None else store.meta["examples_per_step"]
-        if data.rows > capacity:
+        if data.rows > self._example_capacity:  # distributed: other ranks write beside ours
             raise RecordingError(
                 f"step {self.step} declared {data.rows} examples, but the per-example arrays "
-                f"hold {capacity} per step (the first step's count); pass "
-                f"examples_per_step={data.rows} (or more) to Recorder"
-                + ("; in a distributed run every rank needs the same batch size"
-                   if mine is not None else ""))
+                f"hold {self._example_capacity} per step (the first step's count); pass "
+                f"examples_per_step={data.rows} (or more) to Recorder; in a distributed run "
+                "every rank needs the same batch size")
         residual, short = [], set()
         # relative to the tensor's gradient, or to RESIDUAL_FLOOR of the whole step's when the
         # tensor's is smaller: a gradient that is zero in exact arithmetic (attention's key

@@ -248,6 +248,17 @@ class RunStore:
         self.meta.update(meta)
         fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)
 
+    def widen_examples(self, rows: int) -> None:
+        """Per-example arrays take `rows` examples per step (single process: a later batch
+        larger than the first). Their example axis grows; the rows earlier steps did not fill
+        read as the fill value, as a short batch's do, and the examples table says which
+        rows hold examples."""
+        array_docs.resize([(a, (a.shape[0], rows, *a.shape[2:]))
+                           for path, a in self.step_arrays.items()
+                           if fmt.per_example(path) and a.shape[1] < rows])
+        self.meta["examples_per_step"] = rows
+        fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)
+
     def _create_all(self, arrays: list[tuple[ArraySpec, int, int, int | None]]
                     ) -> dict[str, zarr.Array]:
         """Create arrays (spec, rows, chunk depth, row block), their documents written in one

@@ -56,6 +56,7 @@ class Block:
     ready: Any = None  # a torch.cuda.Event the device-to-host copies must reach first
     capacity: int = 0  # steps it takes: the buffers' depth, less after a mid-chunk resume
     lean: bool = False  # aggregate arrays only: per-example rows dropped under backpressure
+    pool: int = 0  # the buffer pool it came from (see BackgroundWriter.start_pool)
 
     @property
     def full(self) -> bool:
@@ -71,6 +72,13 @@ def _to_python(value: Any) -> Any:
 
 
 _CLOSE = object()
+
+
+@dataclass
+class WidenExamples:
+    """A writer-queue item: per-example arrays take `rows` examples per step from here on."""
+
+    rows: int
 
 
 class BackgroundWriter:
@@ -94,6 +102,8 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue()  # bounded by the pool: ≤ n_buffers blocks
         self._free: queue.Queue = queue.Queue()
         self._lean: queue.Queue | None = None  # aggregate-only buffers (drop_examples policy)
+        self._pool = 0  # bumped by start_pool: buffers of an earlier pool are not reused
+        self._pool_lock = threading.Lock()
         self._checkpoints: list[tuple[int, int]] = []  # (index, step)
         self._stage_runs: list[list[Any]] = []  # [stage, start, end, n_steps]
         self._thread = threading.Thread(target=self._loop, name="attrib-writer", daemon=True)
@@ -111,12 +121,15 @@ class BackgroundWriter:
             return {s.path: torch.zeros((depth, *s.step_shape), pin_memory=pin_memory,
                                         dtype=getattr(torch, s.dtype)) for s in of}
 
-        self._new_buffers = lambda: buffers(specs)
-        self._unallocated = max(1, n_buffers)
-        self._lean = queue.Queue() if lean is not None else None
-        if self._lean is not None:
-            for _ in range(max(1, n_buffers)):
-                self._lean.put(buffers(lean))
+        with self._pool_lock:  # a block of the old pool still being written is dropped after
+            self._pool += 1
+            self._new_buffers = lambda: buffers(specs)
+            self._unallocated = max(1, n_buffers)
+            self._free = queue.Queue()
+            self._lean = queue.Queue() if lean is not None else None
+            if self._lean is not None:
+                for _ in range(max(1, n_buffers)):
+                    self._lean.put(buffers(lean))
 
     def _check(self) -> None:
         if self.error is not None:
@@ -135,13 +148,21 @@ class BackgroundWriter:
             self._free.put(self._new_buffers())
         if self._lean is not None:
             try:
-                return Block(self._free.get_nowait(), capacity=capacity)
+                return Block(self._free.get_nowait(), capacity=capacity, pool=self._pool)
             except queue.Empty:  # every full buffer is in flight: the disk is behind
-                return Block(self._lean.get(), capacity=capacity, lean=True)
-        return Block(self._free.get(), capacity=capacity)
+                return Block(self._lean.get(), capacity=capacity, lean=True, pool=self._pool)
+        return Block(self._free.get(), capacity=capacity, pool=self._pool)
 
     def _release(self, block: Block) -> None:
-        (self._lean if block.lean else self._free).put(block.buffers)
+        with self._pool_lock:
+            if block.pool == self._pool:
+                (self._lean if block.lean else self._free).put(block.buffers)
+
+    def widen_examples(self, rows: int) -> None:
+        """Per-example arrays hold `rows` examples per step from the next submitted block on
+        (the caller then starts a pool of buffers that wide)."""
+        self._check()
+        self._queue.put(WidenExamples(rows))
 
     def resume(self, step: int, checkpoints: list[tuple[int, int]],
                stage_runs: list[list[Any]], seen_examples: np.ndarray) -> None:
@@ -189,7 +210,8 @@ class BackgroundWriter:
             if isinstance(item, Block):
                 self._release(item)
 
-    def _write(self, item: Block | tuple[int, dict[str, torch.Tensor]]) -> None:
+    def _write(self, item: Block | tuple[int, dict[str, torch.Tensor]] | WidenExamples
+               ) -> None:
         """Write one item; a block that fails part-way is cut back out (single process), so
         the manifest never counts steps whose tables were not all written."""
         before = self.committed_steps
@@ -202,8 +224,12 @@ class BackgroundWriter:
                     self.cut(before)
             raise
 
-    def _write_item(self, item: Block | tuple[int, dict[str, torch.Tensor]]) -> None:
+    def _write_item(self, item: Block | tuple[int, dict[str, torch.Tensor]] | WidenExamples
+                    ) -> None:
         steps: pa.Table | None = None
+        if isinstance(item, WidenExamples):
+            self.store.widen_examples(item.rows)
+            return
         if isinstance(item, Block):
             steps = self._write_block(item)
         else:

@@ -7,6 +7,8 @@ run reconstructs: independent of the recorder's hooks and closed forms.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import attrib
+from attrib.analyzer.verify import verify
 from attrib.recorder import per_example as pe
 
 F64 = torch.float64
@@ -139,9 +142,10 @@ def record(run_dir, make, data, reduction="mean", micro=1, clip=None, steps=3, b
     g = torch.Generator().manual_seed(7)
     capture = capture or attrib.Full(dtype="float64" if dtype == F64 else "float32")
     with attrib.Recorder(run_dir, model, opt, capture=capture, strict=True, **options) as rec:
-        for _ in range(steps):
+        for step in range(steps):
             for _ in range(micro):
-                ids = torch.randperm(len(x), generator=g)[:batch]
+                size = batch[step] if isinstance(batch, list) else batch
+                ids = torch.randperm(len(x), generator=g)[:size]
                 rec.examples(ids)
                 loss = F.cross_entropy(model(x[ids]), y[ids], reduction=reduction)
                 (loss / micro).backward()
@@ -196,6 +200,26 @@ def test_sum_reduction_accumulation_and_clipping(run_dir, case):
     assert_contributions_match(run, make, x, y, reduction="sum", micro=3)
     ids, rows = run.contributions(0)
     assert len(ids) == 24 and next(iter(rows.values())).shape[0] == 24
+
+
+@pytest.mark.parametrize("case,capture", [("mlp", attrib.Full(dtype="float64")),
+                                          ("mlp", attrib.Factored(dtype="float64")),
+                                          ("transformer", attrib.Factored(dtype="float64"))])
+def test_batches_larger_than_the_first_are_recorded(run_dir, case, capture):
+    """A short first batch, then larger and shorter ones (drop_last=False, a resumed loader):
+    every step is kept, each row equals its example's gradient, and the run verifies. Blocks
+    of 2 steps make the widening land mid-chunk."""
+    make, data = CASES[case]
+    sizes = [3, 8, 5, 8, 2, 9]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "recording stopped" warning
+        run, x, y = record(run_dir, make, data, steps=len(sizes), batch=sizes, capture=capture,
+                           steps_per_chunk=2)
+    assert run.n_steps == len(sizes) and run.meta["examples_per_step"] == 9
+    assert [len(run.contributions(s)[0]) for s in range(len(sizes))] == sizes
+    assert_contributions_match(run, make, x, y)
+    checks = verify(run_dir).to_pylist()
+    assert all(c["ok"] for c in checks), checks
 
 
 def test_float32_model_within_tolerance(run_dir):

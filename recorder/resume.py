@@ -56,7 +56,9 @@ def prepare(run: Run, resume: bool | int, meta_now: dict[str, Any], params_now: 
     _check_settings(run, meta_now, params_now)
     step = _resume_step(run, resume)
     if not _matches(run.reconstruct(step), live):
-        raise ResumeError(_mismatch_message(run, step, live))
+        taken = max((optim_info.step_count(optimizer.state.get(p, {})) for p in optimizer_params),
+                    default=0)
+        raise ResumeError(_mismatch_message(run, step, live, taken))
     _check_optimizer(run, step, optimizer, spec, optimizer_params)
     return _point(run, step)
 
@@ -113,10 +115,19 @@ def _close(stored: torch.Tensor, value: torch.Tensor) -> bool:
                           atol=fmt.THETA_ATOL)
 
 
-def _mismatch_message(run: Run, step: int, live: dict[str, torch.Tensor]) -> str:
-    found = latest_matching_step(run, live)
+def _mismatch_message(run: Run, step: int, live: dict[str, torch.Tensor], taken: int) -> str:
+    """Why the live θ is not the run's at `step`; `taken`: the optimizer's step count (0 for
+    optimizers that keep none, such as SGD)."""
     head = (f"{run.dir}: the model's parameters are not θ at step {step}, where the run "
             "would continue")
+    recorded = int(max(run.meta.get("initial_step_count") or [0])) + run.n_steps
+    if taken > recorded:  # a training checkpoint saved after the run's last commit
+        return (f"{head}: the optimizer has taken {taken} steps, the run holds them up to "
+                f"{recorded}, so this training checkpoint is ahead of the run (the "
+                f"{taken - recorded} steps after the run's last commit were trained but never "
+                f"recorded). Load a training checkpoint of step {recorded} or earlier and pass "
+                "resume= its step, or record the continuation into a new run directory")
+    found = latest_matching_step(run, live)
     if found is None:
         return (f"{head}, nor at any step recorded before it. Load the training checkpoint "
                 "that belongs to this run, or record a new run into another directory")

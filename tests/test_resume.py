@@ -30,16 +30,19 @@ def batch_ids(step: int) -> torch.Tensor:
 
 
 def train_steps(rec, model, opt, first: int, last: int, x, y, stage_at: int = 15) -> None:
+    """Steps [first, last); `rec` None trains without recording."""
     for step in range(first, last):
-        if step == stage_at:
+        if step == stage_at and rec is not None:
             rec.stage("late")
         ids = batch_ids(step)
-        rec.examples(ids)
+        if rec is not None:
+            rec.examples(ids)
         loss = torch.nn.functional.cross_entropy(model(x[ids]), y[ids])
         loss.backward()
         opt.step()
         opt.zero_grad()
-        rec.log(loss=loss)
+        if rec is not None:
+            rec.log(loss=loss)
 
 
 def uninterrupted(path, steps: int, **kwargs):
@@ -134,7 +137,9 @@ def test_resume_after_kill_9_from_an_older_training_checkpoint(tmp_path):
     x, y = data()
 
     model, opt = restore(path, 28)  # newer than anything committed: nothing to continue from
-    with pytest.raises(ResumeError, match="nor at any step recorded before it"):
+    with pytest.raises(ResumeError, match=f"the optimizer has taken 28 steps, the run holds "
+                                          f"them up to {committed}, so this training "
+                                          "checkpoint is ahead of the run"):
         attrib.Recorder(path, model, opt, **SETTINGS, resume=True)
     model, opt = restore(path, older)
     with pytest.raises(ResumeError, match=f"they are θ at step {older}. Pass resume={older}"):
@@ -190,6 +195,11 @@ def test_resume_refuses_a_different_setup(tmp_path):
         attrib.Recorder(path, other, adamw(other), resume=True)
     with pytest.raises(ResumeError, match=r"resume=11: .* has 10 committed steps"):
         attrib.Recorder(path, model, opt, resume=11)
+    train_steps(None, model, opt, 10, 13, x, y)  # a training checkpoint saved after a kill
+    with pytest.raises(ResumeError, match=r"the optimizer has taken 13 steps, the run holds "
+                                          r"them up to 10, so this training checkpoint is "
+                                          r"ahead of the run"):
+        attrib.Recorder(path, model, opt, resume=True)
     with pytest.raises(ValueError, match="not both"):
         attrib.Recorder(path, model, opt, resume=True, overwrite=True)
     with pytest.raises(FileNotFoundError, match="drop resume="):

@@ -6,12 +6,15 @@ manifest does not name (left by a crash) are ignored, so a reader never sees a h
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import platform
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +24,17 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from attrib.analyzer.guarded_store import GuardedStore
 from attrib.analyzer.trajectory import Replay, TrajectoryError
 from attrib.schemas import format as fmt
 from attrib.schemas import projection
 from attrib.schemas.factored import FactorRows, densify
+
+T = TypeVar("T")
+# how often verify and sql open a run being recorded again when a commit removed a file
+SNAPSHOT_TRIES = 3
+# rows a table may hold per example and step (TopK shifts: k per example and tensor group)
+TABLE_ROWS_PER_EXAMPLE = 1 << 16
 
 
 class Run:
@@ -44,10 +54,22 @@ class Run:
         fmt.check_fields(self.meta, self.dir / fmt.META_FILE)
         self.manifest = fmt.read_json(self.dir / fmt.MANIFEST_FILE)
         fmt.check_fields(self.manifest, self.dir / fmt.MANIFEST_FILE)
+        self._holding: np.ndarray | None = None  # see _steps_holding_examples
+        self._parts_checked: set[str] = set()  # tables whose row counts table_files checked
+        store = fmt.inside(self.dir, fmt.STORE_DIR)
         try:
-            self.group = zarr.open_group(self.dir / fmt.STORE_DIR, mode="r", zarr_format=3)
+            self.group = zarr.open_group(GuardedStore(store), mode="r", zarr_format=3)
+        except fmt.FormatError:
+            raise
         except Exception as e:
             raise fmt.FormatError(f"{self.dir}: the Zarr store can't be opened ({e})") from e
+
+    def changed_since_open(self) -> bool:
+        """Whether the manifest on disk is no longer the one this Run read (a live run)."""
+        try:
+            return fmt.read_json(self.dir / fmt.MANIFEST_FILE) != self.manifest
+        except fmt.FormatError:
+            return True
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}, status={self.status!r}, steps={self.n_steps})"
@@ -151,10 +173,27 @@ class Run:
 
     # -- tables ---------------------------------------------------------------------------------
     def table_files(self, name: str) -> list[Path]:
-        """The committed Parquet parts of a table (validated to lie inside the run)."""
+        """The committed Parquet parts of a table, validated: inside the run, no symbolic
+        links, and (read from each part's footer, once) no more rows than the run could have
+        written, so a small part that decodes to 10^8 rows is refused before it is read."""
         if name not in fmt.TABLES:
             raise KeyError(f"unknown table {name!r}; tables are {', '.join(fmt.TABLES)}")
-        return [fmt.inside(self.dir, p) for p in self.manifest["tables"].get(name, [])]
+        files = [fmt.inside(self.dir, p) for p in self.manifest["tables"].get(name, [])]
+        if name not in self._parts_checked:
+            rows = 0
+            for file in files:
+                with self._damaged(f"a part of the {name} table", (OSError, pa.ArrowException)):
+                    rows += pq.read_metadata(file).num_rows
+            limit = ((self.n_steps + int(self.manifest["n_checkpoints"]) + 1)
+                     * max(1, self.meta.get("examples_per_step") or 1) * TABLE_ROWS_PER_EXAMPLE
+                     + (1 << 20))
+            if rows > limit:
+                raise fmt.FormatError(
+                    f"{self.dir}: the {name} table's parts hold {rows} rows, more than a run "
+                    f"of {self.n_steps} steps can write ({limit}); the run is damaged or was "
+                    "edited")
+            self._parts_checked.add(name)
+        return files
 
     def table(self, name: str) -> pa.Table:
         """A whole table as Arrow, with the schema declared in schemas.format."""
@@ -182,11 +221,15 @@ class Run:
         KeyError, IndexError and MemoryError pass unchanged."""
         try:
             yield
-        except (KeyError, IndexError, MemoryError):
+        except (KeyError, IndexError, MemoryError, fmt.FormatError):  # ours name the file
             raise
         except errors as e:
-            raise fmt.FormatError(f"{self.dir}: {what} can't be read ({e}); the run is "
-                                  "damaged, `attrib verify` lists what else is") from e
+            if fmt.vanished(e) and self.changed_since_open():
+                raise fmt.RunChanged(f"{self.dir}: {what} is gone: the run was committed again "
+                                     "since it was opened (it is being recorded, or was just "
+                                     "closed); open it again to read its new state") from e
+            raise fmt.FormatError(f"{self.dir}: {what} can't be read ({fmt.reason(e)}); the "
+                                  "run is damaged, `attrib verify` lists what else is") from e
 
     @property
     def steps(self) -> pa.Table:
@@ -243,7 +286,29 @@ class Run:
         if not isinstance(node, zarr.Array):
             raise fmt.FormatError(f"{self.dir}: {path!r} is a group, expected an array")
         fmt.check_codecs(node.metadata.to_dict().get("codecs", []), f"{self.dir}: {path!r}")
+        self._check_shape(path, node)
         return node
+
+    def _check_shape(self, path: str, array: zarr.Array) -> None:
+        """An array's declared shape against what the run declares: at least the committed
+        rows, and rows no larger than every parameter's values for each example a step holds
+        (a zarr.json edited to 10^12 entries would otherwise ask for terabytes)."""
+        committed = self.committed_rows(path)
+        if committed is not None and (array.ndim == 0 or array.shape[0] < committed):
+            raise fmt.FormatError(f"{self.dir}: {path!r} declares shape {array.shape}, fewer "
+                                  f"than the {committed} rows the manifest commits; the run "
+                                  "is damaged or was edited")
+        entries = math.prod(array.shape[1:] if committed is not None else array.shape)
+        limit = max(1, self.meta.get("examples_per_step") or 1) * max(self._total_entries,
+                                                                       1 << 20)
+        if entries > limit:
+            raise fmt.FormatError(f"{self.dir}: {path!r} declares {entries} entries per row, "
+                                  f"more than the run's parameters hold for its examples "
+                                  f"({limit}); the run is damaged or was edited")
+
+    @cached_property
+    def _total_entries(self) -> int:
+        return sum(math.prod(shape) for shape in self.param_shapes.values())
 
     def _key(self, param: str) -> str:
         try:
@@ -266,11 +331,62 @@ class Run:
 
     def _read(self, path: str, where: slice | int) -> np.ndarray:
         """Values of a stored array; a chunk that fails to decode (its checksum, a truncated
-        file) is a FormatError naming the array and rows, not a codec's internal error."""
+        file) or is missing is a FormatError naming the array and rows, not a codec's internal
+        error or the fill value."""
         array = self._array(path)
         rows = f"rows {where.start}–{where.stop}" if isinstance(where, slice) else f"row {where}"
+        first, stop = ((where.start or 0, where.stop) if isinstance(where, slice)
+                       else (where, where + 1))
+        missing = self.missing_chunks(path, array, first, stop)
+        if missing:
+            raise fmt.FormatError(f"{self.dir}: {path} {rows} can't be read: its chunk "
+                                  f"{missing[0]!r} is missing ({len(missing)} missing); the run "
+                                  "is damaged, `attrib verify` lists what else is")
         with self._damaged(f"{path} {rows}"):
             return array[where]
+
+    def missing_chunks(self, path: str, array: zarr.Array, start: int = 0,
+                       stop: int | None = None) -> list[str]:
+        """Keys of chunks holding rows [start, stop) (of the committed ones) that must exist
+        and don't: zarr would read them as the fill value. Every chunk of a trajectory or
+        checkpoint array must exist; of a per-example array, the first chunk along the example
+        axis of every block of steps that holds examples (a step whose per-example rows were
+        dropped, or rows past a step's examples, read as the fill value by design). Runs
+        without `every_chunk_stored` (recorded before it) may lack all-fill chunks: none is
+        required there."""
+        if not self.meta.get("every_chunk_stored"):  # earlier runs: all-fill chunks may be absent
+            return []
+        committed = self.committed_rows(path)
+        if array.ndim == 0:
+            indices: list[tuple[int, ...]] = [()]
+        else:
+            rows = array.shape[0] if committed is None else committed
+            stop = rows if stop is None else min(stop, rows)
+            depth = array.chunks[0]
+            per_example = fmt.per_example(path)
+            inner = [range(1) if per_example else range(-(-n // c))
+                     for n, c in zip(array.shape[1:], array.chunks[1:])]
+            holding = self._steps_holding_examples() if per_example else None
+            indices = [(i, *rest) for i in range(start // depth, -(-stop // depth))
+                       if holding is None or holding[i * depth: (i + 1) * depth].any()
+                       for rest in itertools.product(*inner)]
+        folder = self.dir / fmt.STORE_DIR / array.path
+        return [key for key in map(array.metadata.encode_chunk_key, indices)
+                if not (folder / key).exists()]
+
+    def _steps_holding_examples(self) -> np.ndarray:
+        """Per committed step: whether it stored per-example rows (it had examples and they
+        were not dropped under backpressure)."""
+        if self._holding is None:
+            steps = self.table("steps")
+            order = steps["step"].to_numpy()
+            held = np.zeros(self.n_steps, dtype=bool)
+            count = steps["n_examples"].fill_null(0).to_numpy()
+            dropped = steps["examples_dropped"].fill_null(False).to_numpy(zero_copy_only=False)
+            keep = order < self.n_steps
+            held[order[keep]] = (count > 0)[keep] & ~dropped[keep]
+            self._holding = held
+        return self._holding
 
     def deltas(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Δθ_s for steps [start, stop) of one parameter: shape (steps, *param_shape)."""
@@ -505,6 +621,18 @@ class Run:
 def open_run(path: str | Path) -> Run:
     """Open a recorded run for reading."""
     return Run(path)
+
+
+def read_snapshot(path: str | Path, read: Callable[[Run], T]) -> T:
+    """read(run) on the run as of one commit: a run being recorded may remove a file its
+    manifest listed when a later commit compacts or rewrites tables (RunChanged); the run is
+    then opened again, a few times."""
+    for _ in range(SNAPSHOT_TRIES - 1):
+        try:
+            return read(open_run(path))
+        except fmt.RunChanged:
+            continue
+    return read(open_run(path))
 
 
 def _listed(items: list, shown: int = 8) -> str:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from attrib.analyzer.run import Run
+from attrib.analyzer.run import SNAPSHOT_TRIES, Run, open_run
 from attrib.schemas import format as fmt
 
 
@@ -143,9 +145,10 @@ def sql(runs: str | Path | Run | list, query: str, params: dict[str, Any] | None
     """Answer a DuckDB SQL query over the runs' tables; returns an Arrow table. `params`
     binds the query's named parameters ($name); `timeout` (seconds) stops a query that runs
     longer with QueryInterrupted, as Ctrl-C does."""
-    con = _open(runs, query)
-    return _interruptible(con, timeout,
-                          lambda: con.sql(query, params=params or None).to_arrow_table())
+    def answer(con: duckdb.DuckDBPyConnection) -> pa.Table:
+        return con.sql(query, params=params or None).to_arrow_table()
+
+    return _on_a_snapshot(runs, query, timeout, answer)
 
 
 def sql_head(runs: str | Path | Run | list, query: str, rows: int,
@@ -153,9 +156,7 @@ def sql_head(runs: str | Path | Run | list, query: str, rows: int,
              ) -> tuple[pa.Table, int]:
     """The first `rows` rows of a query's answer and how many rows it has, read in batches:
     showing 50 rows of 10^8 never holds the whole answer in memory."""
-    con = _open(runs, query)
-
-    def head() -> tuple[pa.Table, int]:
+    def head(con: duckdb.DuckDBPyConnection) -> tuple[pa.Table, int]:
         reader = con.sql(query, params=params or None).to_arrow_reader(PREVIEW_BATCH)
         kept, total = [], 0
         for batch in reader:
@@ -163,7 +164,27 @@ def sql_head(runs: str | Path | Run | list, query: str, rows: int,
                 kept.append(batch.slice(0, rows - total))
             total += batch.num_rows
         return pa.Table.from_batches(kept, schema=reader.schema), total
-    return _interruptible(con, timeout, head)
+    return _on_a_snapshot(runs, query, timeout, head)
+
+
+def _on_a_snapshot(runs: str | Path | Run | list, query: str, timeout: float | None,
+                   answer: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+    """answer(con) over the runs as of one commit each. A run being recorded may remove a
+    part its manifest listed when a later commit compacts or rewrites tables; the query then
+    starts over on runs opened again (a few times), instead of failing on a file that was
+    there when the views were made."""
+    for attempt in range(SNAPSHOT_TRIES):
+        opened = _runs(runs)
+        try:
+            con = _open(opened, query)
+            return _interruptible(con, timeout, functools.partial(answer, con))
+        except (duckdb.Error, fmt.RunChanged) as e:
+            moved_on = isinstance(e, fmt.RunChanged) or (
+                fmt.vanished(e) and any(run.changed_since_open() for run in opened))
+            if attempt == SNAPSHOT_TRIES - 1 or not moved_on:
+                raise
+            runs = [open_run(run.dir) for run in opened]
+    raise AssertionError("unreachable")
 
 
 def _interruptible(con: duckdb.DuckDBPyConnection, timeout: float | None, run):
@@ -199,11 +220,15 @@ def _interruptible(con: duckdb.DuckDBPyConnection, timeout: float | None, run):
 PREVIEW_BATCH = 1 << 16  # rows per batch sql_head reads
 
 
-def _open(runs: str | Path | Run | list, query: str) -> duckdb.DuckDBPyConnection:
-    """A sandboxed connection over the runs, once the query is known to be read-only."""
+def _runs(runs: str | Path | Run | list) -> list[Run]:
     if isinstance(runs, Run):
-        runs = [runs]
-    elif not (isinstance(runs, list) and all(isinstance(r, Run) for r in runs)):
-        runs = resolve_runs(runs)
+        return [runs]
+    if isinstance(runs, list) and all(isinstance(r, Run) for r in runs):
+        return runs
+    return resolve_runs(runs)
+
+
+def _open(runs: list[Run], query: str) -> duckdb.DuckDBPyConnection:
+    """A sandboxed connection over the runs, once the query is known to be read-only."""
     check_read_only(query)
     return connect(runs)

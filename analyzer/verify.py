@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from attrib.analyzer.run import Run, open_run
+from attrib.analyzer.run import SNAPSHOT_TRIES, Run, open_run
 from attrib.schemas import format as fmt
 from attrib.schemas.fingerprint import Fingerprint
 
@@ -23,14 +23,28 @@ CHECKS = pa.schema([pa.field("check", pa.string()), pa.field("ok", pa.bool_()),
 
 
 def verify(path) -> pa.Table:
-    """(check, ok, detail) rows; the run is sound when every `ok` is true."""
+    """(check, ok, detail) rows; the run is sound when every `ok` is true. A run being
+    recorded is checked as of one commit: if a later commit removes a file the checks read
+    (compacted or rewritten table parts), the checks start over on the new commit."""
+    for _ in range(SNAPSHOT_TRIES - 1):
+        try:
+            return _verify_once(path)
+        except fmt.RunChanged:
+            continue
+    return _verify_once(path, retry=False)
+
+
+def _verify_once(path, retry: bool = True) -> pa.Table:
     rows: list[dict] = []
 
     def check(name: str, test: Callable[[], str]) -> None:
         try:
             rows.append({"check": name, "ok": True, "detail": test()})
         except Exception as e:  # a damaged run fails the check with its reason
-            rows.append({"check": name, "ok": False, "detail": f"{type(e).__name__}: {e}"})
+            if retry and (isinstance(e, fmt.RunChanged)
+                          or (fmt.vanished(e) and run.changed_since_open())):
+                raise fmt.RunChanged(str(e)) from e
+            rows.append({"check": name, "ok": False, "detail": fmt.reason(e)})
 
     try:
         run = open_run(path)
@@ -198,11 +212,16 @@ def _chunks(run: Run) -> str:
         else:
             depth = array.chunks[0] if array.ndim else 1
             slabs = [slice(first, min(rows, first + depth)) for first in range(0, rows, depth)]
+        missing = run.missing_chunks(path, array)
+        if missing:
+            unreadable.append(f"{path}: chunk {missing[0]!r} is missing ({len(missing)} "
+                              "missing)")
+            continue
         for where in slabs:
             try:
                 values = np.asarray(array[where])
             except Exception as e:
-                unreadable.append(f"{path} rows {where.start}–{where.stop} ({e})")
+                unreadable.append(f"{path} rows {where.start}–{where.stop} ({fmt.reason(e)})")
                 continue
             if path.startswith((f"{fmt.DELTAS}/", f"{fmt.GRADS}/")) and values.size:
                 bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))

@@ -28,10 +28,10 @@ def _fail(message: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(run: str, as_json: bool) -> None:
     """Summarise a recorded RUN: steps, examples, stages, params, optimizer, sizes, status."""
-    from attrib.analyzer.run import open_run
+    from attrib.analyzer.run import read_snapshot
 
     try:
-        summary = open_run(run).info()
+        summary = read_snapshot(run, lambda opened: opened.info())
     except FormatError as e:
         _fail(str(e))
     click.echo(json.dumps(summary, indent=1, default=str) if as_json

@@ -45,9 +45,18 @@ def create_arrays(store_path: StorePath, arrays: list[dict[str, Any]]) -> list[z
         # a parent group that exists keeps its document (and whatever attributes it holds)
         if key != ROOT_DOC and (node in names or not (root / key).exists()):
             _write(root / key, buffer.to_bytes())
-    return [zarr.Array(zarr.AsyncArray(metadata=a.metadata,
-                                       store_path=StorePath(store_path.store, a.path)))
+    return [writable(zarr.Array(zarr.AsyncArray(metadata=a.metadata,
+                                                store_path=StorePath(store_path.store, a.path))))
             for a in created]
+
+
+def writable(array: zarr.Array) -> zarr.Array:
+    """The array as the recorder writes it: with zarr's write_empty_chunks on, so a chunk
+    whose values all equal the fill value is still stored and a missing chunk always means
+    damage (the reader refuses one; recorder/chunks.py writes every chunk anyway)."""
+    return zarr.Array(zarr.AsyncArray(metadata=array.metadata,
+                                      store_path=array.async_array.store_path,
+                                      config={"write_empty_chunks": True}))
 
 
 def resize(arrays: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:

@@ -548,6 +548,7 @@ class Recorder:
             "checkpoint_every": self.checkpoint_every,
             "steps_per_chunk": None,  # set at the first step
             "examples_per_step": None,
+            "every_chunk_stored": True,  # array_docs.writable: all-fill chunks are written too
             "capture": self._capture_meta(),
             "residual_params": ([self.params[i].name for i in self._capture.unsupported]
                                 if self._capture is not None else []),

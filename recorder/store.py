@@ -199,7 +199,8 @@ class RunStore:
         store.manifest = manifest
         store.manifest.setdefault("resumes", [])
         store.group = zarr.open_group(run_dir / fmt.STORE_DIR, mode="r+", zarr_format=3)
-        store.checkpoint_arrays = {p: store.group[p] for p in checkpoint_paths}
+        store.checkpoint_arrays = {p: array_docs.writable(store.group[p])
+                                   for p in checkpoint_paths}
         store._sequence = _last_sequence(run_dir, 0)
         store._claim()
         return store
@@ -231,7 +232,7 @@ class RunStore:
                     f"{self.dir}: {spec.path!r} holds {array.dtype} values of shape "
                     f"{tuple(array.shape[1:])} per step; the recorder would write {spec.dtype} "
                     f"of shape {spec.step_shape}")
-            self.step_arrays[spec.path] = array
+            self.step_arrays[spec.path] = array_docs.writable(array)
 
     def create_step_arrays(self, specs: list[ArraySpec], steps_per_chunk: int,
                            meta: dict[str, Any], rank_rows: int | None = None) -> None:
@@ -323,6 +324,9 @@ class RunStore:
         rows = [(a, self.manifest["committed_steps"]) for a in self.step_arrays.values()]
         rows += [(a, self.manifest["n_checkpoints"]) for a in self.checkpoint_arrays.values()]
         self._cut([(a, n) for a, n in rows if n < a.shape[0] < PRESIZED])
+        # a checkpoint appended but never committed (the writer failed between the two) was
+        # just cut: the final commit must not count it
+        self._pending_checkpoints = 0
 
     def _cut(self, cuts: list[tuple[zarr.Array, int]]) -> None:
         """Shorten arrays to their rows, deleting the chunk files wholly past them. zarr's own
@@ -416,6 +420,7 @@ class RunStore:
         for table, data in whole.items():
             self.replace_table(table, data)
         self.manifest["n_checkpoints"] = n_checkpoints
+        self._pending_checkpoints = 0  # any past the cut are cut with it
         self.commit(steps)
         for array in self.step_arrays.values():
             if steps < array.shape[0] < PRESIZED:  # presized arrays keep their length

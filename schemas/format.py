@@ -11,6 +11,7 @@ import enum
 import json
 import os
 import re
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,23 @@ THETA_RTOL, THETA_ATOL = 1e-5, 1e-6
 
 # Zarr codecs a reader decodes. Anything else (a codec that unpickles, say, were one ever
 # registered) is refused before a chunk is read: a run is data, never code.
-READ_CODECS = frozenset({"bytes", "blosc", "crc32c", "zstd", "gzip", "transpose"})
+# The codecs attrib writes, and so the only ones it decodes: a run is data, and codecs such
+# as gzip or zstd decode a few bytes into gigabytes with no size checked first (Blosc's
+# header is checked before decoding: analyzer/guarded_store.py)
+READ_CODECS = frozenset({"bytes", "blosc", "crc32c"})
+
+
+def reason(error: BaseException) -> str:
+    """An exception met while reading a run, as text that never echoes the file's bytes: a
+    codec's message may quote them (zarr's checksum error quotes the stored CRC, the last four
+    bytes of the file, which a chunk symlinked to a secret would leak)."""
+    if isinstance(error, FormatError):
+        return str(error)
+    text = str(error).splitlines()[0] if str(error) else ""
+    if "checksum" in text.lower():
+        return "the chunk fails its CRC32C checksum"
+    text = re.sub(r"""b(['"]).*?\1""", "<bytes>", text)
+    return f"{type(error).__name__}: {text[:160]}"
 
 
 def check_codecs(codecs: list[dict[str, Any]], where: str) -> None:
@@ -239,6 +256,18 @@ class FormatError(ValueError):
     """A run directory that is missing, damaged, or of a format this version can't read."""
 
 
+class RunChanged(FormatError):
+    """A file the run listed when it was opened is gone because the recorder committed again
+    since (it compacts or rewrites table parts): the reader opens the run again."""
+
+
+def vanished(error: BaseException) -> bool:
+    """Whether a read failed because a file is not there (Python, pyarrow and DuckDB say so
+    differently)."""
+    return isinstance(error, FileNotFoundError) or any(
+        text in str(error) for text in ("No such file", "No files found", "does not exist"))
+
+
 def param_key(name: str) -> str:
     """Zarr node name for a parameter name: the name itself when it is a safe path segment."""
     if _SAFE_KEY.match(name) and not set(name) <= {"."} and not name.startswith("__"):
@@ -258,8 +287,16 @@ def part_fields(relative: str) -> tuple[int, int, int]:
 
 
 def inside(run_dir: Path, relative: str) -> Path:
-    """Resolve a path stored in a run's metadata, refusing any that escapes the run directory."""
+    """Resolve a path stored in a run's metadata, refusing any that escapes the run directory
+    or passes through a symbolic link inside it (a link could make one run read another's
+    files, or any file on the machine)."""
     root = run_dir.resolve()
+    path = root
+    for part in Path(relative).parts:
+        path = path / part
+        if path.is_symlink():
+            raise FormatError(f"{path} is a symbolic link; attrib reads no links inside a run "
+                              "(copy the file in instead)")
     target = (root / relative).resolve()
     if root != target and root not in target.parents:
         raise FormatError(f"{run_dir}: stored path {relative!r} points outside the run directory")
@@ -286,14 +323,36 @@ def write_bytes_atomic(path: Path, data: bytes, durable: bool) -> None:
     os.replace(tmp, path)
 
 
+JSON_LIMIT = 64 << 20  # bytes of a run's JSON document (a long run's manifest: a few MB)
+
+
 def read_json(path: Path) -> dict[str, Any]:
+    """A run's JSON document, read as untrusted input: no symbolic link, a regular file of at
+    most JSON_LIMIT bytes, nesting within Python's recursion limit; else a FormatError."""
     try:
-        with open(path, encoding="utf-8") as f:
-            document = json.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise FormatError(f"{path} is missing: is {path.parent} an attrib run directory?") from None
+    except OSError as e:
+        if os.path.islink(path):
+            raise FormatError(f"{path} is a symbolic link; attrib reads no links inside a run "
+                              "(copy the file in instead)") from None
+        raise FormatError(f"{path} can't be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise FormatError(f"{path} is not a regular file; the run metadata is damaged")
+        data = f.read(JSON_LIMIT + 1)
+    if len(data) > JSON_LIMIT:
+        raise FormatError(f"{path} is larger than {JSON_LIMIT} bytes; the run metadata is "
+                          "damaged")
+    try:
+        document = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{path} is not valid JSON ({e}); the run metadata is damaged") from None
+    except (RecursionError, ValueError):  # nesting too deep, an integer of 10^4300 digits
+        raise FormatError(f"{path} nests too deeply or holds a number too long to read; the "
+                          "run metadata is damaged") from None
     if not isinstance(document, dict):
         raise FormatError(f"{path} must hold a JSON object, found {type(document).__name__}")
     return document
@@ -391,6 +450,7 @@ META_OPTIONAL: dict[str, tuple[Any, str]] = {
                    "null (every tensor's gradients stored) or a list of parameter names"),
     "initial_step_count": (lambda v: isinstance(v, list) and all(_is_int(c) for c in v),
                            "a list of integers ≥ 0"),
+    "every_chunk_stored": (lambda v: isinstance(v, bool), "true or false"),
 }
 MANIFEST_FIELDS: dict[str, tuple[Any, str]] = {
     "status": (lambda v: isinstance(v, str) and v in {s.value for s in Status},

@@ -13,7 +13,9 @@ import torch
 from conftest import OPTIMIZERS, data, mlp
 
 import attrib
+from attrib.analyzer.run import read_snapshot
 from attrib.analyzer.verify import verify
+from attrib.schemas import format as fmt
 
 
 def test_exception_in_training_marks_crashed_and_keeps_steps(run_dir):
@@ -178,3 +180,61 @@ def test_sigterm_commits_the_trained_steps_then_terminates(tmp_path):
                                                                                trained + 1)
     assert "SIGTERM" in run.manifest["error"]
     assert all(verify(tmp_path / "run").column("ok").to_pylist())
+
+
+LIVE_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    import attrib
+    from conftest import data, mlp
+    model = mlp(); opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = data()
+    with attrib.Recorder({path!r}, model, opt, checkpoint_every=3, steps_per_chunk=2) as rec:
+        for step in range(150):
+            if step % 7 == 0:
+                rec.stage(f"stage{{step // 7}}")
+            rec.examples(torch.arange(16))
+            loss = torch.nn.functional.cross_entropy(model(x[:16]), y[:16])
+            loss.backward()
+            opt.step(); opt.zero_grad()
+            rec.log(loss=loss)
+            time.sleep(0.01)
+""")
+
+
+def test_readers_of_a_live_run_see_a_consistent_committed_snapshot(tmp_path):
+    """verify, info and sql run over and over while another process records (blocks of 2
+    steps, the stages and checkpoints tables rewritten at every commit, the tables compacted
+    at close): each sees the run as of one commit, opening it again when a later commit removed
+    a file it listed, so every read succeeds and every verify check passes."""
+    path = str(tmp_path / "run")
+    tests = os.path.dirname(__file__)
+    child = subprocess.Popen([sys.executable, "-c", LIVE_SCRIPT.format(tests=tests, path=path)],
+                             stderr=subprocess.PIPE, text=True)
+    reads, failures = 0, []
+    try:
+        deadline = time.monotonic() + 120
+        while child.poll() is None and time.monotonic() < deadline:
+            try:
+                run = attrib.open_run(path)
+            except (fmt.FormatError, FileNotFoundError):
+                time.sleep(0.05)  # not created yet
+                continue
+            try:
+                bad = [r for r in verify(path).to_pylist() if not r["ok"]]
+                failures += [f"verify at {run.n_steps}: {r}" for r in bad]
+                counted = attrib.sql(path, "SELECT count(*) AS n FROM steps")
+                assert counted.column("n")[0].as_py() >= run.n_steps
+                try:
+                    run.info()
+                except fmt.RunChanged:  # a Run object held across commits says so
+                    read_snapshot(path, lambda opened: opened.info())  # as `attrib info` reads
+                reads += 1
+            except Exception as e:  # every failure is collected and shown
+                failures.append(f"{type(e).__name__}: {e}")
+    finally:
+        child.kill() if child.poll() is None else None
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err[-2000:]
+    assert not failures, failures[:3]
+    assert reads >= 3  # the loop ran while the run was recorded

@@ -137,3 +137,125 @@ def test_arrays_with_codecs_attrib_does_not_decode_are_refused(recorded, tmp_pat
     with pytest.raises(fmt.FormatError, match=r"can't be opened|does not decode"):
         run.deltas(run.param_names[0])  # the replay reads the gradients
     assert not read_or_explain(path)
+
+
+def grad_chunk(path: Path) -> tuple[str, Path]:
+    """The first parameter's name and its gradients' first chunk file."""
+    run = attrib.open_run(path)
+    key = run.params.column("key")[0].as_py()
+    chunks = path / fmt.STORE_DIR / fmt.GRADS / key / "c"
+    return run.param_names[0], min(f for f in chunks.rglob("*") if f.is_file())
+
+
+def refuses(read, match: str) -> str:
+    with pytest.raises(fmt.FormatError, match=match) as caught:
+        read()
+    return str(caught.value)
+
+
+def test_a_deleted_chunk_is_damage_not_zeros(recorded, tmp_path):
+    path = damaged_copy(recorded, tmp_path)
+    name, chunk = grad_chunk(path)
+    chunk.unlink()
+    run = attrib.open_run(path)
+    refuses(lambda: run.grads(name), "is missing")
+    refuses(lambda: run.reconstruct(2), "is missing")  # replays steps 0 and 1
+    checks = {r["check"]: r for r in verify(path).to_pylist()}
+    assert not checks["chunks"]["ok"] and "missing" in checks["chunks"]["detail"]
+    assert not read_or_explain(path)
+
+
+@pytest.mark.parametrize("where", ["chunk", "folder", "manifest", "part"])
+def test_symbolic_links_inside_a_run_are_refused_without_echoing_their_target(
+        recorded, tmp_path, where):
+    """A link to another run's chunk would verify and be read; a link to a secret would leak
+    its last bytes through the checksum error. Links are refused, and no message quotes the
+    bytes of the file they point to."""
+    path = damaged_copy(recorded, tmp_path / "a")
+    other = damaged_copy(recorded, tmp_path / "b")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"TOP-SECRET-VALUE" * 4)
+    name, chunk = grad_chunk(path)
+    if where == "chunk":
+        chunk.unlink()
+        chunk.symlink_to(secret)
+    elif where == "folder":  # a chunk folder borrowed from another run
+        folder = chunk.parent
+        shutil.rmtree(folder)
+        folder.symlink_to(other / folder.relative_to(path), target_is_directory=True)
+    elif where == "manifest":
+        (path / fmt.MANIFEST_FILE).unlink()
+        (path / fmt.MANIFEST_FILE).symlink_to("/dev/zero")
+    else:
+        part = sorted((path / fmt.TABLES_DIR / "steps").glob("*.parquet"))[0]
+        part.unlink()
+        part.symlink_to(sorted((other / fmt.TABLES_DIR / "steps").glob("*.parquet"))[0])
+    messages = [r["detail"] for r in verify(path).to_pylist()]
+    assert not read_or_explain(path)
+    if where == "manifest":
+        messages.append(refuses(lambda: attrib.open_run(path), "symbolic link"))
+    else:
+        run = attrib.open_run(path)
+        read = (lambda: run.steps) if where == "part" else (lambda: run.grads(name))
+        messages.append(refuses(read, "symbolic link"))
+    assert not any("SECRET" in m or "\\x" in m for m in messages), messages
+
+
+def test_bombs_are_refused_before_they_are_decoded(recorded, tmp_path):
+    """A Blosc frame that declares more bytes than its chunk, a chunk file larger than its
+    chunk can encode to, a gzip codec, JSON nested 10^5 deep, a Parquet part of more rows than
+    the run could write, a zarr.json declaring 10^12 entries: each a FormatError naming the
+    file, nothing decoded first."""
+    import google_crc32c
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from numcodecs import Blosc
+
+    def fresh(tag: str) -> tuple[Path, str, Path]:
+        path = damaged_copy(recorded, tmp_path / tag)
+        return (path, *grad_chunk(path))
+
+    path, name, chunk = fresh("blosc")  # 16 MiB of zeros in under 2 KB, with a valid CRC
+    meta = path / fmt.STORE_DIR / fmt.GRADS / chunk.relative_to(path).parts[2] / "zarr.json"
+    document = json.loads(meta.read_text())  # a chain attrib writes: bytes, blosc, crc32c
+    document["codecs"].insert(1, {"name": "blosc", "configuration": {
+        "typesize": 4, "cname": "zstd", "clevel": 9, "shuffle": "noshuffle", "blocksize": 0}})
+    meta.write_text(json.dumps(document))
+    frame = Blosc(cname="zstd", clevel=9).encode(np.zeros(1 << 22, np.float32))
+    assert len(frame) < chunk.stat().st_size
+    chunk.write_bytes(frame + int(google_crc32c.value(frame)).to_bytes(4, "little"))
+    refuses(lambda: attrib.open_run(path).grads(name), "Blosc frame of at most one chunk")
+    assert not read_or_explain(path)
+
+    path, name, chunk = fresh("large")
+    chunk.write_bytes(chunk.read_bytes() * 100)
+    refuses(lambda: attrib.open_run(path).grads(name), "more than its array's declared chunk")
+
+    path, name, chunk = fresh("gzip")
+    meta = path / fmt.STORE_DIR / fmt.GRADS / chunk.relative_to(path).parts[2] / "zarr.json"
+    document = json.loads(meta.read_text())
+    document["codecs"] = [document["codecs"][0], {"name": "gzip", "configuration": {"level": 1}}]
+    meta.write_text(json.dumps(document))
+    refuses(lambda: attrib.open_run(path).grads(name), "does not decode")
+
+    path, name, chunk = fresh("shape")
+    meta = path / fmt.STORE_DIR / fmt.GRADS / chunk.relative_to(path).parts[2] / "zarr.json"
+    document = json.loads(meta.read_text())
+    document["shape"] = [document["shape"][0], 10**6, 10**6]
+    document["chunk_grid"]["configuration"]["chunk_shape"] = [1, 1000, 1000]
+    meta.write_text(json.dumps(document))
+    refuses(lambda: attrib.open_run(path).grads(name), "entries per row")
+    assert not read_or_explain(path)
+
+    path, _, _ = fresh("nested")
+    (path / fmt.MANIFEST_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    refuses(lambda: attrib.open_run(path), "nests too deeply")
+    assert not read_or_explain(path)
+
+    path, _, _ = fresh("parquet")  # 8 steps of 8 examples; 10^7 rows in ~100 KB
+    part = sorted((path / fmt.TABLES_DIR / "examples").glob("*.parquet"))[0]
+    pq.write_table(pa.table({"step": pa.nulls(10**7, pa.int64())}), part)
+    assert part.stat().st_size < 1 << 20
+    refuses(lambda: attrib.open_run(path).examples, "more than a run of 8 steps can write")
+    assert not read_or_explain(path)

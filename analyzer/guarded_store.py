@@ -1,0 +1,181 @@
+"""The Zarr store a run is read through: zarr's LocalStore with the checks an untrusted run
+needs before any byte is decoded.
+
+A run is data someone else may have written (a shared folder, a downloaded archive), so a read
+may not follow a symlink out of the run or to another run's chunk, may not read a file larger
+than the array's declared chunk could encode to (a device such as /dev/zero, a padded file), and
+may not let a codec expand a few bytes into gigabytes (a Blosc header declaring more bytes than
+the chunk holds). Each refusal is a FormatError naming the file, never its contents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.storage import LocalStore
+
+from attrib.schemas import format as fmt
+
+DOCUMENT_LIMIT = 1 << 20  # bytes of one array's zarr.json (attrib's are ~1 KB)
+CHUNK_LIMIT = 1 << 30  # decoded bytes of one chunk (attrib writes blocks of ~64 MiB)
+BLOSC_OVERHEAD = 16  # Blosc's header: a chunk encodes to at most its size plus this
+CHECKSUM_BYTES = 4  # the CRC32C codec's trailer
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """What an array's zarr.json declares about its chunks, as far as reading needs."""
+
+    raw_bytes: int  # one decoded chunk
+    blosc: bool
+    checksum: bool
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.raw_bytes + (BLOSC_OVERHEAD if self.blosc else 0) + (
+            CHECKSUM_BYTES if self.checksum else 0)
+
+
+class GuardedStore(LocalStore):
+    """A read-only LocalStore over a run's store.zarr that refuses symlinks, files larger than
+    their array's chunks and Blosc headers that declare more than a chunk (see the module
+    docstring). A missing chunk still reads as None here (zarr's fill value): whether it may
+    be missing depends on the run's steps, which Run checks."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, read_only=True)
+        self._layouts: dict[str, ChunkLayout] = {}  # array path → layout, from its zarr.json
+        self._checked: set[Path] = set()  # folders known not to be symlinks
+
+    async def get(self, key: str, prototype: BufferPrototype | None = None,
+                  byte_range: ByteRequest | None = None) -> Buffer | None:
+        prototype = prototype or default_buffer_prototype()
+        if byte_range is not None:  # only sharded arrays ask for ranges; attrib reads none
+            raise fmt.FormatError(f"{self.root / key}: a partial read was asked for; attrib "
+                                  "runs hold no sharded arrays")
+        data = self.read(key)
+        return None if data is None else prototype.buffer.from_bytes(data)
+
+    async def get_partial_values(self, prototype: BufferPrototype,
+                                 key_ranges: Any) -> list[Buffer | None]:
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    def read(self, key: str) -> bytes | None:
+        """The bytes of `key`, checked; None when there is no such file."""
+        path = Path(self.root) / key
+        self._refuse_links(path.parent)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except (IsADirectoryError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if os.path.islink(path):
+                raise fmt.FormatError(f"{path} is a symbolic link; attrib reads no links "
+                                      "inside a run (copy the file in instead)") from None
+            raise fmt.FormatError(f"{path} can't be opened ({e.strerror})") from None
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                return None
+            if not stat.S_ISREG(info.st_mode):
+                raise fmt.FormatError(f"{path} is not a regular file; the run is damaged or "
+                                      "was edited")
+            array = _chunk_owner(key)
+            document = array is None
+            limit = DOCUMENT_LIMIT if document else self._layout(key, array).max_file_bytes
+            if info.st_size > limit:
+                raise fmt.FormatError(
+                    f"{path} holds {info.st_size} bytes, more than its array's declared chunk "
+                    f"encodes to ({limit}); the run is damaged or was edited")
+            if not document and not self._layouts[array].blosc and info.st_size != limit:
+                raise fmt.FormatError(  # an uncompressed chunk is stored whole
+                    f"{path} holds {info.st_size} bytes where its array's uncompressed chunk "
+                    f"takes {limit}; the file is truncated or was edited")
+            data = f.read(limit + 1)
+        if len(data) > limit:  # grew while being read
+            raise fmt.FormatError(f"{path} is larger than {limit} bytes; the run is damaged")
+        if key.rsplit("/", 1)[-1] == "zarr.json":
+            self._note_layout(key, data, path)
+        elif array is not None:
+            self._check_blosc(key, array, data, path)
+        return data
+
+    def _refuse_links(self, folder: Path) -> None:
+        """No symlinked folder between the store's root and `folder`."""
+        root = Path(self.root)
+        todo = []
+        while folder not in self._checked and folder != root and root in folder.parents:
+            todo.append(folder)
+            folder = folder.parent
+        for each in todo:
+            if each.is_symlink():
+                raise fmt.FormatError(f"{each} is a symbolic link; attrib reads no links "
+                                      "inside a run (copy the folder in instead)")
+        self._checked.update(todo)
+
+    def _note_layout(self, key: str, data: bytes, path: Path) -> None:
+        try:
+            document = json.loads(data)
+        except (ValueError, RecursionError):
+            return  # zarr reports an unreadable document itself
+        if not isinstance(document, dict) or document.get("node_type") != "array":
+            return
+        try:
+            chunks = document["chunk_grid"]["configuration"]["chunk_shape"]
+            itemsize = np.dtype(document["data_type"]).itemsize
+            names = [c.get("name") for c in document.get("codecs", [])]
+            raw = math.prod(int(n) for n in chunks) * itemsize
+        except (KeyError, TypeError, ValueError):
+            return  # zarr refuses the document when it parses it
+        if raw > CHUNK_LIMIT:
+            raise fmt.FormatError(f"{path} declares chunks of {raw} bytes, more than attrib "
+                                  f"reads ({CHUNK_LIMIT}); the run is damaged or was edited")
+        self._layouts[key.rsplit("/", 1)[0]] = ChunkLayout(raw, "blosc" in names,
+                                                           "crc32c" in names)
+
+    def _layout(self, key: str, array: str) -> ChunkLayout:
+        layout = self._layouts.get(array)
+        if layout is None:  # a chunk of an array whose zarr.json was not read through here
+            self.read(f"{array}/zarr.json")
+            layout = self._layouts.get(array)
+        if layout is None:
+            raise fmt.FormatError(f"{Path(self.root) / key} is not a chunk of an array the "
+                                  "store declares; the run is damaged or was edited")
+        return layout
+
+    def _check_blosc(self, key: str, array: str, data: bytes, path: Path) -> None:
+        """A Blosc frame's header (bytes 4-8: the decoded size) may not declare more than one
+        chunk: decoding allocates what the header says before it reads anything else."""
+        layout = self._layout(key, array)
+        if not layout.blosc:
+            return
+        frame = data[:-CHECKSUM_BYTES] if layout.checksum else data
+        declared = int.from_bytes(frame[4:8], "little") if len(frame) >= 16 else None
+        if declared is None or declared > layout.raw_bytes:
+            raise fmt.FormatError(f"{path} is not a Blosc frame of at most one chunk "
+                                  f"({layout.raw_bytes} bytes); the run is damaged or was "
+                                  "edited")
+
+
+def _chunk_owner(key: str) -> str | None:
+    """The array a chunk key belongs to ("grads/w/c/0/1" → "grads/w"; "x/c" is a 0-d array's
+    one chunk; the "." separator too), None for any other key (documents)."""
+    head, tail = key.rsplit("/", 1) if "/" in key else ("", key)
+    if tail == "c":
+        return head
+    for separator in ("/", "."):
+        array, marker, indices = key.rpartition(f"/c{separator}")
+        if marker and indices and all(i.isdigit() for i in indices.split(separator)):
+            return array
+    return None

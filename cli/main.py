@@ -177,7 +177,8 @@ def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None)
               help="Axes kept, comma-separated: example, step, stage, param, layer "
                    "(path-kernel, linear-response).")
 @click.option("--quadrature", default="2", show_default=True,
-              help="Gauss-Legendre nodes per step, midpoint:K or left (path-kernel).")
+              help="Gauss-Legendre nodes per step, midpoint:K, left or adaptive "
+                   "(path-kernel).")
 @click.option("--stride", type=int, help="Steps per integration segment (path-kernel).")
 @click.option("--similarity", is_flag=True,
               help="Also the per-layer similarity of test points (path-kernel).")

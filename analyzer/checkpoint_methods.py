@@ -46,7 +46,7 @@ def checkpoint_scores(run: Run, model_fn: Callable[[], torch.nn.Module], train_s
 
     `train_set[i]` must be the example with example_id i, as recorded by `rec.examples`.
     """
-    model = model_fn().to(dtype).eval()
+    model = run.build_model(model_fn, dtype).eval()
     test_x, test_y = targets.as_tensors(test_set, dtype)
     train_x, train_y = targets.as_tensors(train_set, dtype)
     shapes = run.param_shapes

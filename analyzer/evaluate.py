@@ -213,7 +213,7 @@ def further_training(run: Run, model_fn: Callable[[], torch.nn.Module], train_se
            np.sort(np.random.default_rng(seed).choice(n, int(examples), replace=False)))
     lr = lr if lr is not None else float(run.hparams()["lr"][-1, 0]) / 10
     batch_size = batch_size or int(np.median(run.steps.column("n_examples").to_numpy()))
-    model = model_fn().to(dtype).eval()
+    model = run.build_model(model_fn, dtype).eval()
     start = {k: v.to(dtype) for k, v in run.reconstruct(run.n_steps).items()}
     loss = targets.per_example
 

@@ -37,7 +37,7 @@ def influence(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test
               tol: float = 1e-8, batch_size: int = 512, dtype: torch.dtype = torch.float64,
               progress: bool = True) -> InfluenceResult:
     """Influence of every training example on every test point at the run's final θ."""
-    model = model_fn().to(dtype).eval()
+    model = run.build_model(model_fn, dtype).eval()
     params = {n: v.to(dtype) for n, v in run.reconstruct(run.n_steps).items()}
     test_x, test_y = targets.as_tensors(test_set, dtype)
     train_x, train_y = targets.as_tensors(train_set, dtype)

@@ -103,10 +103,10 @@ def _linear_response(run, model_fn, train_set, test_set, target, stages, by, los
                      accumulation, dtype, progress) -> LinearResponseResult:
     check_supported(run, "linear-response")
     chosen = resolve(run, stages)
-    batches = TrainingBatches(run, model_fn().to(dtype).train(), train_set, loss_fn,
+    batches = TrainingBatches(run, run.build_model(model_fn, dtype).train(), train_set, loss_fn,
                               accumulation, dtype)
     check_gradients(run, batches, sorted({0, run.n_steps // 2, run.n_steps - 1}))
-    model = model_fn().to(dtype).eval()
+    model = run.build_model(model_fn, dtype).eval()
     inputs, labels = targets.as_tensors(test_set, dtype)
     theta_n = {n: t.to(dtype) for n, t in run.reconstruct(run.n_steps).items()}
     with torch.no_grad():

@@ -157,7 +157,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     run.require_trajectory("the path kernel (θ_s and the consumed gradient of every step)")
     kind = run.optimizer["kind"]
     _constant(run, ("momentum", "dampening") if kind == "sgd" else ("beta1", "beta2", "eps"))
-    model = model_fn().to(dtype).eval()
+    model = run.build_model(model_fn, dtype).eval()
     inputs, labels = targets.as_tensors(test_set, dtype)
     names = run.param_names
     segments = range(0, run.n_steps, stride)

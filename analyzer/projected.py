@@ -67,7 +67,7 @@ def test_gradients(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                    ) -> dict[str, torch.Tensor]:
     """∇_θ f(x_t; θ_step) in float64 (default θ_N) for every parameter with stored rows: the
     q_t that `projected_influence` takes."""
-    model = model_fn().double().eval()
+    model = run.build_model(model_fn, torch.float64).eval()
     theta = {n: t.double() for n, t in
              run.reconstruct(run.n_steps if step is None else step).items()}
     inputs, labels = targets.as_tensors(test_set, torch.float64)

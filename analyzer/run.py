@@ -137,6 +137,25 @@ class Run:
         """Parameter name → shape, in the recorded order."""
         return dict(zip(self.param_names, map(tuple, self.params.column("shape").to_pylist())))
 
+    def build_model(self, model_fn: Callable[[], torch.nn.Module],
+                    dtype: torch.dtype) -> torch.nn.Module:
+        """model_fn()'s model in `dtype`, checked against the recorded parameters: analyses
+        swap the run's θ into it by name, so a factory of another architecture would fail deep
+        inside a forward (or, with equal names, silently run another model's code)."""
+        model = model_fn()
+        built = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        missing = [n for n in self.param_names if n not in built]
+        wrong = [f"{n!r} {built[n]} (recorded {self.param_shapes[n]})"
+                 for n in self.param_names if n in built and built[n] != self.param_shapes[n]]
+        if missing or wrong:
+            raise ValueError(
+                "model_fn() builds a model whose parameters differ from the run's: "
+                + "; ".join(([f"missing {_listed(missing)}"] if missing else [])
+                            + ([f"shapes {_listed(wrong)}"] if wrong else []))
+                + f"; the run recorded {_listed(self.param_names)}. Pass the factory of the "
+                "architecture that was trained (with the same configuration)")
+        return model.to(dtype)
+
     @cached_property
     def trajectory_params(self) -> list[str]:
         """The tensors whose consumed gradients each step stores: every tensor, none

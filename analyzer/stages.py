@@ -87,7 +87,7 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     chosen = resolve(run, stages)
-    model = model_fn().to(dtype).eval()
+    model = run.build_model(model_fn, dtype).eval()
     inputs, labels = targets.as_tensors(test_set, dtype)
 
     def evaluate(params: dict[str, torch.Tensor]) -> np.ndarray:
@@ -110,8 +110,8 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
                 run.reconstruct(s.stop)) for s in chosen])
         else:
             check_supported(run, "replay")
-            batches = TrainingBatches(run, model_fn().to(dtype).train(), train_set, loss_fn,
-                                      accumulation, dtype)
+            batches = TrainingBatches(run, run.build_model(model_fn, dtype).train(), train_set,
+                                      loss_fn, accumulation, dtype)
             notes["gradient_check"] = check_gradients(
                 run, batches, sorted({0, run.n_steps // 2, run.n_steps - 1}))
             replayed = replay_effects(run, batches, chosen, evaluate, max_grad_norm, progress)

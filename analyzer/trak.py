@@ -46,7 +46,7 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
     from the run's stored projections where they match (see the module docstring).
     """
     indices = choose_checkpoints(run, checkpoints)
-    model = model_fn().to(dtype).eval()
+    model = run.build_model(model_fn, dtype).eval()
     test_x, test_y = targets.as_tensors(test_set, dtype)
     train_x, train_y = targets.as_tensors(train_set, dtype)
     shapes = run.param_shapes

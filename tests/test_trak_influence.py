@@ -214,3 +214,31 @@ def test_trak_reads_stored_rows_of_a_full_batch_run(tmp_path, recorded, capture)
                                rtol=1e-3, atol=1e-6 * np.abs(as_matrix(computed, 5,
                                                                       len(y))).max())
 
+
+
+@pytest.mark.parametrize("factory", ["other width", "other names"])
+def test_a_factory_of_another_architecture_is_refused_by_every_analysis(recorded, factory):
+    """Analyses put the run's θ into model_fn()'s model by name: another width used to fail
+    deep in a forward or run silently, other names with a raw AttributeError. Each analysis
+    names the mismatched parameters first."""
+    run = recorded
+
+    def wrong():
+        torch.manual_seed(0)
+        if factory == "other width":
+            return torch.nn.Sequential(torch.nn.Linear(10, 7), torch.nn.ReLU(),
+                                       torch.nn.Linear(7, 3))
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 16), torch.nn.ReLU(),
+                                   torch.nn.Linear(16, 3))
+
+    x, y = data()
+    test = (x[:3], y[:3])
+    match = ("shapes '0.weight' \\(7, 10\\) \\(recorded \\(16, 10\\)\\)" if factory == "other width"
+             else "missing 0.weight, 0.bias, 2.weight, 2.bias")
+    for analysis in (lambda: attrib.analyze.path_kernel(run, wrong, test, progress=False),
+                     lambda: attrib.analyze.tracin(run, wrong, (x, y), test),
+                     lambda: attrib.analyze.trak(run, wrong, (x, y), test, damping=1e-3),
+                     lambda: attrib.analyze.influence(run, wrong, (x, y), test, damping=1e-3)):
+        with pytest.raises(ValueError, match=f"model_fn\\(\\) builds a model whose parameters "
+                                             f"differ from the run's: {match}"):
+            analysis()

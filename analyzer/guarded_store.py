@@ -74,7 +74,7 @@ class GuardedStore(LocalStore):
         path = Path(self.root) / key
         self._refuse_links(path.parent)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # no FIFO waits
         except FileNotFoundError:
             return None
         except (IsADirectoryError, NotADirectoryError):
@@ -131,13 +131,20 @@ class GuardedStore(LocalStore):
             return  # zarr reports an unreadable document itself
         if not isinstance(document, dict) or document.get("node_type") != "array":
             return
+        encoding = document.get("chunk_key_encoding")
+        if not isinstance(encoding, dict) or encoding.get("name") != "default":
+            raise fmt.FormatError(f"{path} names chunk key encoding {encoding!r}; attrib writes "
+                                  "and reads only zarr's default one")
         try:
-            chunks = document["chunk_grid"]["configuration"]["chunk_shape"]
+            chunks = [int(n) for n in document["chunk_grid"]["configuration"]["chunk_shape"]]
             itemsize = np.dtype(document["data_type"]).itemsize
             names = [c.get("name") for c in document.get("codecs", [])]
-            raw = math.prod(int(n) for n in chunks) * itemsize
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             return  # zarr refuses the document when it parses it
+        if any(n < 1 for n in chunks):
+            raise fmt.FormatError(f"{path} declares chunks {chunks}; the run is damaged or was "
+                                  "edited")
+        raw = math.prod(chunks) * itemsize
         if raw > CHUNK_LIMIT:
             raise fmt.FormatError(f"{path} declares chunks of {raw} bytes, more than attrib "
                                   f"reads ({CHUNK_LIMIT}); the run is damaged or was edited")

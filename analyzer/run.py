@@ -31,6 +31,8 @@ from attrib.schemas import projection
 from attrib.schemas.factored import FactorRows, densify
 
 T = TypeVar("T")
+MISSING_SHOWN = 8  # missing chunk keys missing_chunks lists before it stops looking
+COUNT_SLACK = 1024  # steps or checkpoints a manifest may claim past its tables (see Run)
 # how often verify and sql open a run being recorded again when a commit removed a file
 SNAPSHOT_TRIES = 3
 # rows a table may hold per example and step (TopK shifts: k per example and tensor group)
@@ -54,8 +56,8 @@ class Run:
         fmt.check_fields(self.meta, self.dir / fmt.META_FILE)
         self.manifest = fmt.read_json(self.dir / fmt.MANIFEST_FILE)
         fmt.check_fields(self.manifest, self.dir / fmt.MANIFEST_FILE)
-        self._holding: np.ndarray | None = None  # see _steps_holding_examples
-        self._parts_checked: set[str] = set()  # tables whose row counts table_files checked
+        self._held: np.ndarray | None = None  # see _examples_held
+        self._part_rows: dict[str, int] = {}  # table → rows of its parts (table_files)
         store = fmt.inside(self.dir, fmt.STORE_DIR)
         try:
             self.group = zarr.open_group(GuardedStore(store), mode="r", zarr_format=3)
@@ -63,6 +65,7 @@ class Run:
             raise
         except Exception as e:
             raise fmt.FormatError(f"{self.dir}: the Zarr store can't be opened ({e})") from e
+        self._check_counts()
 
     def changed_since_open(self) -> bool:
         """Whether the manifest on disk is no longer the one this Run read (a live run)."""
@@ -198,7 +201,7 @@ class Run:
         if name not in fmt.TABLES:
             raise KeyError(f"unknown table {name!r}; tables are {', '.join(fmt.TABLES)}")
         files = [fmt.inside(self.dir, p) for p in self.manifest["tables"].get(name, [])]
-        if name not in self._parts_checked:
+        if name not in self._part_rows:
             rows = 0
             for file in files:
                 with self._damaged(f"a part of the {name} table", (OSError, pa.ArrowException)):
@@ -211,8 +214,26 @@ class Run:
                     f"{self.dir}: the {name} table's parts hold {rows} rows, more than a run "
                     f"of {self.n_steps} steps can write ({limit}); the run is damaged or was "
                     "edited")
-            self._parts_checked.add(name)
+            self._part_rows[name] = rows
         return files
+
+    def _check_counts(self) -> None:
+        """The manifest's counts against what the run holds, before anything loops over them
+        (a manifest edited to 10^12 steps would otherwise have verify list 10^11 slabs). A
+        sound run has a steps-table row per committed step and at most a checkpoint per step
+        and θ_0 (resumes add one each); only a gross excess is refused here, so that verify
+        still opens a run missing a few rows and says which."""
+        self.table_files("steps")
+        rows = self._part_rows["steps"]
+        if self.n_steps > 2 * rows + COUNT_SLACK:
+            raise fmt.FormatError(f"{self.dir}: the manifest commits {self.n_steps} steps, the "
+                                  f"steps table holds {rows} rows; the run is damaged or was "
+                                  "edited")
+        limit = 2 * (self.n_steps + 1) + len(self.manifest.get("resumes") or []) + COUNT_SLACK
+        if int(self.manifest["n_checkpoints"]) > limit:
+            raise fmt.FormatError(f"{self.dir}: the manifest lists "
+                                  f"{self.manifest['n_checkpoints']} checkpoints for "
+                                  f"{self.n_steps} steps; the run is damaged or was edited")
 
     def table(self, name: str) -> pa.Table:
         """A whole table as Arrow, with the schema declared in schemas.format."""
@@ -359,7 +380,7 @@ class Run:
         missing = self.missing_chunks(path, array, first, stop)
         if missing:
             raise fmt.FormatError(f"{self.dir}: {path} {rows} can't be read: its chunk "
-                                  f"{missing[0]!r} is missing ({len(missing)} missing); the run "
+                                  f"{missing[0]!r} is missing (of {len(missing)} or more); the run "
                                   "is damaged, `attrib verify` lists what else is")
         with self._damaged(f"{path} {rows}"):
             return array[where]
@@ -369,8 +390,9 @@ class Run:
         """Keys of chunks holding rows [start, stop) (of the committed ones) that must exist
         and don't: zarr would read them as the fill value. Every chunk of a trajectory or
         checkpoint array must exist; of a per-example array, the first chunk along the example
-        axis of every block of steps that holds examples (a step whose per-example rows were
-        dropped, or rows past a step's examples, read as the fill value by design). Runs
+        axis up to the most examples a step of that block holds (a step whose per-example rows
+        were dropped, or rows past a step's examples, read as the fill value by design). At
+        most MISSING_SHOWN keys are listed: one is enough to call the run damaged. Runs
         without `every_chunk_stored` (recorded before it) may lack all-fill chunks: none is
         required there."""
         if not self.meta.get("every_chunk_stored"):  # earlier runs: all-fill chunks may be absent
@@ -382,30 +404,34 @@ class Run:
             rows = array.shape[0] if committed is None else committed
             stop = rows if stop is None else min(stop, rows)
             depth = array.chunks[0]
-            per_example = fmt.per_example(path)
-            inner = [range(1) if per_example else range(-(-n // c))
-                     for n, c in zip(array.shape[1:], array.chunks[1:])]
-            holding = self._steps_holding_examples() if per_example else None
-            indices = [(i, *rest) for i in range(start // depth, -(-stop // depth))
-                       if holding is None or holding[i * depth: (i + 1) * depth].any()
-                       for rest in itertools.product(*inner)]
+            if min(array.chunks) < 1:
+                raise fmt.FormatError(f"{self.dir}: {path!r} declares chunks {array.chunks}; "
+                                      "the run is damaged or was edited")
+            inner = [range(-(-n // c)) for n, c in zip(array.shape[1:], array.chunks[1:])]
+            held = self._examples_held() if fmt.per_example(path) else None
+            indices = (
+                (i, *rest) for i in range(start // depth, -(-stop // depth))
+                for rest in itertools.product(
+                    *([range(-(-int(held[i * depth: (i + 1) * depth].max(initial=0))
+                             // array.chunks[1])), *inner[1:]] if held is not None else inner)))
         folder = self.dir / fmt.STORE_DIR / array.path
-        return [key for key in map(array.metadata.encode_chunk_key, indices)
-                if not (folder / key).exists()]
+        missing = (key for key in map(array.metadata.encode_chunk_key, indices)
+                   if not (folder / key).exists())
+        return list(itertools.islice(missing, MISSING_SHOWN))
 
-    def _steps_holding_examples(self) -> np.ndarray:
-        """Per committed step: whether it stored per-example rows (it had examples and they
-        were not dropped under backpressure)."""
-        if self._holding is None:
+    def _examples_held(self) -> np.ndarray:
+        """Per committed step: how many rows of the per-example arrays hold examples (0 where
+        the step had none or they were dropped under backpressure)."""
+        if self._held is None:
             steps = self.table("steps")
             order = steps["step"].to_numpy()
-            held = np.zeros(self.n_steps, dtype=bool)
+            held = np.zeros(self.n_steps, dtype=np.int64)
             count = steps["n_examples"].fill_null(0).to_numpy()
             dropped = steps["examples_dropped"].fill_null(False).to_numpy(zero_copy_only=False)
-            keep = order < self.n_steps
-            held[order[keep]] = (count > 0)[keep] & ~dropped[keep]
-            self._holding = held
-        return self._holding
+            keep = (order >= 0) & (order < self.n_steps)
+            held[order[keep]] = np.where(dropped[keep], 0, count[keep])
+            self._held = held
+        return self._held
 
     def deltas(self, param: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Δθ_s for steps [start, stop) of one parameter: shape (steps, *param_shape)."""

@@ -48,6 +48,12 @@ def _verify_once(path, retry: bool = True) -> pa.Table:
 
     try:
         run = open_run(path)
+    except fmt.RunChanged:
+        if retry:
+            raise
+        return pa.Table.from_pylist([{"check": "metadata", "ok": False,
+                                      "detail": "the run kept changing while it was read"}],
+                                    schema=CHECKS)
     except fmt.FormatError as e:
         return pa.Table.from_pylist([{"check": "metadata", "ok": False, "detail": str(e)}],
                                     schema=CHECKS)
@@ -214,8 +220,8 @@ def _chunks(run: Run) -> str:
             slabs = [slice(first, min(rows, first + depth)) for first in range(0, rows, depth)]
         missing = run.missing_chunks(path, array)
         if missing:
-            unreadable.append(f"{path}: chunk {missing[0]!r} is missing ({len(missing)} "
-                              "missing)")
+            unreadable.append(f"{path}: chunk {missing[0]!r} is missing (of {len(missing)} "
+                              "or more)")
             continue
         for where in slabs:
             try:

@@ -300,6 +300,8 @@ def inside(run_dir: Path, relative: str) -> Path:
     target = (root / relative).resolve()
     if root != target and root not in target.parents:
         raise FormatError(f"{run_dir}: stored path {relative!r} points outside the run directory")
+    if target.exists() and not (target.is_file() or target.is_dir()):  # a FIFO, a device
+        raise FormatError(f"{target} is not a regular file; the run is damaged or was edited")
     return target
 
 
@@ -330,7 +332,7 @@ def read_json(path: Path) -> dict[str, Any]:
     """A run's JSON document, read as untrusted input: no symbolic link, a regular file of at
     most JSON_LIMIT bytes, nesting within Python's recursion limit; else a FormatError."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO would block
     except FileNotFoundError:
         raise FormatError(f"{path} is missing: is {path.parent} an attrib run directory?") from None
     except OSError as e:

@@ -192,12 +192,11 @@ def test_symbolic_links_inside_a_run_are_refused_without_echoing_their_target(
         part.symlink_to(sorted((other / fmt.TABLES_DIR / "steps").glob("*.parquet"))[0])
     messages = [r["detail"] for r in verify(path).to_pylist()]
     assert not read_or_explain(path)
-    if where == "manifest":
+    if where in ("manifest", "part"):  # opening reads the steps table's row counts
         messages.append(refuses(lambda: attrib.open_run(path), "symbolic link"))
     else:
         run = attrib.open_run(path)
-        read = (lambda: run.steps) if where == "part" else (lambda: run.grads(name))
-        messages.append(refuses(read, "symbolic link"))
+        messages.append(refuses(lambda: run.grads(name), "symbolic link"))
     assert not any("SECRET" in m or "\\x" in m for m in messages), messages
 
 
@@ -258,4 +257,44 @@ def test_bombs_are_refused_before_they_are_decoded(recorded, tmp_path):
     pq.write_table(pa.table({"step": pa.nulls(10**7, pa.int64())}), part)
     assert part.stat().st_size < 1 << 20
     refuses(lambda: attrib.open_run(path).examples, "more than a run of 8 steps can write")
+    assert not read_or_explain(path)
+
+
+@pytest.mark.parametrize("where", ["manifest", "chunk", "part"])
+def test_a_named_pipe_in_a_run_is_refused_not_waited_on(recorded, tmp_path, where):
+    """Opening a FIFO blocks until something writes to it: every reader would hang."""
+    import os
+
+    path = damaged_copy(recorded, tmp_path)
+    target = {"manifest": path / fmt.MANIFEST_FILE, "chunk": grad_chunk(path)[1],
+              "part": sorted((path / fmt.TABLES_DIR / "steps").glob("*.parquet"))[0]}[where]
+    target.unlink()
+    os.mkfifo(target)
+    assert not read_or_explain(path)
+    assert any("not a regular file" in r["detail"] for r in verify(path).to_pylist())
+
+
+@pytest.mark.parametrize("edit", ["v2 chunk keys", "zero chunks", "10^12 steps"])
+def test_layouts_and_counts_attrib_does_not_write_are_refused(recorded, tmp_path, edit):
+    """A chunk key encoding other than zarr's default would hide chunks from the size and
+    Blosc checks; a zero chunk length divided by zero; a manifest committing 10^12 steps made
+    verify build 10^11 slices before reading anything."""
+    path = damaged_copy(recorded, tmp_path)
+    name, chunk = grad_chunk(path)
+    meta = path / fmt.STORE_DIR / fmt.GRADS / chunk.relative_to(path).parts[2] / "zarr.json"
+    document = json.loads(meta.read_text())
+    if edit == "v2 chunk keys":
+        document["chunk_key_encoding"] = {"name": "v2", "configuration": {"separator": "."}}
+    elif edit == "zero chunks":
+        document["chunk_grid"]["configuration"]["chunk_shape"][0] = 0
+    meta.write_text(json.dumps(document))
+    if edit == "10^12 steps":
+        manifest = json.loads((path / fmt.MANIFEST_FILE).read_text())
+        manifest["committed_steps"] = 10**12
+        (path / fmt.MANIFEST_FILE).write_text(json.dumps(manifest))
+        refuses(lambda: attrib.open_run(path), "commits 1000000000000 steps, the steps table "
+                                               "holds 8 rows")
+    else:
+        refuses(lambda: attrib.open_run(path).grads(name),
+                "chunk key encoding" if edit == "v2 chunk keys" else "declares chunks")
     assert not read_or_explain(path)

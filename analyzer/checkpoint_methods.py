@@ -64,17 +64,17 @@ def checkpoint_scores(run: Run, model_fn: Callable[[], torch.nn.Module], train_s
             if cosine:
                 train_features = torch.nn.functional.normalize(train_features, dim=1)
             scores[:, start:stop] += weight * test_features @ train_features.T
-    return score_table(scores)
+    return score_table(scores, target)
 
 
-def score_table(scores: torch.Tensor) -> pa.Table:
+def score_table(scores: torch.Tensor, target: targets.Target) -> pa.Table:
     """A (test points, training examples) matrix as the long (test_id, example_id, value),
-    over copied values (`owned`)."""
+    over copied values (`owned`), its target in the schema metadata (targets.with_target)."""
     n_test, n_train = scores.shape
-    return pa.table({"test_id": np.repeat(np.arange(n_test, dtype=np.int32), n_train),
-                     "example_id": np.tile(np.arange(n_train, dtype=np.int64), n_test),
-                     "value": owned(scores.reshape(-1))},
-                    schema=SCORES)
+    return targets.with_target(pa.table(
+        {"test_id": np.repeat(np.arange(n_test, dtype=np.int32), n_train),
+         "example_id": np.tile(np.arange(n_train, dtype=np.int64), n_test),
+         "value": owned(scores.reshape(-1))}, schema=SCORES), target)
 
 
 def tracin(run: Run, model_fn, train_set, test_set, target: targets.Target = "loss",

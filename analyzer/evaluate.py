@@ -41,12 +41,21 @@ TrainFn = Callable[[np.ndarray, int], torch.nn.Module]
 
 
 def contributions(scores: pa.Table | np.ndarray, method: str, n_test: int,
-                  n_train: int) -> np.ndarray:
+                  n_train: int, target: str | None = None) -> np.ndarray:
     """(n_test, n_train) contributions from a score table (test_id, example_id, value; other
-    axes such as step or term are summed) or matrix, oriented by `method`."""
+    axes such as step or term are summed) or matrix, oriented by `method`. `target`: the f the
+    gold standard measures; a score table that records another (targets.with_target) is
+    refused, since loss and margin move in opposite directions."""
     if method not in ORIENTATION:
         raise ValueError(f"method={method!r}: one of {sorted(ORIENTATION)} (a contribution is "
                          "the predicted change of f from training on the example)")
+    scored = targets.target_of(scores) if isinstance(scores, pa.Table) else None
+    if targets.named(target) and targets.named(scored) and scored != target:
+        raise ValueError(
+            f"the scores were computed for target={scored!r}, the gold standard measures "
+            f"target={target!r}: their signs and scales differ (the loss falls as the margin "
+            f"rises), so the comparison would come out flipped or meaningless; compute the "
+            f"scores with target={target!r} or the gold standard with target={scored!r}")
     if isinstance(scores, np.ndarray):
         matrix = scores.astype(np.float64)
     else:
@@ -66,6 +75,7 @@ def contributions(scores: pa.Table | np.ndarray, method: str, n_test: int,
 class SubsetModels:
     subsets: np.ndarray  # (M, n_train) bool: which examples model j trained on
     outputs: np.ndarray  # (M, n_test): f(x) of model j
+    target: str | None = None  # the f of `outputs`, as evaluation.json records it
 
 
 @dataclass
@@ -125,7 +135,7 @@ def load_subset_models(directory: str | Path, models: int | None = None) -> Subs
     for row, j in enumerate(indices):
         masks[row, subset(settings["n_train"], settings["alpha"], settings["seed"], j)] = True
     outputs = np.stack([pq.read_table(f).sort_by("test_id")["f"].to_numpy() for f in files])
-    return SubsetModels(masks, outputs)
+    return SubsetModels(masks, outputs, settings.get("target"))
 
 
 def _run_jobs(jobs: list, workers: int):
@@ -167,7 +177,8 @@ def lds(scores: pa.Table | np.ndarray, method: str, directory: str | Path,
     else:
         trained = load_subset_models(directory, models)
     n_test = trained.outputs.shape[1]
-    tau = contributions(scores, method, n_test, trained.subsets.shape[1])
+    tau = contributions(scores, method, n_test, trained.subsets.shape[1],
+                        trained.target or targets.name(target))
     predicted = trained.subsets.astype(np.float64) @ tau.T  # (M, n_test)
     rho = np.array([spearman(predicted[:, t], trained.outputs[:, t]) for t in range(n_test)])
     valid = rho[~np.isnan(rho)]
@@ -196,7 +207,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def further_training(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
                      examples: int | np.ndarray = 50, seeds: int = 3,
                      steps: tuple[int, ...] = (1, 10, 100), lr: float | None = None,
-                     batch_size: int | None = None, target: targets.Target = "loss",
+                     batch_size: int | None = None, target: targets.Target = "margin",
                      seed: int = 0, dtype: torch.dtype = torch.float64,
                      progress: bool = True) -> pa.Table:
     """Gold leave-one-out scores from further training θ_N with plain SGD (the final-model-
@@ -204,7 +215,8 @@ def further_training(run: Run, model_fn: Callable[[], torch.nn.Module], train_se
     averaged over seeds, minus its mean over the left-out examples.
 
     `examples`: how many to sample (or which ids); `lr`: default a tenth of the last recorded
-    learning rate; `batch_size`: default the recorded examples per step.
+    learning rate; `batch_size`: default the recorded examples per step; `target`: the f
+    measured, the margin by default as for TRAK and LDS (recorded in the table's metadata).
     """
     train_x, train_y = targets.as_tensors(train_set, dtype)
     test_x, test_y = targets.as_tensors(test_set, dtype)
@@ -245,22 +257,24 @@ def further_training(run: Run, model_fn: Callable[[], torch.nn.Module], train_se
                     totals[steps.index(t)] += f.cpu().numpy() / seeds
     gold = totals - totals.mean(axis=1, keepdims=True)
     n_steps, n_ids, n_test = gold.shape
-    return pa.table({
+    return targets.with_target(pa.table({
         "steps": np.repeat(np.array(steps, dtype=np.int64), n_ids * n_test),
         "example_id": np.tile(np.repeat(ids.astype(np.int64), n_test), n_steps),
         "test_id": np.tile(np.arange(n_test, dtype=np.int32), n_steps * n_ids),
-        "effect": gold.reshape(-1)})
+        "effect": gold.reshape(-1)}), target)
 
 
 def further_training_cosine(scores: pa.Table | np.ndarray, method: str,
                             gold: pa.Table) -> pa.Table:
     """Per amount of further training: mean and standard error over test points of the cosine
-    between the gold leave-one-out vector and the scores' prediction of it (−contribution)."""
+    between the gold leave-one-out vector (centred over the left-out examples) and the
+    scores' prediction of it (−contribution, not centred). Scores recording another named
+    target than the gold's are refused (see contributions)."""
     n_test = int(pc.max(gold["test_id"]).as_py()) + 1
     ids = np.unique(gold["example_id"].to_numpy())
     n_train = (int(pc.max(scores["example_id"]).as_py()) + 1 if isinstance(scores, pa.Table)
                else scores.shape[1])
-    predicted = -contributions(scores, method, n_test, n_train)[:, ids]
+    predicted = -contributions(scores, method, n_test, n_train, targets.target_of(gold))[:, ids]
     rows = []
     for steps in np.unique(gold["steps"].to_numpy()):
         part = gold.filter(pc.field("steps") == steps).sort_by([("example_id", "ascending"),

@@ -48,7 +48,7 @@ def influence(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test
     scores = torch.cat([solution @ _flat(targets.gradients(
         model, params, train_x[i: i + batch_size], train_y[i: i + batch_size], "loss")).T
         for i in range(0, len(train_y), batch_size)], dim=1)
-    return InfluenceResult(score_table(scores), residuals)
+    return InfluenceResult(score_table(scores, target), residuals)
 
 
 def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -211,7 +211,8 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
             release_freed_memory()
             bar.update(stop - first)
     recursion.carry_in()
-    return PathKernelResult(rows.table(), f_initial, f_final, tuple(by),
+    return PathKernelResult(targets.with_target(rows.table(), target), f_initial, f_final,
+                            tuple(by),
                             integrator.error.cpu().numpy(),
                             recursion.similarity_table() if similarity else None,
                             np.array([integrator.nodes[s] for s in segments]))

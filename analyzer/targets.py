@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
@@ -75,3 +76,30 @@ def as_tensors(data, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     such as token ids, stay as they are)."""
     inputs, labels = test_tensors(data)
     return (inputs.to(dtype) if inputs.is_floating_point() else inputs), labels
+
+
+TARGET_KEY = b"attrib.target"  # a score table's schema metadata: the f its values are about
+
+
+def name(target: Target) -> str:
+    """How a score table records its target: the name, or "custom" for a callable."""
+    return target if isinstance(target, str) else "custom"
+
+
+def named(target: str | None) -> bool:
+    """Whether a recorded target is one of the named ones, which compare by name (a callable
+    is recorded as "custom", or by its repr in an LDS directory: never compared)."""
+    return target is not None and (target in ("loss", "margin") or target.startswith("logit:"))
+
+
+def with_target(table: pa.Table, target: Target) -> pa.Table:
+    """The table with its target in the schema metadata (kept by Parquet, read by
+    attrib.evaluate, which refuses to compare scores and gold standards of different f)."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                          TARGET_KEY: name(target).encode()})
+
+
+def target_of(table: pa.Table) -> str | None:
+    """The target a score table records, None when it records none (a table from SQL)."""
+    value = (table.schema.metadata or {}).get(TARGET_KEY)
+    return value.decode() if value is not None else None

@@ -37,14 +37,21 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
          checkpoints: str | list[int] = "last:5", k: int | None = 2048, seed: int = 0,
          kind: str = "kron", damping: float = 0.0, batch_size: int = 256,
          dtype: torch.dtype = torch.float64, use_stored: bool = True,
-         progress: bool = True) -> pa.Table:
+         progress: bool = True, target: targets.Target = "margin") -> pa.Table:
     """TRAK scores (test_id, example_id, value) for every test point and training example.
 
     `checkpoints`: "all", "last:K" or indices of the run's stored checkpoints; `k`: projection
     size per tensor (None: exact gradients); `damping`: λ added to the kernel's diagonal (raise
     it when the solve reports a singular kernel); `use_stored`: take the training features
     from the run's stored projections where they match (see the module docstring).
+    `target` can only be "margin": TRAK's features are gradients of the margin and its
+    weights 1 − p come from the cross-entropy loss; score another f with TracIn, the
+    influence function or the path kernel.
     """
+    if target != "margin":
+        raise ValueError(f"target={targets.name(target)!r}: TRAK is defined for the margin "
+                         "only (features ∇ of the margin, weights 1 − p from the loss); use "
+                         "tracin, influence or path_kernel for another target")
     indices = choose_checkpoints(run, checkpoints)
     model = run.build_model(model_fn, dtype).eval()
     test_x, test_y = targets.as_tensors(test_set, dtype)
@@ -70,7 +77,7 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
                                         for i in range(0, len(train_y), batch_size)])
         kernel += solve_kernel(phi(test_x, test_y), train_features, damping) / len(indices)
         q += (1 - p) / len(indices)
-    return score_table(kernel * q)
+    return score_table(kernel * q, "margin")
 
 
 def stored_features(run: Run, index: int, n_train: int, k: int | None, seed: int,

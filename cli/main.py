@@ -171,8 +171,8 @@ def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None)
               "one micro-batch (linear-response; default mean cross-entropy / MSE).")
 @click.option("--accumulation", type=click.Choice(["mean", "sum"]), default="mean",
               show_default=True, help="How micro-batch losses made a step's (linear-response).")
-@click.option("--target", default="loss", show_default=True,
-              help="loss, margin or logit:K (the f whose change is attributed).")
+@click.option("--target", help="loss, margin or logit:K (the f whose change is attributed); "
+              "default loss, margin for trak (which is defined for the margin only).")
 @click.option("--by", default="example", show_default=True,
               help="Axes kept, comma-separated: example, step, stage, param, layer "
                    "(path-kernel, linear-response).")
@@ -211,6 +211,7 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
     except FormatError as e:
         _fail(str(e))
     model_fn, test_set = load_object(model_ref), load_data(data_ref)
+    target = target or ("margin" if method == "trak" else "loss")
     parameters = {"method": method, "target": target, "model": model_ref, "data": data_ref,
                   "created": now_iso()}
     if method not in ("path-kernel", "projected") and not train_ref:
@@ -246,10 +247,10 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
             options["k"] = k
         try:
             tables = {"influence": api.trak(recorded, model_fn, load_data(train_ref), test_set,
-                                            progress=not quiet, **options)}
+                                            target=target, progress=not quiet, **options)}
         except ValueError as e:
             _fail(str(e))
-        parameters.update(train=train_ref, target="margin", **options)
+        parameters.update(train=train_ref, **options)
     elif method == "influence":
         result = api.influence(recorded, model_fn, load_data(train_ref), test_set,
                                target=target, damping=1e-3 if damping is None else damping,

@@ -22,7 +22,7 @@ def test_influence_rows_copy_the_values_they_are_given():
 
 def test_score_table_survives_moving_the_tensor_to_shared_memory():
     scores = torch.arange(6, dtype=torch.float64).reshape(2, 3)
-    table = score_table(scores)
+    table = score_table(scores, "loss")
     scores.share_memory_()  # what sending it to a worker process does to its storage
     scores.zero_()
     assert table.column("value").to_pylist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

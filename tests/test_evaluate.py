@@ -46,7 +46,7 @@ def test_lds_is_one_for_the_true_datamodel_and_resumes(tmp_path):
     test_set = (TRUE_TAU, torch.zeros(N_TEST, dtype=torch.long))
     common = dict(train_fn=sum_of_subset, test_set=test_set, n_train=N_TRAIN, models=12,
                   target=output, progress=False)
-    exact = attrib.evaluate.lds(score_table(TRUE_TAU), "contribution", tmp_path / "e",
+    exact = attrib.evaluate.lds(score_table(TRUE_TAU, output), "contribution", tmp_path / "e",
                                 workers=2, **common)
     assert exact.mean == pytest.approx(1.0) and exact.per_test.num_rows == N_TEST
     stamps = {f: f.stat().st_mtime_ns for f in (tmp_path / "e").glob("model-*.parquet")}
@@ -57,7 +57,7 @@ def test_lds_is_one_for_the_true_datamodel_and_resumes(tmp_path):
                                 **common)
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "e").glob("model-*.parquet")} == stamps
     assert 0 < again.mean < 0.95
-    flipped = attrib.evaluate.lds(score_table(TRUE_TAU), "tracin", tmp_path / "e")
+    flipped = attrib.evaluate.lds(score_table(TRUE_TAU, output), "tracin", tmp_path / "e")
     assert flipped.mean == pytest.approx(-1.0)  # TracIn's orientation is the opposite
     with pytest.raises(ValueError, match="use another directory"):
         attrib.evaluate.lds(TRUE_TAU.numpy(), "contribution", tmp_path / "e",
@@ -76,7 +76,8 @@ def test_further_training_equals_a_plain_leave_one_out_loop(recorded):
     x, y = data()
     test_set = (x[200:203] + 0.1, y[200:203])
     ids, lr, batch, steps = np.array([3, 17, 40]), 0.05, 16, (1, 4)
-    gold = attrib.evaluate.further_training(recorded, mlp, (x, y), test_set, examples=ids,
+    gold = attrib.evaluate.further_training(recorded, mlp, (x, y), test_set, target="loss",
+                                            examples=ids,
                                             seeds=1, steps=steps, lr=lr, batch_size=batch,
                                             seed=7, progress=False)
     net = mlp().double()
@@ -109,9 +110,35 @@ def test_grad_dot_predicts_one_step_of_further_training(recorded):
     x, y = data()
     test_set = (x[200:210] + 0.1, y[200:210])
     gold = attrib.evaluate.further_training(recorded, mlp, (x, y), test_set, examples=40,
-                                            seeds=2, steps=(1, 50), lr=0.01, progress=False)
+                                            seeds=2, steps=(1, 50), lr=0.01, progress=False,
+                                            target="loss")
     dot = attrib.analyze.grad_dot(recorded, mlp, (x, y), test_set, progress=False)
     cosine = attrib.evaluate.further_training_cosine(dot, "grad-dot", gold).to_pylist()
     assert cosine[0]["steps"] == 1 and cosine[0]["cosine"] > 0.9
     wrong_sign = attrib.evaluate.further_training_cosine(dot, "trak", gold).to_pylist()
     assert wrong_sign[0]["cosine"] == pytest.approx(-cosine[0]["cosine"])
+
+
+def test_scores_and_gold_standards_of_different_targets_are_refused(recorded):
+    """Loss = softplus(−margin) falls as the margin rises, so loss-target scores against a
+    margin gold standard came out with the sign flipped (−0.89 for a good method). Each table
+    records its target; the evaluators refuse a mismatch and agree by default (margin, as
+    TRAK and LDS), so the README's snippet gives the right sign as written."""
+    x, y = data()
+    test_set = (x[200:210] + 0.1, y[200:210])
+    gold = attrib.evaluate.further_training(recorded, mlp, (x, y), test_set, examples=40,
+                                            seeds=2, steps=(1,), lr=0.01, progress=False)
+    loss_scores = attrib.analyze.grad_dot(recorded, mlp, (x, y), test_set, progress=False)
+    with pytest.raises(ValueError, match="computed for target='loss', the gold standard "
+                                         "measures target='margin'"):
+        attrib.evaluate.further_training_cosine(loss_scores, "grad-dot", gold)
+    margin_scores = attrib.analyze.grad_dot(recorded, mlp, (x, y), test_set, target="margin",
+                                            progress=False)
+    cosine = attrib.evaluate.further_training_cosine(margin_scores, "grad-dot", gold)
+    assert cosine.column("cosine")[0].as_py() > 0.5
+    trak = attrib.analyze.trak(recorded, mlp, (x, y), test_set, k=64, damping=1.0,
+                               progress=False)  # the README's pairing, defaults as written
+    assert attrib.evaluate.further_training_cosine(trak, "trak", gold).column(
+        "cosine")[0].as_py() > 0
+    with pytest.raises(ValueError, match="TRAK is defined for the margin only"):
+        attrib.analyze.trak(recorded, mlp, (x, y), test_set, target="loss")

@@ -170,6 +170,9 @@ def test_analyze_cli_trak_and_influence_store_their_scores(recorded, tmp_path, m
     singular = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "trak", *common,
                                     "--k", "2048", "--name", "singular", "--damping", "0"])
     assert singular.exit_code == 0, singular.output  # fewer examples than features: dual solve
+    loss = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "trak", *common,
+                                "--target", "loss", "--name", "trak-loss"])
+    assert loss.exit_code != 0 and "TRAK is defined for the margin only" in loss.output
 
 
 @pytest.mark.parametrize("capture", [attrib.Project(32, seed=5), attrib.Factored(),

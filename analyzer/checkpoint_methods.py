@@ -13,10 +13,10 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
 from attrib.analyzer.aggregate import owned
+from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 from attrib.schemas import projection
 
@@ -51,7 +51,7 @@ def checkpoint_scores(run: Run, model_fn: Callable[[], torch.nn.Module], train_s
     train_x, train_y = targets.as_tensors(train_set, dtype)
     shapes = run.param_shapes
     scores = torch.zeros(len(test_y), len(train_y), dtype=dtype)
-    for index, weight in tqdm(list(zip(checkpoints, weights)), disable=not progress,
+    for index, weight in progress_bar(list(zip(checkpoints, weights)), progress=progress,
                               desc="checkpoint gradients", unit="checkpoint"):
         params = {n: v.to(dtype) for n, v in run.checkpoint(index).items()}
         test_features = features(model, params, test_x, test_y, target, k, seed, kind, shapes)

@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.func import functional_call, grad, vmap
-from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
+from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 
 ORIENTATION = {"contribution": 1, "path-kernel": 1, "linear-response": 1, "trak": 1,
@@ -113,7 +113,7 @@ def subset_models(directory: str | Path, train_fn: TrainFn, test_set, n_train: i
     inputs, labels = inputs.detach().cpu().numpy().copy(), labels.detach().cpu().numpy().copy()
     jobs = [(train_fn, subset(n_train, alpha, seed, j), j, inputs, labels, target)
             for j in todo]
-    with tqdm(total=models, initial=models - len(todo), disable=not progress,
+    with progress_bar(total=models, initial=models - len(todo), progress=progress,
               desc="LDS subset models", unit="model") as bar:
         for j, f in _run_jobs(jobs, workers):
             table = pa.table({"test_id": np.arange(len(f), dtype=np.int32), "f": f})
@@ -237,7 +237,7 @@ def further_training(run: Run, model_fn: Callable[[], torch.nn.Module], train_se
 
     step_grad = vmap(grad(objective), in_dims=(0, 0, 0, None, None))
     totals = np.zeros((len(steps), len(ids), len(test_y)))
-    with tqdm(total=seeds * max(steps), disable=not progress, desc="further training",
+    with progress_bar(total=seeds * max(steps), progress=progress, desc="further training",
               unit="step") as bar:
         for s in range(seeds):
             params = {k: v.expand(len(ids), *v.shape).clone() for k, v in start.items()}

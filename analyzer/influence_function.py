@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
-from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
 from attrib.analyzer.checkpoint_methods import score_table
+from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 
 
@@ -109,7 +109,7 @@ def conjugate_gradients(apply: Callable[[torch.Tensor], torch.Tensor], rhs: torc
     rr = (r * r).sum(1)
     norm = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
     residuals = []
-    for _ in tqdm(range(max_iter), disable=not progress, desc="CG (Gauss-Newton)", unit="it"):
+    for _ in progress_bar(range(max_iter), progress=progress, desc="CG (Gauss-Newton)", unit="it"):
         ap = apply(p)
         alpha = rr / (p * ap).sum(1).clamp_min(torch.finfo(rhs.dtype).tiny)
         x += alpha[:, None] * p

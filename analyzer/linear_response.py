@@ -23,12 +23,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch.func import grad, jvp, vmap
-from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
 from attrib.analyzer.aggregate import AXES, InfluenceRows, StepData, data_influence
 from attrib.analyzer.dynamics import Dynamics, StepRule, initial_buffers, predicted_updates
 from attrib.analyzer.path_kernel import release_freed_memory
+from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 from attrib.analyzer.stage_spec import Stage, effects_table, resolve
 from attrib.analyzer.training import LossFn, TrainingBatches, check_gradients
@@ -174,7 +174,7 @@ class _Sweep:
         boundaries = {s.start for s in self.stages} | {s.stop for s in self.stages}
         self.snapshots = self._snapshots(set(starts) | boundaries)
         self.source = np.zeros_like(self.effects)
-        with tqdm(total=n, disable=not progress, desc="linear response (adjoint sweep)",
+        with progress_bar(total=n, progress=progress, desc="linear response (adjoint sweep)",
                   unit="step") as bar:
             for first in reversed(starts):
                 stop = min(first + block, n)

@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
 from attrib.analyzer.aggregate import (
@@ -32,6 +31,7 @@ from attrib.analyzer.aggregate import (
     data_influence,
     owned,
 )
+from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
 from attrib.recorder.optimizers import adam_update_scale, momentum_intake
@@ -201,7 +201,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     per_step = len(labels) * sum(v.numel() for v in run.reconstruct(0).values()) * 8
     steps = BLOCK_STEPS or min(run.meta["steps_per_chunk"], max(1, GBAR_BUDGET_BYTES // per_step))
     block = max(1, steps // stride) * stride
-    with tqdm(total=run.n_steps, disable=not progress, desc="path-kernel influences",
+    with progress_bar(total=run.n_steps, progress=progress, desc="path-kernel influences",
               unit="step") as bar:
         for first in reversed(range(0, run.n_steps, block)):
             stop = min(first + block, run.n_steps)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from attrib.analyzer.dynamics import Dynamics, initial_buffers, predicted_updates
+from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 from attrib.analyzer.stage_spec import Stage
 from attrib.analyzer.training import ReplayError, TrainingBatches
@@ -72,7 +72,7 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     snapshots = {}
     dynamics = Dynamics(run)
     total = (n - first) + sum(n - s.stop for s in stages)
-    with torch.random.fork_rng(devices=[]), tqdm(total=total, disable=not progress,
+    with torch.random.fork_rng(devices=[]), progress_bar(total=total, progress=progress,
                                                   desc="replay", unit="step") as bar:
         for s in range(first, n):
             if s in starts:

@@ -24,10 +24,10 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from attrib.analyzer import targets
 from attrib.analyzer.checkpoint_methods import choose_checkpoints, features, score_table
+from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 from attrib.schemas import projection
 from attrib.schemas.factored import FactorRows
@@ -59,7 +59,8 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
     shapes = run.param_shapes
     kernel = torch.zeros(len(test_y), len(train_y), dtype=dtype)
     q = torch.zeros(len(train_y), dtype=dtype)
-    for index in tqdm(indices, disable=not progress, desc="TRAK checkpoints", unit="checkpoint"):
+    for index in progress_bar(indices, progress=progress, desc="TRAK checkpoints",
+                              unit="checkpoint"):
         params = {n: v.to(dtype) for n, v in run.checkpoint(index).items()}
 
         def phi(x, y, params=params):

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import attrib
 from attrib.analyzer import plots
+from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.report import report
 from attrib.cli import render
 from attrib.grokking import GrokConfig, ModularAddition, OneLayerTransformer, modular_addition
@@ -42,8 +42,8 @@ def record(config: GrokConfig, data: ModularAddition, path: Path, progress: bool
         capture.append(attrib.Project(config.per_example_k))
     with attrib.Recorder(path, model, opt, capture=capture, checkpoint_every=100,
                          overwrite=True, metadata={"demo": "grokking", "p": config.p}) as rec:
-        for _ in tqdm(range(config.steps), desc="training (recorded)", unit="step",
-                      disable=not progress):
+        for _ in progress_bar(range(config.steps), desc="training (recorded)", unit="step",
+                      progress=progress):
             rec.examples(ids)
             logits = model(x)
             loss = F.cross_entropy(logits, y)

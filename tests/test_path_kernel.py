@@ -500,3 +500,11 @@ def test_completeness_on_hugging_face_gpt2(run_dir):
                                         target=next_token_log_prob, quadrature=8,
                                         progress=False)
     assert_complete(result)  # 8 nodes: AdamW's steps bend this small model (2 left 1e-2)
+
+
+def test_progress_bars_stay_out_of_logs(relu_run, capfd):
+    """A bar redrawn into a log or a pipe is thousands of lines: progress=True draws only on a
+    terminal (pytest's capture is a pipe)."""
+    run, test = relu_run
+    attrib.analyze.path_kernel(run, relu_mlp, test, progress=True)
+    assert "path-kernel influences" not in capfd.readouterr().err

@@ -204,7 +204,8 @@ class Run:
         if name not in self._part_rows:
             rows = 0
             for file in files:
-                with self._damaged(f"a part of the {name} table", (OSError, pa.ArrowException)):
+                with self.reading(f"a part of the {name} table",
+                                  (OSError, pa.ArrowException)):
                     rows += pq.read_metadata(file).num_rows
             limit = ((self.n_steps + int(self.manifest["n_checkpoints"]) + 1)
                      * max(1, self.meta.get("examples_per_step") or 1) * TABLE_ROWS_PER_EXAMPLE
@@ -241,7 +242,7 @@ class Run:
         files = self.table_files(name)
         if not files:
             return schema.empty_table()
-        with self._damaged(f"a part of the {name} table", (OSError, pa.ArrowException)):
+        with self.reading(f"a part of the {name} table", (OSError, pa.ArrowException)):
             return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
 
     def table_where(self, name: str, step: int) -> pa.Table:
@@ -249,16 +250,17 @@ class Run:
         files = self.table_files(name)
         if not files:
             return fmt.TABLES[name].empty_table()
-        with self._damaged(f"a part of the {name} table", (OSError, pa.ArrowException)):
+        with self.reading(f"a part of the {name} table", (OSError, pa.ArrowException)):
             dataset = ds.dataset([str(f) for f in files], schema=fmt.TABLES[name],
                                  format="parquet")
             return dataset.to_table(filter=ds.field("step") == step)
 
     @contextmanager
-    def _damaged(self, what: str, errors: tuple[type[BaseException], ...] = (Exception,)):
+    def reading(self, what: str, errors: tuple[type[BaseException], ...] = (Exception,)):
         """A read of `what` that fails with `errors` (a missing or damaged part, a chunk
-        failing its checksum) is a FormatError naming it, not a library's internal error;
-        KeyError, IndexError and MemoryError pass unchanged."""
+        failing its checksum) is a FormatError naming it, not a library's internal error, or
+        RunChanged when the file is gone because the run committed again; KeyError,
+        IndexError and MemoryError pass unchanged."""
         try:
             yield
         except (KeyError, IndexError, MemoryError, fmt.FormatError):  # ours name the file
@@ -382,7 +384,7 @@ class Run:
             raise fmt.FormatError(f"{self.dir}: {path} {rows} can't be read: its chunk "
                                   f"{missing[0]!r} is missing (of {len(missing)} or more); the run "
                                   "is damaged, `attrib verify` lists what else is")
-        with self._damaged(f"{path} {rows}"):
+        with self.reading(f"{path} {rows}"):
             return array[where]
 
     def missing_chunks(self, path: str, array: zarr.Array, start: int = 0,

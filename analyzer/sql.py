@@ -105,6 +105,9 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
         try:
             con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
         except duckdb.Error as e:  # DuckDB reads each part's footer here
+            if any(run.changed_since_open() for run in runs):  # a later commit removed a part
+                raise fmt.RunChanged(f"the {table} table changed while it was opened (the "
+                                     "run is being recorded); open it again") from e
             raise fmt.FormatError(f"the {table} table can't be read ({e}); the run is "
                                   "damaged, `attrib verify` lists what else is") from e
     for view, body in neuron_view_sql(len(runs) > 1).items():

@@ -67,8 +67,9 @@ def run_summary(run: Run) -> dict[str, Any]:
     distinct = pc.count_distinct(examples.column("example_id")).as_py()
     numel = int(sum(params.column("numel").to_pylist()))
     dense_raw = _raw_dense_bytes(run)
-    dense_stored, dense_metadata = _stored_bytes(run.dir / fmt.STORE_DIR)
-    table_bytes = sum(f.stat().st_size for t in fmt.TABLES for f in run.table_files(t))
+    with run.reading("the sizes of the run's files", (OSError,)):  # a live run: RunChanged
+        dense_stored, dense_metadata = _stored_bytes(run.dir / fmt.STORE_DIR)
+        table_bytes = sum(f.stat().st_size for t in fmt.TABLES for f in run.table_files(t))
     hparams = run.hparams(0, min(1, run.n_steps)) if run.n_steps else {}
     first = {h: [None if np.isnan(v) else float(v) for v in values[0]]
              for h, values in hparams.items() if len(values)}

@@ -495,7 +495,9 @@ class Recorder:
         store = RunStore.reopen(self.path, run.meta, run.manifest,
                                 [s.path for s in self._checkpoint_specs()])
         if store.steps_per_chunk:
-            store.open_step_arrays(self._array_specs(run.meta["examples_per_step"]))
+            if self.ranks is None:
+                store.finish_widening()
+            store.open_step_arrays(self._array_specs(store.meta["examples_per_step"]))
         store.manifest["resumes"].append({
             "step": point.step, "discarded_steps": point.discarded, "time": now_iso(),
             "previous_status": point.previous_status,

@@ -249,6 +249,18 @@ class RunStore:
         self.meta.update(meta)
         fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)
 
+    def finish_widening(self) -> None:
+        """A widening cut short between its two writes (the arrays resized, attrib.json not
+        yet): take the arrays' example width, so a resume sizes its buffers to them."""
+        widths = [self.group[path].shape[1] for path in self._per_example_paths()]
+        if widths and max(widths) > (self.meta.get("examples_per_step") or 0):
+            self.meta["examples_per_step"] = max(widths)
+            fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)
+
+    def _per_example_paths(self) -> list[str]:
+        return [path for path, node in self.group.members(max_depth=None)
+                if isinstance(node, zarr.Array) and fmt.per_example(path)]
+
     def widen_examples(self, rows: int) -> None:
         """Per-example arrays take `rows` examples per step (single process: a later batch
         larger than the first). Their example axis grows; the rows earlier steps did not fill

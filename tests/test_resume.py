@@ -228,3 +228,38 @@ def test_overwrite_refuses_a_run_that_is_still_recording(tmp_path):
     fresh = mlp()  # once it is closed, overwriting is allowed
     with attrib.Recorder(tmp_path, fresh, adamw(fresh), overwrite=True):
         pass
+
+
+def test_a_widening_cut_short_is_finished_by_resume(tmp_path):
+    """A batch larger than the first widens the per-example arrays, then attrib.json's
+    examples_per_step; a kill between the two writes left arrays wider than the metadata,
+    which resume refused. Resume now takes the arrays' width and goes on."""
+    import json
+
+    from attrib.schemas import format as fmt
+
+    model = mlp()
+    opt = adamw(model)
+    x, y = data()
+    path = tmp_path / "run"
+    with attrib.Recorder(path, model, opt, **SETTINGS) as rec:
+        for step, size in enumerate([4, 9, 6]):
+            ids = batch_ids(step)[:size]
+            rec.examples(ids)
+            torch.nn.functional.cross_entropy(model(x[ids]), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+    meta = json.loads((path / fmt.META_FILE).read_text())
+    assert meta["examples_per_step"] == 9
+    meta["examples_per_step"] = 4  # as a kill right after the arrays were resized leaves it
+    (path / fmt.META_FILE).write_text(json.dumps(meta))
+    with attrib.Recorder(path, model, opt, **SETTINGS, resume=True) as rec:
+        ids = batch_ids(3)[:7]
+        rec.examples(ids)
+        torch.nn.functional.cross_entropy(model(x[ids]), y[ids]).backward()
+        opt.step()
+        opt.zero_grad()
+    run = attrib.open_run(path)
+    assert run.n_steps == 4 and run.meta["examples_per_step"] == 9
+    assert [len(run.contributions(s)[0]) for s in range(4)] == [4, 9, 6, 7]
+    assert all(verify(path).column("ok").to_pylist())

@@ -250,24 +250,25 @@ class RunStore:
         fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)
 
     def finish_widening(self) -> None:
-        """A widening cut short between its two writes (the arrays resized, attrib.json not
-        yet): take the arrays' example width, so a resume sizes its buffers to them."""
-        widths = [self.group[path].shape[1] for path in self._per_example_paths()]
-        if widths and max(widths) > (self.meta.get("examples_per_step") or 0):
-            self.meta["examples_per_step"] = max(widths)
-            fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)
-
-    def _per_example_paths(self) -> list[str]:
-        return [path for path, node in self.group.members(max_depth=None)
-                if isinstance(node, zarr.Array) and fmt.per_example(path)]
+        """A widening cut short (some arrays resized, attrib.json not yet rewritten): finish
+        it at the widest array's width, so a resume sizes its buffers to the arrays."""
+        arrays = {path: node for path, node in self.group.members(max_depth=None)
+                  if isinstance(node, zarr.Array) and fmt.per_example(path)}
+        width = max((a.shape[1] for a in arrays.values()), default=0)
+        if width > (self.meta.get("examples_per_step") or 0):
+            self._widen(arrays, width)
 
     def widen_examples(self, rows: int) -> None:
         """Per-example arrays take `rows` examples per step (single process: a later batch
         larger than the first). Their example axis grows; the rows earlier steps did not fill
         read as the fill value, as a short batch's do, and the examples table says which
         rows hold examples."""
-        array_docs.resize([(a, (a.shape[0], rows, *a.shape[2:]))
-                           for path, a in self.step_arrays.items()
+        self._widen(self.step_arrays, rows)
+
+    def _widen(self, arrays: dict[str, zarr.Array], rows: int) -> None:
+        """Give the per-example ones of `arrays` `rows` examples per step, then say so in
+        attrib.json (in that order: a kill in between is what finish_widening repairs)."""
+        array_docs.resize([(a, (a.shape[0], rows, *a.shape[2:])) for path, a in arrays.items()
                            if fmt.per_example(path) and a.shape[1] < rows])
         self.meta["examples_per_step"] = rows
         fmt.write_json_atomic(self.dir / fmt.META_FILE, self.meta)

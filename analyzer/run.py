@@ -67,6 +67,12 @@ class Run:
             raise fmt.FormatError(f"{self.dir}: the Zarr store can't be opened ({e})") from e
         self._check_counts()
 
+    def moved_on(self, error: BaseException) -> bool:
+        """Whether `error` means the run committed again since it was opened (RunChanged, or
+        a listed file gone while the manifest changed), not that the run is damaged."""
+        return isinstance(error, fmt.RunChanged) or (fmt.vanished(error)
+                                                     and self.changed_since_open())
+
     def changed_since_open(self) -> bool:
         """Whether the manifest on disk is no longer the one this Run read (a live run)."""
         try:
@@ -266,7 +272,7 @@ class Run:
         except (KeyError, IndexError, MemoryError, fmt.FormatError):  # ours name the file
             raise
         except errors as e:
-            if fmt.vanished(e) and self.changed_since_open():
+            if self.moved_on(e):
                 raise fmt.RunChanged(f"{self.dir}: {what} is gone: the run was committed again "
                                      "since it was opened (it is being recorded, or was just "
                                      "closed); open it again to read its new state") from e

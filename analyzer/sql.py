@@ -105,7 +105,7 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
         try:
             con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
         except duckdb.Error as e:  # DuckDB reads each part's footer here
-            if any(run.changed_since_open() for run in runs):  # a later commit removed a part
+            if any(run.moved_on(e) for run in runs):  # a later commit removed a part
                 raise fmt.RunChanged(f"the {table} table changed while it was opened (the "
                                      "run is being recorded); open it again") from e
             raise fmt.FormatError(f"the {table} table can't be read ({e}); the run is "
@@ -182,9 +182,7 @@ def _on_a_snapshot(runs: str | Path | Run | list, query: str, timeout: float | N
             con = _open(opened, query)
             return _interruptible(con, timeout, functools.partial(answer, con))
         except (duckdb.Error, fmt.RunChanged) as e:
-            moved_on = isinstance(e, fmt.RunChanged) or (
-                fmt.vanished(e) and any(run.changed_since_open() for run in opened))
-            if attempt == SNAPSHOT_TRIES - 1 or not moved_on:
+            if attempt == SNAPSHOT_TRIES - 1 or not any(run.moved_on(e) for run in opened):
                 raise
             runs = [open_run(run.dir) for run in opened]
     raise AssertionError("unreachable")

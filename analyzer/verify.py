@@ -41,8 +41,7 @@ def _verify_once(path, retry: bool = True) -> pa.Table:
         try:
             rows.append({"check": name, "ok": True, "detail": test()})
         except Exception as e:  # a damaged run fails the check with its reason
-            if retry and (isinstance(e, fmt.RunChanged)
-                          or (fmt.vanished(e) and run.changed_since_open())):
+            if retry and run.moved_on(e):
                 raise fmt.RunChanged(str(e)) from e
             rows.append({"check": name, "ok": False, "detail": fmt.reason(e)})
 

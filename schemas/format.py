@@ -265,7 +265,8 @@ def vanished(error: BaseException) -> bool:
     """Whether a read failed because a file is not there (Python, pyarrow and DuckDB say so
     differently)."""
     return isinstance(error, FileNotFoundError) or any(
-        text in str(error) for text in ("No such file", "No files found", "does not exist"))
+        text in str(error) for text in ("No such file", "No files found", "does not exist",
+                                        "Cannot access file"))  # DuckDB's, for a listed file
 
 
 def param_key(name: str) -> str:

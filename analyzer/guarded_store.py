@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,42 +71,25 @@ class GuardedStore(LocalStore):
         """The bytes of `key`, checked; None when there is no such file."""
         path = Path(self.root) / key
         self._refuse_links(path.parent)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # no FIFO waits
-        except FileNotFoundError:
+        array = _chunk_owner(key)
+        layout = self._layout(key, array) if array is not None else None
+        limit = DOCUMENT_LIMIT if layout is None else layout.max_file_bytes
+        data = fmt.read_untrusted(path, limit)
+        if data is None:
             return None
-        except (IsADirectoryError, NotADirectoryError):
-            return None
-        except OSError as e:
-            if os.path.islink(path):
-                raise fmt.FormatError(f"{path} is a symbolic link; attrib reads no links "
-                                      "inside a run (copy the file in instead)") from None
-            raise fmt.FormatError(f"{path} can't be opened ({e.strerror})") from None
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if stat.S_ISDIR(info.st_mode):
-                return None
-            if not stat.S_ISREG(info.st_mode):
-                raise fmt.FormatError(f"{path} is not a regular file; the run is damaged or "
-                                      "was edited")
-            array = _chunk_owner(key)
-            document = array is None
-            limit = DOCUMENT_LIMIT if document else self._layout(key, array).max_file_bytes
-            if info.st_size > limit:
-                raise fmt.FormatError(
-                    f"{path} holds {info.st_size} bytes, more than its array's declared chunk "
-                    f"encodes to ({limit}); the run is damaged or was edited")
-            if not document and not self._layouts[array].blosc and info.st_size != limit:
-                raise fmt.FormatError(  # an uncompressed chunk is stored whole
-                    f"{path} holds {info.st_size} bytes where its array's uncompressed chunk "
-                    f"takes {limit}; the file is truncated or was edited")
-            data = f.read(limit + 1)
-        if len(data) > limit:  # grew while being read
-            raise fmt.FormatError(f"{path} is larger than {limit} bytes; the run is damaged")
-        if key.rsplit("/", 1)[-1] == "zarr.json":
-            self._note_layout(key, data, path)
-        elif array is not None:
-            self._check_blosc(key, array, data, path)
+        if len(data) > limit:
+            raise fmt.FormatError(
+                f"{path} holds over {limit} bytes, more than its array's declared chunk "
+                f"encodes to ({limit}); the run is damaged or was edited")
+        if layout is None:
+            if key.rsplit("/", 1)[-1] == "zarr.json":
+                self._note_layout(key, data, path)
+        elif not layout.blosc and len(data) != limit:
+            raise fmt.FormatError(  # an uncompressed chunk is stored whole
+                f"{path} holds {len(data)} bytes where its array's uncompressed chunk takes "
+                f"{limit}; the file is truncated or was edited")
+        elif layout.blosc:
+            self._check_blosc(layout, data, path)
         return data
 
     def _refuse_links(self, folder: Path) -> None:
@@ -161,12 +142,9 @@ class GuardedStore(LocalStore):
                                   "store declares; the run is damaged or was edited")
         return layout
 
-    def _check_blosc(self, key: str, array: str, data: bytes, path: Path) -> None:
+    def _check_blosc(self, layout: ChunkLayout, data: bytes, path: Path) -> None:
         """A Blosc frame's header (bytes 4-8: the decoded size) may not declare more than one
         chunk: decoding allocates what the header says before it reads anything else."""
-        layout = self._layout(key, array)
-        if not layout.blosc:
-            return
         frame = data[:-CHECKSUM_BYTES] if layout.checksum else data
         declared = int.from_bytes(frame[4:8], "little") if len(frame) >= 16 else None
         if declared is None or declared > layout.raw_bytes:

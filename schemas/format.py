@@ -329,23 +329,32 @@ def write_bytes_atomic(path: Path, data: bytes, durable: bool) -> None:
 JSON_LIMIT = 64 << 20  # bytes of a run's JSON document (a long run's manifest: a few MB)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A run's JSON document, read as untrusted input: no symbolic link, a regular file of at
-    most JSON_LIMIT bytes, nesting within Python's recursion limit; else a FormatError."""
+def read_untrusted(path: Path, limit: int) -> bytes | None:
+    """At most limit + 1 bytes of a file inside a run, None when there is none. Refused with
+    a FormatError: a symbolic link (O_NOFOLLOW) and anything but a regular file (opened
+    without blocking: a FIFO would wait for a writer forever). The caller compares the
+    length with `limit`, so a device or an oversized file is never read whole."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO would block
-    except FileNotFoundError:
-        raise FormatError(f"{path} is missing: is {path.parent} an attrib run directory?") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except OSError as e:
         if os.path.islink(path):
             raise FormatError(f"{path} is a symbolic link; attrib reads no links inside a run "
                               "(copy the file in instead)") from None
         raise FormatError(f"{path} can't be opened ({e.strerror})") from None
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise FormatError(f"{path} is not a regular file; the run metadata is damaged")
-        data = f.read(JSON_LIMIT + 1)
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise FormatError(f"{path} is not a regular file; the run is damaged or was edited")
+        return f.read(limit + 1)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A run's JSON document, read as untrusted input (read_untrusted): at most JSON_LIMIT
+    bytes, nesting within Python's recursion limit; else a FormatError."""
+    data = read_untrusted(path, JSON_LIMIT)
+    if data is None:
+        raise FormatError(f"{path} is missing: is {path.parent} an attrib run directory?")
     if len(data) > JSON_LIMIT:
         raise FormatError(f"{path} is larger than {JSON_LIMIT} bytes; the run metadata is "
                           "damaged")

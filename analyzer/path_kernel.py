@@ -81,7 +81,7 @@ class PathKernelResult:
     def completeness(self) -> pa.Table:
         """Per test point: f(θ_0), f(θ_N), their difference, the sum of all terms, the gap,
         and the quadrature error: over every segment, the rule's Σ_q w_q ∇f(θ_s + t_q Δθ)·Δθ
-        against the exact integral f(θ_s + Δθ) − f(θ_s) (one forward per segment), absolute
+        against the exact integral f(θ_s + Δθ) − f(θ_s) (two forwards per segment), absolute
         values added. The terms of a segment sum to the first, so |gap| ≤ quadrature_error up
         to float rounding, for any rule and model (ReLU kinks included)."""
         sums = self.table.group_by("test_id").aggregate([("value", "sum")]).sort_by("test_id")
@@ -135,9 +135,9 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     summed while streaming. Per-example terms need Full capture (exact) or Project capture
     (projected: an unbiased estimate, the residual term absorbs its error so totals stay exact).
     `quadrature`: Gauss–Legendre nodes per segment (2), "midpoint:K", "left", or "adaptive":
-    q = 2, each segment split into 2, 4, … panels until its rule matches the exact
-    f(θ_s + Δθ) − f(θ_s) within its share of `tol` = (rtol, atol), i.e. rtol·|f(θ_N) −
-    f(θ_0)| + atol per test point over the run (kinks get nodes, smooth steps stay at 2).
+    q = 2 on parts of the segment, bisected worst first while a part misses its exact
+    integral by more than its share of `tol` = (rtol, atol), i.e. rtol·|f(θ_N) − f(θ_0)| +
+    atol per test point over the run, up to MAX_NODES evaluations (see _Integrator).
     `stride=K` integrates one ḡ per segment of K steps, shared by its steps: completeness stays
     exact, only the credit within a segment is approximated (K = 1, the default, is exact).
     `similarity=True` adds, per layer, the similarity of test points from the model's
@@ -225,6 +225,20 @@ def f_at(run: Run, model: torch.nn.Module, inputs, labels, target: targets.Targe
         return targets.evaluate(model, params, inputs, labels, target).cpu().numpy()
 
 
+@dataclass
+class _Part:
+    """A part [a, b] of a segment: F at its ends, its rule's ∫_a^b ∇f, the rule's error
+    against F(b) − F(a) per test point, and how many times over its tolerance share that is."""
+
+    a: float
+    b: float
+    fa: torch.Tensor
+    fb: torch.Tensor
+    gbar: dict[str, torch.Tensor]
+    error: torch.Tensor
+    over: float
+
+
 class _Integrator:
     """ḡ = ∫_0^1 ∇f(θ + tΔ) dt of a segment, per test point, with the error of its rule.
 
@@ -252,27 +266,26 @@ class _Integrator:
         def at(t: float) -> dict[str, torch.Tensor]:
             return {n: theta[n] + t * delta[n] for n in self.names}
 
-        def part(a: float, b: float, fa: torch.Tensor, fb: torch.Tensor):
-            """(how far over its share, a, b, fa, fb, its ḡ·(b − a), its error)"""
+        def part(a: float, b: float, fa: torch.Tensor, fb: torch.Tensor) -> _Part:
             gbar = self._average(at, a, b)
             along = sum(gbar[n].flatten(1) @ delta[n].reshape(-1) for n in self.names)
             error = (along - (fb - fa)).abs().double().cpu()
-            over = float((error / (self.tolerance * (b - a))).max())
-            return over, a, b, fa, fb, gbar, error
+            return _Part(a, b, fa, fb, gbar, error,
+                         over=float((error / (self.tolerance * (b - a))).max()))
 
         parts = [part(0.0, 1.0, self._f(at(0.0)), self._f(at(1.0)))]
         used = len(self.rule)
         while self.adaptive and used + 2 * len(self.rule) <= MAX_NODES:
-            worst = max(range(len(parts)), key=lambda i: parts[i][0])
-            over, a, b, fa, fb, _, _ = parts[worst]
-            if over <= 1.0:
+            worst = max(range(len(parts)), key=lambda i: parts[i].over)
+            p = parts[worst]
+            if p.over <= 1.0:
                 break
-            middle = (a + b) / 2
+            middle = (p.a + p.b) / 2
             fm = self._f(at(middle))
-            parts[worst: worst + 1] = [part(a, middle, fa, fm), part(middle, b, fm, fb)]
+            parts[worst: worst + 1] = [part(p.a, middle, p.fa, fm), part(middle, p.b, fm, p.fb)]
             used += 2 * len(self.rule)
-        gbar = {n: sum(p[5][n] for p in parts) for n in self.names}
-        self.error += sum(p[6] for p in parts)
+        gbar = {n: sum(p.gbar[n] for p in parts) for n in self.names}
+        self.error += sum(p.error for p in parts)
         self.nodes[start_step] = used
         return gbar
 

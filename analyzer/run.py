@@ -10,7 +10,7 @@ import itertools
 import math
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -407,21 +407,24 @@ class Run:
             return []
         committed = self.committed_rows(path)
         if array.ndim == 0:
-            indices: list[tuple[int, ...]] = [()]
-        else:
+            indices: Iterable[tuple[int, ...]] = [()]
+        else:  # chunk lengths are ≥ 1: GuardedStore refuses any other zarr.json
             rows = array.shape[0] if committed is None else committed
             stop = rows if stop is None else min(stop, rows)
             depth = array.chunks[0]
-            if min(array.chunks) < 1:
-                raise fmt.FormatError(f"{self.dir}: {path!r} declares chunks {array.chunks}; "
-                                      "the run is damaged or was edited")
-            inner = [range(-(-n // c)) for n, c in zip(array.shape[1:], array.chunks[1:])]
+            inner = [-(-n // c) for n, c in zip(array.shape[1:], array.chunks[1:])]
             held = self._examples_held() if fmt.per_example(path) else None
-            indices = (
-                (i, *rest) for i in range(start // depth, -(-stop // depth))
-                for rest in itertools.product(
-                    *([range(-(-int(held[i * depth: (i + 1) * depth].max(initial=0))
-                             // array.chunks[1])), *inner[1:]] if held is not None else inner)))
+
+            def grid(i: int) -> Iterable[tuple[int, ...]]:
+                """Chunk indices of row block i that must exist (for a per-example array:
+                along the example axis, up to the most examples a step of the block holds)."""
+                counts = inner if held is None else [
+                    -(-int(held[i * depth: (i + 1) * depth].max(initial=0)) // array.chunks[1]),
+                    *inner[1:]]
+                return itertools.product(*map(range, counts))
+
+            indices = ((i, *rest) for i in range(start // depth, -(-stop // depth))
+                       for rest in grid(i))
         folder = self.dir / fmt.STORE_DIR / array.path
         missing = (key for key in map(array.metadata.encode_chunk_key, indices)
                    if not (folder / key).exists())

@@ -64,6 +64,20 @@ def test_lds_is_one_for_the_true_datamodel_and_resumes(tmp_path):
                             **{**common, "alpha": 0.3})
 
 
+def train_on_subset(indices: np.ndarray, seed: int) -> torch.nn.Module:
+    """The README's `train_on_subset` for the `recorded` run: its SGD on the subset only."""
+    x, y = data()
+    model, subset = mlp(), torch.as_tensor(indices)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(30):
+        ids = subset[torch.randint(0, len(subset), (32,), generator=g)]
+        F.cross_entropy(model(x[ids]), y[ids]).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     model = mlp()
@@ -142,3 +156,24 @@ def test_scores_and_gold_standards_of_different_targets_are_refused(recorded):
         "cosine")[0].as_py() > 0
     with pytest.raises(ValueError, match="TRAK is defined for the margin only"):
         attrib.analyze.trak(recorded, mlp, (x, y), test_set, target="loss")
+
+
+def test_the_readme_lds_snippet_gives_a_positive_lds_as_written(recorded, tmp_path):
+    """The README's LDS snippet (TRAK with its defaults, lds with its defaults) on a run where
+    TRAK is good (test points next to training points): a positive LDS, no sign to fix by
+    hand. Loss-target TracIn against the margin models is refused (it came out as −LDS), and
+    with target='margin' it scores positive too."""
+    x, y = data()
+    test_set = (x[200:210] + 0.1, y[200:210])
+    scores = attrib.analyze.trak(recorded, mlp, (x, y), test_set, k=64, damping=1.0,
+                                 progress=False)
+    result = attrib.evaluate.lds(scores, "trak", tmp_path / "e", train_fn=train_on_subset,
+                                 test_set=test_set, n_train=len(y), models=20, progress=False)
+    assert result.mean > 0.4 and result.per_test.num_rows == 10
+    loss_tracin = attrib.analyze.tracin(recorded, mlp, (x, y), test_set, progress=False)
+    with pytest.raises(ValueError, match="computed for target='loss', the gold standard "
+                                         "measures target='margin'"):
+        attrib.evaluate.lds(loss_tracin, "tracin", tmp_path / "e")
+    margin_tracin = attrib.analyze.tracin(recorded, mlp, (x, y), test_set, target="margin",
+                                          progress=False)
+    assert attrib.evaluate.lds(margin_tracin, "tracin", tmp_path / "e").mean > 0.4

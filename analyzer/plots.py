@@ -48,34 +48,43 @@ def stage_effects_chart(table: pa.Table, path: str | Path, title: str | None = N
 
 def training_curves(steps: pa.Table, stages: list[tuple[str, int, int]], path: str | Path,
                     title: str = "Training") -> Path:
-    """Loss (log scale) and every logged accuracy / norm metric against the step, with the
-    stages shaded. `stages`: (name, first step, last step)."""
+    """Loss (log scale) and every logged norm metric against the step, with the stages
+    shaded; accuracies get a panel of their own below, drawn only when some are logged.
+    `stages`: (name, first step, last step)."""
     plt = _pyplot()
     rows = steps.sort_by("step").to_pylist()
     step = np.array([r["step"] for r in rows])
     metrics = sorted({k for r in rows for k, _ in (r["metrics"] or [])})
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), dpi=120, sharex=True)
+    accuracies = [m for m in metrics if "accuracy" in m]
+    if accuracies:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), dpi=120, sharex=True)
+        bottom.set_ylabel("accuracy")
+    else:
+        fig, top = plt.subplots(figsize=(7, 3), dpi=120)
+        bottom = None
+    panels = [ax for ax in (top, bottom) if ax is not None]
     loss = np.array([np.nan if r["loss"] is None else r["loss"] for r in rows])
     top.semilogy(step, loss, color="black", linewidth=1, label="training loss")
     top.set_ylabel("loss")
-    other = top.twinx() if any("accuracy" not in m for m in metrics) else None
+    other = top.twinx() if len(accuracies) < len(metrics) else None
     for k, name in enumerate(metrics):
         values = np.array([dict(r["metrics"] or []).get(name, np.nan) for r in rows])
-        axis = bottom if "accuracy" in name else other
+        axis = bottom if name in accuracies else other
         axis.plot(step, values, linewidth=1, label=name, color=f"C{k + 1}")
         if axis is other:
             other.set_ylabel(name)
-    bottom.set_ylabel("accuracy")
-    bottom.set_xlabel("step")
+    panels[-1].set_xlabel("step")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (name, first, last) in enumerate(stages):
-        for ax in (top, bottom):
+        for ax in panels:
             ax.axvspan(first, last + 1, color=colors[k % len(colors)], alpha=0.12, linewidth=0)
-        bottom.text((first + last) / 2, 0.02, name, ha="center", va="bottom", fontsize=8)
+        panels[-1].text((first + last) / 2, 0.02, name, ha="center", va="bottom", fontsize=8,
+                        transform=panels[-1].get_xaxis_transform())
     top.legend(fontsize=8, loc="upper left")
     if other is not None:
         other.legend(fontsize=8, loc="upper right")
-    bottom.legend(fontsize=8, loc="center right")
+    if bottom is not None:
+        bottom.legend(fontsize=8, loc="center right")
     top.set_title(title)
     fig.tight_layout()
     fig.savefig(path)

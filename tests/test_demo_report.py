@@ -70,3 +70,25 @@ def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
 
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] > 500 and np.std(pixels[..., :3]) > 0.05  # not a blank page
+
+
+def test_training_curves_draw_no_empty_accuracy_panel(tmp_path):
+    """A run that logs only its loss gets one panel, not an empty 'accuracy' one below it
+    (which also made matplotlib warn about a legend without artists)."""
+    import warnings
+
+    import matplotlib.image
+    from conftest import OPTIMIZERS, mlp, train
+
+    from attrib.analyzer import plots
+
+    model = mlp()
+    train(tmp_path / "run", model, OPTIMIZERS["sgd"](model.parameters()), steps=12)
+    run = attrib.open_run(tmp_path / "run")
+    assert not any(r["metrics"] for r in run.steps.to_pylist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plots.training_curves(run.steps, [("early", 0, 5), ("late", 6, 11)],
+                                     tmp_path / "curves.png")
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert (width, height) == (840, 360)  # 7 × 3 inches at 120 dpi: one panel

@@ -138,19 +138,43 @@ def from_stored(stored: torch.Tensor, p: torch.Tensor, computed: torch.Tensor
 
 
 def solve_kernel(test: torch.Tensor, train: torch.Tensor, damping: float) -> torch.Tensor:
-    """φ(x)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ for test rows `test` (m, k) and training rows `train` (n, k)."""
+    """φ(x)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ for test rows `test` (m, k) and training rows `train` (n, k).
+
+    Refuses a kernel the solve can't trust, with a damping to try: undamped with fewer
+    examples than features (ΦᵀΦ has rank ≤ n < k; the minimum-norm solve then interpolates
+    the training features, and one example takes nearly all of a test point's score), or
+    one whose condition number κ (estimated from the Cholesky factor) makes the solve's
+    rounding error κ·ε exceed SOLVE_ERROR_LIMIT."""
     n, k = train.shape
     dual = n < k
     gram = train @ train.T if dual else train.T @ train
+    if damping == 0 and dual:
+        raise ValueError(f"the TRAK kernel ΦᵀΦ ({k}×{k}) has rank at most {n}: {n} training "
+                         f"examples can't determine {k} feature dimensions, and the undamped "
+                         "solve would only interpolate them (one example takes nearly all of "
+                         f"each test point's score): pass damping > 0 (e.g. "
+                         f"{_suggested_damping(gram):.3g}) or a smaller k")
     gram = gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype)
     factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
+    diagonal = factor.diagonal()
+    condition = float((diagonal.max() / diagonal.min()) ** 2) if int(info) == 0 else math.inf
+    if condition * torch.finfo(gram.dtype).eps > SOLVE_ERROR_LIMIT:
         raise ValueError(f"the TRAK kernel ({'ΦΦᵀ' if dual else 'ΦᵀΦ'}, {gram.shape[0]}×"
-                         f"{gram.shape[0]}) is singular: pass damping > 0 (e.g. 1e-3 times its "
-                         f"mean diagonal, {float(gram.diagonal().mean()):.3g})")
+                         f"{gram.shape[0]}) is singular or ill-conditioned (condition number "
+                         f"≥ {condition:.3g} in {gram.dtype}): pass damping > 0 (e.g. "
+                         f"{_suggested_damping(gram):.3g})")
     if dual:  # (ΦᵀΦ + λI)⁻¹ Φᵀ = Φᵀ (ΦΦᵀ + λI)⁻¹
         return torch.cholesky_solve((test @ train.T).T, factor).T
     return torch.cholesky_solve(test.T, factor).T @ train.T
+
+
+SOLVE_ERROR_LIMIT = 1e-2  # the largest relative rounding error (κ·ε) of the kernel solve
+
+
+def _suggested_damping(gram: torch.Tensor) -> float:
+    """1e-3 times the mean nonzero eigenvalue of the kernel (its trace over its rank bound):
+    small against the directions the data determines, large against rounding."""
+    return 1e-3 * float(gram.diagonal().sum()) / gram.shape[0]
 
 
 def _correct_probability(model, params, inputs, labels, batch_size: int) -> torch.Tensor:

@@ -97,10 +97,30 @@ def test_projected_trak_is_the_formula_on_the_recorders_projection(recorded):
                                atol=1e-12)
 
 
-def test_singular_kernel_asks_for_damping():
-    phi = torch.ones(5, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match="pass damping > 0"):
-        solve_kernel(phi[:1], phi, 0.0)
+def test_singular_and_ill_conditioned_kernels_ask_for_damping():
+    """Undamped with fewer examples than features, the minimum-norm solve interpolates: a
+    test point equal to a training example gets score 1 on it and ~0 on every other (the
+    degenerate result TRAK used to return). That, a singular kernel and one too
+    ill-conditioned for its dtype are refused with a suggested damping that then works."""
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(6, 20, generator=g, dtype=torch.float64)  # n = 6 < k = 20
+    interpolated = wide[:1] @ torch.linalg.pinv(wide)
+    np.testing.assert_allclose(interpolated.numpy(), np.eye(6)[:1], atol=1e-12)
+    with pytest.raises(ValueError, match=r"rank at most 6.*pass damping > 0 \(e\.g\. "):
+        solve_kernel(wide[:1], wide, 0.0)
+    suggested = 1e-3 * float((wide ** 2).sum()) / 6
+    assert solve_kernel(wide[:1], wide, suggested).shape == (1, 6)
+    with pytest.raises(ValueError, match=r"singular or ill-conditioned.*pass damping > 0"):
+        solve_kernel(wide[:1, :3], torch.ones(5, 3, dtype=torch.float64), 0.0)
+    tall = torch.randn(50, 4, generator=g)
+    tall[:, 3] = tall[:, 2] * (1 + 1e-4)  # κ ~ 1e9: κ·ε far above 1% in float32
+    with pytest.raises(ValueError, match=r"ill-conditioned \(condition number ≥ .* in "
+                                         r"torch.float32\)"):
+        solve_kernel(tall[:1], tall, 0.0)
+    well = torch.randn(50, 4, generator=g)
+    expected = well[:2] @ torch.linalg.solve(well.T @ well, well.T)
+    torch.testing.assert_close(solve_kernel(well[:2], well, 0.0), expected, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_influence_equals_a_direct_solve_with_the_explicit_gauss_newton(recorded):
@@ -153,7 +173,8 @@ def test_analyze_cli_trak_and_influence_store_their_scores(recorded, tmp_path, m
     common = ["--model", "trak_userdefs:mlp", "--data", "trak_userdefs:test_set", "--train",
               "trak_userdefs:train_set", "--quiet"]
     runner = CliRunner()
-    for method, extra in (("trak", ["--k", "32", "--checkpoints", "last:2"]),
+    for method, extra in (("trak", ["--k", "32", "--checkpoints", "last:2", "--damping",
+                                    "0.01"]),
                           ("influence", ["--damping", "0.01"])):
         result = runner.invoke(main, ["analyze", str(recorded.dir), "--method", method,
                                       *common, *extra])
@@ -163,13 +184,15 @@ def test_analyze_cli_trak_and_influence_store_their_scores(recorded, tmp_path, m
     assert counts == [{"method": "influence", "n": 150}, {"method": "trak", "n": 150}]
     expected = attrib.analyze.trak(recorded, mlp, (data()[0][:50], data()[1][:50]),
                                    (data()[0][:3] + 0.1, data()[1][:3]), k=32,
-                                   checkpoints="last:2", progress=False)
+                                   checkpoints="last:2", damping=0.01, progress=False)
     stored = attrib.sql(recorded, "SELECT value FROM influence WHERE method = 'trak' "
                                   "ORDER BY test_id, example_id")["value"].to_numpy()
     np.testing.assert_allclose(stored, as_matrix(expected, 3, 50).ravel())
     singular = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "trak", *common,
                                     "--k", "2048", "--name", "singular", "--damping", "0"])
-    assert singular.exit_code == 0, singular.output  # fewer examples than features: dual solve
+    assert singular.exit_code != 0  # 50 examples, 227 features, undamped: refused
+    assert "can't determine 227 feature dimensions" in singular.output
+    assert "pass damping > 0 (e.g. " in singular.output
     loss = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "trak", *common,
                                 "--target", "loss", "--name", "trak-loss"])
     assert loss.exit_code != 0 and "TRAK is defined for the margin only" in loss.output

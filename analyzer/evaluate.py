@@ -10,8 +10,9 @@
   mean over the left-out examples: the gold vector a method's scores are compared to by cosine.
 
 Scores come in two orientations. A contribution is the predicted change of f from training on
-i (path kernel, linear response, TRAK); TracIn, Grad-Dot, Grad-Cos and the influence function
-score ∇f·∇ℓ_i, the opposite sign. `method` says which, so both compare alike.
+i (path kernel, linear response, TRAK); TracIn, Grad-Dot, Grad-Cos, the influence function
+and projected influence score ∇f·∇ℓ_i, the opposite sign. `method` says which, so both
+compare alike.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 
 ORIENTATION = {"contribution": 1, "path-kernel": 1, "linear-response": 1, "trak": 1,
-               "tracin": -1, "grad-dot": -1, "grad-cos": -1, "influence": -1}
+               "tracin": -1, "grad-dot": -1, "grad-cos": -1, "influence": -1, "projected": -1}
 TrainFn = Callable[[np.ndarray, int], torch.nn.Module]
 
 

@@ -63,6 +63,21 @@ def quadrature_rule(spec: int | str) -> list[tuple[float, float]]:
     return [((x + 1) / 2, w / 2) for x, w in zip(nodes.tolist(), weights.tolist())]
 
 
+HELPFUL_SIGN = {"loss": -1, "margin": 1}  # the sign of a change of f that helps the model
+
+
+def _effect(value: float, target: str | None, helps: int | None) -> str:
+    """What a change of f by `value` did, in words: helpful / harmful where the target says
+    which direction is good, else raised / lowered f."""
+    if value == 0:
+        return "none"
+    moved = f"{'raised' if value > 0 else 'lowered'} the {target}" if helps else \
+        f"{'raised' if value > 0 else 'lowered'} f"
+    if helps is None:
+        return moved
+    return f"{'helpful' if (value > 0) == (helps > 0) else 'harmful'} ({moved})"
+
+
 @dataclass
 class PathKernelResult:
     """Influences as a long Arrow table (test_id, term, kept axes, value) plus f at both ends."""
@@ -97,17 +112,28 @@ class PathKernelResult:
     def top(self, axis: str = "example", test: int = 0, n: int = 10, order: str = "desc"
             ) -> pa.Table:
         """The n entries of `axis` with the largest ("desc"), smallest ("asc") or largest
-        absolute ("abs") data influence on test point `test`. For target="loss", negative
-        values lowered the test loss (helpful), positive raised it (harmful)."""
+        absolute ("abs") data influence on test point `test`, or the most "helpful" /
+        "harmful" ones (target loss or margin). A value is the change of f the entry's
+        training caused; the `effect` column says what it did (for target="loss" a negative
+        value lowered the loss: helpful)."""
         if axis not in self.by:
             raise ValueError(f"axis {axis!r} was summed out; analyse with by=(..., {axis!r})")
+        target = targets.target_of(self.table)
+        helps = HELPFUL_SIGN.get(target)
+        if order in ("helpful", "harmful") and helps is None:
+            raise ValueError(f"order={order!r} needs target 'loss' or 'margin' (this analysis "
+                             f"has target {target!r}); use 'desc' (raised f most) or 'asc'")
         rows = self.table.filter(pc.and_(pc.equal(self.table["test_id"], test),
                                          pc.equal(self.table["term"], "data")))
         summed = rows.group_by(COLUMNS[axis]).aggregate([("value", "sum")]).rename_columns(
             [axis, "value"])
+        if order in ("helpful", "harmful"):
+            order = "desc" if (helps > 0) == (order == "helpful") else "asc"
         key = {"desc": pc.negate(summed["value"]), "asc": summed["value"],
                "abs": pc.negate(pc.abs(summed["value"]))}[order]
-        return summed.take(pc.sort_indices(key)[:n])
+        chosen = summed.take(pc.sort_indices(key)[:n])
+        return chosen.append_column("effect", pa.array(
+            [_effect(v, target, helps) for v in chosen["value"].to_pylist()], pa.string()))
 
 
 def _constant(run: Run, names: tuple[str, ...]) -> None:

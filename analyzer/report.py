@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from attrib.analyzer import plots
 from attrib.analyzer.run import Run
-from attrib.analyzer.sql import sql
+from attrib.analyzer.sql import NoAnalysis, sql
 
 STYLE = """body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}
@@ -71,21 +71,46 @@ def stage_spans(run: Run) -> list[tuple[str, int, int]]:
 
 
 def _influence_section(run: Run, tmp: Path) -> list[str]:
-    top = _query(run, "SELECT analysis, example_id, sum(value) AS total_influence, "
-                      "sum(abs(value)) AS magnitude FROM influence WHERE example_id IS NOT NULL "
-                      "GROUP BY ALL ORDER BY magnitude DESC LIMIT 10")
-    if top is None or not top.num_rows:
+    """Per stored influence analysis (at most MAX_ANALYSES), its most influential examples
+    with what they did to f, named by the view's orientation; and the per-layer split of the
+    first analysis that kept layers."""
+    analyses = _query(run, "SELECT analysis, any_value(method) AS method, any_value("
+                           "orientation) AS orientation FROM influence GROUP BY analysis "
+                           "ORDER BY analysis")
+    if analyses is None or not analyses.num_rows:
         return []
     out = ["<h2>Most influential training examples</h2>",
-           "<p>Summed over test points (and steps, layers): influence on f.</p>",
-           _html_table(top)]
-    layers = _query(run, "SELECT layer, sum(value) AS influence FROM influence "
-                         "WHERE layer IS NOT NULL AND term = 'data' GROUP BY 1 ORDER BY 1")
-    if layers is not None and layers.num_rows:
-        out += ["<h2>Influence per layer</h2>", _image(plots.bar_chart(
-            layers["layer"].to_pylist(), layers["influence"].to_pylist(), tmp / "layers.png",
-            "training data's influence per layer", "Σ influence on f"))]
+           "<p>Summed over test points (and steps, layers). A <b>contribution</b> (path "
+           "kernel, linear response, TRAK) is the change of f that training on the example "
+           "caused or is predicted to cause; a <b>gradient score</b> (TracIn, Grad-Dot, "
+           "Grad-Cos, influence function) is ∇f·∇ℓ, positive where training on the example "
+           "lowers f. For f = the loss, lowering f helps.</p>"]
+    for row in analyses.to_pylist()[:MAX_ANALYSES]:
+        top = _query(run, "SELECT example_id, sum(value) AS total, CASE WHEN (sum(value) < 0) "
+                          "= ($orientation = 'contribution') THEN 'lowers f' ELSE 'raises f' "
+                          "END AS effect_on_f, sum(abs(value)) AS magnitude FROM influence "
+                          "WHERE analysis = $analysis AND example_id IS NOT NULL GROUP BY 1 "
+                          "ORDER BY magnitude DESC, example_id LIMIT 10",
+                     {"analysis": row["analysis"], "orientation": row["orientation"]})
+        if top is not None and top.num_rows:
+            out += [f"<h3>{html.escape(row['analysis'])} ({html.escape(row['method'])}, "
+                    f"{html.escape(str(row['orientation']))})</h3>", _html_table(top)]
+    for row in analyses.to_pylist():
+        layers = _query(run, "SELECT layer, sum(value) AS influence FROM influence WHERE "
+                             "analysis = $analysis AND layer IS NOT NULL AND term = 'data' "
+                             "GROUP BY 1 ORDER BY 1", {"analysis": row["analysis"]})
+        if layers is not None and layers.num_rows:
+            name = row["analysis"]
+            out += [f"<h2>Influence per layer ({html.escape(name)})</h2>",
+                    _image(plots.bar_chart(layers["layer"].to_pylist(),
+                                           layers["influence"].to_pylist(), tmp / "layers.png",
+                                           f"training data's influence per layer ({name})",
+                                           f"Σ {row['orientation']} on f"))]
+            break
     return out
+
+
+MAX_ANALYSES = 4  # influence analyses the report shows examples of
 
 
 def _summary(run: Run) -> str:
@@ -94,11 +119,11 @@ def _summary(run: Run) -> str:
     return summary(run.info())
 
 
-def _query(run: Run, query: str) -> pa.Table | None:
+def _query(run: Run, query: str, params: dict | None = None) -> pa.Table | None:
     """The answer, or None when the run has no such analysis view (or column)."""
     try:
-        return sql(run, query)
-    except (duckdb.CatalogException, duckdb.BinderException):
+        return sql(run, query, params)
+    except (NoAnalysis, duckdb.BinderException):
         return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from attrib.analyzer.results import RESULT_TABLES, result_files
 from attrib.analyzer.run import SNAPSHOT_TRIES, Run, open_run
 from attrib.schemas import format as fmt
 
@@ -26,7 +28,12 @@ def named(runs: str | Path | Run | list, name: str, **params: Any) -> pa.Table:
     runs = [runs] if isinstance(runs, Run) else resolve_runs(runs)
     if len(runs) != 1:
         raise ValueError(f"named query {name!r} reads one run; pass a single run directory")
-    return sql(runs, query.text, query.bind(params))
+    answer = sql(runs, query.text, query.bind(params))
+    if not answer.num_rows and not sql(runs, "SELECT count(*) FROM shifts").column(0)[0].as_py():
+        raise ValueError(f"named query {name!r} ranks outlier shifts, and {runs[0].dir} "
+                         "recorded none (its shifts table is empty): record with "
+                         "capture=TopK(k) (or a policy that includes it) to get them")
+    return answer
 
 
 def resolve_runs(patterns: str | Path | list[str | Path]) -> list[Run]:
@@ -75,7 +82,6 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
     configuration is locked once the views exist; `sql` admits read-only statements only.
     """
     from attrib.analyzer.queries import NEURON_ROWS_MACRO, neuron_view_sql
-    from attrib.analyzer.results import result_files
 
     names = _run_names(runs)
     labels = names if len(runs) > 1 else [None] * len(runs)
@@ -102,8 +108,11 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
             con.register(f"__empty_{table}", empty)
             selects[table] = [f"SELECT * FROM __empty_{table}"]
     for table, parts in selects.items():
+        body = " UNION ALL BY NAME ".join(parts)
+        if table == "influence":
+            body = f"SELECT *, {_orientation_sql()} AS orientation FROM ({body})"
         try:
-            con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
+            con.execute(f"CREATE VIEW {table} AS {body}")
         except duckdb.Error as e:  # DuckDB reads each part's footer here
             if any(run.moved_on(e) for run in runs):  # a later commit removed a part
                 raise fmt.RunChanged(f"the {table} table changed while it was opened (the "
@@ -115,6 +124,18 @@ def connect(runs: list[Run]) -> duckdb.DuckDBPyConnection:
     con.execute(NEURON_ROWS_MACRO)
     con.execute("SET lock_configuration = true")  # no SET, enable_logging(...) or PRAGMA
     return con
+
+
+def _orientation_sql() -> str:
+    """CASE over `method`: 'contribution' where a value is the change of f that training on
+    the example caused or is predicted to cause, 'gradient score' where it is ∇f·∇ℓ_i
+    (positive: training on the example lowers f), from attrib.evaluate's table."""
+    from attrib.analyzer.evaluate import ORIENTATION
+
+    names = {sign: ", ".join(_quote(m) for m, s in ORIENTATION.items() if s == sign)
+             for sign in (1, -1)}
+    return (f"CASE WHEN method IN ({names[1]}) THEN 'contribution' "
+            f"WHEN method IN ({names[-1]}) THEN 'gradient score' END")
 
 
 READ_ONLY = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
@@ -137,6 +158,14 @@ def check_read_only(query: str) -> None:
                          f"DESCRIBE, SUMMARIZE, SHOW); this is a {kind.name} statement, which "
                          "is refused: the runs are never written through SQL. Read the result "
                          "with --format csv/json/parquet --output FILE instead of COPY")
+
+
+RESULT_VIEWS = frozenset(RESULT_TABLES) - set(fmt.TABLES)  # views only analyses provide
+
+
+class NoAnalysis(ValueError):
+    """A query reads an analysis view (influence, completeness, ...) no stored analysis of
+    the runs provides."""
 
 
 class QueryInterrupted(ValueError):
@@ -181,6 +210,14 @@ def _on_a_snapshot(runs: str | Path | Run | list, query: str, timeout: float | N
         try:
             con = _open(opened, query)
             return _interruptible(con, timeout, functools.partial(answer, con))
+        except duckdb.CatalogException as e:
+            missing = re.search(r"Table with name (\w+) does not exist", str(e))
+            if missing and missing.group(1).lower() in RESULT_VIEWS:
+                raise NoAnalysis(
+                    f"no stored analysis of {', '.join(str(r.dir) for r in opened)} has a "
+                    f"{missing.group(1)!r} table yet: store one first (attrib analyze RUN "
+                    "--method ..., attrib stages RUN ..., or attrib.analyze.save)") from e
+            raise
         except (duckdb.Error, fmt.RunChanged) as e:
             if attempt == SNAPSHOT_TRIES - 1 or not any(run.moved_on(e) for run in opened):
                 raise

@@ -236,7 +236,7 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
         tables = {"influence": result.table, "completeness": result.completeness()}
         if similarity:
             tables["similarity"] = result.similarity
-        parameters.update(by=list(axes), quadrature=quadrature, stride=stride,
+        parameters.update(by=list(axes), quadrature=quadrature, stride=stride or 1,
                           similarity=similarity)
     elif method == "projected":
         tables = {"influence": _projected(recorded, model_fn, test_set, target, scheduler)}
@@ -252,21 +252,24 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
             _fail(str(e))
         parameters.update(train=train_ref, **options)
     elif method == "influence":
+        damping = 1e-3 if damping is None else damping
         result = api.influence(recorded, model_fn, load_data(train_ref), test_set,
-                               target=target, damping=1e-3 if damping is None else damping,
-                               progress=not quiet)
+                               target=target, damping=damping, progress=not quiet)
         tables = {"influence": result.scores}
         parameters.update(train=train_ref, damping=damping,
                           cg_iterations=len(result.residuals),
                           cg_residual=result.residuals[-1] if result.residuals else None)
     else:
-        options = {"k": k, "progress": not quiet}
-        if method == "tracin":
-            options["checkpoints"] = checkpoints or "all"
+        if method != "tracin" and checkpoints:
+            _fail(f"--checkpoints is for tracin and trak; {method} uses the final checkpoint")
+        options = {"k": k, "checkpoints": checkpoints or "all"} if method == "tracin" else \
+            {"k": k}
         function = {"tracin": api.tracin, "grad-dot": api.grad_dot, "grad-cos": api.grad_cos}
         tables = {"influence": function[method](recorded, model_fn, load_data(train_ref),
-                                                test_set, target=target, **options)}
-        parameters.update(train=train_ref, k=k, checkpoints=checkpoints)
+                                                test_set, target=target, progress=not quiet,
+                                                **options)}
+        parameters.update(train=train_ref, k=k, checkpoints=options.get("checkpoints", "last:1"),
+                          gradients="exact" if k is None else f"projected, k={k}")
     folder = api.save(recorded, name or method, tables, parameters)
     click.echo(f"{method}: {tables['influence'].num_rows:,} influence rows -> {folder}")
     if "completeness" in tables:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -108,6 +109,20 @@ def test_analyze_cli_stores_results_queryable_by_sql(recorded, tmp_path, monkeyp
     missing = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "tracin",
                                    "--model", "userdefs:mlp", "--data", "userdefs:test_set"])
     assert missing.exit_code != 0 and "needs --train" in missing.output
+    # analysis.json records the parameters used, defaults included (it stored null for them)
+    result = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "tracin",
+                                  "--model", "userdefs:mlp", "--data", "userdefs:test_set",
+                                  "--train", "userdefs:train_set", "--quiet"])
+    assert result.exit_code == 0, result.output
+    used = json.loads((recorded.dir / "analysis" / "tracin" / "analysis.json").read_text())
+    assert (used["checkpoints"], used["gradients"], used["target"]) == ("all", "exact", "loss")
+    path_kernel = json.loads((recorded.dir / "analysis" / "path-kernel" / "analysis.json")
+                             .read_text())
+    assert (path_kernel["stride"], path_kernel["quadrature"]) == (1, "2")
+    ignored = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "grad-dot",
+                                   "--model", "userdefs:mlp", "--data", "userdefs:test_set",
+                                   "--train", "userdefs:train_set", "--checkpoints", "all"])
+    assert ignored.exit_code != 0 and "grad-dot uses the final checkpoint" in ignored.output
     bad = runner.invoke(main, ["analyze", str(recorded.dir), "--model", "nowhere:thing",
                                "--data", "userdefs:test_set"])
     assert bad.exit_code != 0 and "can't import 'nowhere'" in bad.output

@@ -41,6 +41,9 @@ def test_demo_records_analyses_and_reports(demo_dir):
         32 * completeness["q"]
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "http" not in page.split("<body>")[1]
+    # each analysis under its own name and orientation, each example with what it did to f
+    assert "<h3>path-kernel (path-kernel, contribution)</h3>" in page
+    assert "effect_on_f" in page and "Influence per layer (path-kernel)" in page
 
 
 def test_stages_are_found_where_train_then_test_accuracy_rise(tmp_path):

@@ -287,6 +287,25 @@ def test_top_examples(run_dir):
     assert result.top("example", test=1, n=5, order="asc")["value"].to_pylist()[0] <= values[-1]
     with pytest.raises(ValueError, match="summed out"):
         result.top("step")
+    # target loss: a positive value raised the loss (harmful), "helpful" lists the most negative
+    assert all(e == "harmful (raised the loss)" for v, e in zip(values, top["effect"].to_pylist())
+               if v > 0)
+    helpful = result.top("example", test=1, n=5, order="helpful")
+    assert helpful["value"].to_pylist() == result.top("example", test=1, n=5, order="asc")[
+        "value"].to_pylist()
+    assert helpful["effect"].to_pylist()[0] == "helpful (lowered the loss)"
+    assert result.top("example", test=1, n=5, order="harmful").equals(top)
+    margin = attrib.analyze.path_kernel(attrib.open_run(run_dir), mlp, probe_points(),
+                                        target="margin", progress=False)
+    best = margin.top("example", test=1, n=1, order="helpful")
+    assert best["value"][0].as_py() > 0 and best["effect"][0].as_py() == \
+        "helpful (raised the margin)"
+    logit = attrib.analyze.path_kernel(attrib.open_run(run_dir), mlp, probe_points(),
+                                       target="logit:0", progress=False)
+    assert set(logit.top("example", test=1, n=50, order="abs")["effect"].to_pylist()) <= \
+        {"raised f", "lowered f", "none"}
+    with pytest.raises(ValueError, match="needs target 'loss' or 'margin'"):
+        logit.top("example", order="helpful")
 
 
 def test_stride_keeps_completeness_and_stride_one_is_exact_mode(run_dir):

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import OPTIMIZERS, data, mlp, train
 
 import attrib
+from attrib.analyzer.sql import NoAnalysis
 from attrib.cli.main import main
 
 
@@ -197,3 +198,46 @@ def test_a_query_past_its_timeout_is_stopped_with_one_line(tmp_path):
     with pytest.raises(QueryInterrupted, match=r"timeout of 0\.5 s"):
         attrib.sql(tmp_path / "run", slow, timeout=0.5)
     assert attrib.sql(tmp_path / "run", "SELECT 1 AS one", timeout=30)["one"][0].as_py() == 1
+
+
+def test_missing_analyses_and_shifts_get_a_hint_not_an_empty_answer(two_runs):
+    """A run without stored analyses answered 'Table with name influence does not exist! Did
+    you mean "pg_indexes"?', and the shift queries answered 0 rows on a run without TopK."""
+    runner = CliRunner()
+    result = runner.invoke(main, ["sql", str(two_runs / "exp1"), "SELECT * FROM influence"])
+    assert result.exit_code != 0 and "pg_indexes" not in result.output
+    assert "has a 'influence' table yet: store one first (attrib analyze RUN" in result.output
+    with pytest.raises(NoAnalysis, match="'completeness' table"):
+        attrib.sql(two_runs / "exp1", "SELECT * FROM completeness")
+    result = runner.invoke(main, ["sql", str(two_runs / "exp1"), "--query", "top_neurons"])
+    assert result.exit_code != 0
+    assert "recorded none (its shifts table is empty): record with capture=TopK(k)" in \
+        result.output
+    assert attrib.sql(two_runs / "exp1", "SELECT count(*) FROM shifts").column(0)[0].as_py() == 0
+
+
+def test_the_influence_view_names_each_rows_orientation(two_runs):
+    """Path-kernel values are contributions (the change of f training on the example caused),
+    TracIn values gradient scores (∇f·∇ℓ, the opposite sign): the view says which, and
+    oriented alike the two methods agree on the same run."""
+    run = attrib.open_run(two_runs / "exp1")
+    x, y = data()
+    test_set = (x[200:204] + 0.1, y[200:204])
+    kernel = attrib.analyze.path_kernel(run, mlp, test_set, progress=False)
+    attrib.analyze.save(run, "pk", {"influence": kernel.table}, {"method": "path-kernel"})
+    scores = attrib.analyze.tracin(run, mlp, (x, y), test_set, checkpoints="all",
+                                   progress=False)
+    attrib.analyze.save(run, "tr", {"influence": scores}, {"method": "tracin"})
+    rows = attrib.sql(run, "SELECT DISTINCT analysis, method, orientation FROM influence "
+                           "ORDER BY 1").to_pylist()
+    assert rows == [{"analysis": "pk", "method": "path-kernel", "orientation": "contribution"},
+                    {"analysis": "tr", "method": "tracin", "orientation": "gradient score"}]
+    agreement = attrib.sql(run, """
+        WITH oriented AS (
+            SELECT analysis, test_id, example_id,
+                   sum(value * CASE orientation WHEN 'contribution' THEN 1 ELSE -1 END) AS v
+            FROM influence WHERE term IS NULL OR term = 'data' GROUP BY ALL)
+        SELECT corr(a.v, b.v) AS r, corr(a.v, -b.v) AS flipped FROM oriented a JOIN oriented b
+        USING (test_id, example_id) WHERE a.analysis = 'pk' AND b.analysis = 'tr'
+    """).to_pylist()[0]
+    assert agreement["r"] > 0.5 and agreement["flipped"] < -0.5

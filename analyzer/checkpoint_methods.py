@@ -18,6 +18,7 @@ from attrib.analyzer import targets
 from attrib.analyzer.aggregate import owned
 from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
+from attrib.analyzer.training import check_training_set
 from attrib.schemas import projection
 
 SCORES = pa.schema([pa.field("test_id", pa.int32()), pa.field("example_id", pa.int64()),
@@ -41,11 +42,14 @@ def checkpoint_scores(run: Run, model_fn: Callable[[], torch.nn.Module], train_s
                       loss: targets.Target = "loss", cosine: bool = False,
                       k: int | None = None, seed: int = 0, kind: str = "kron",
                       batch_size: int = 256, dtype: torch.dtype = torch.float64,
-                      progress: bool = True) -> pa.Table:
+                      progress: bool = True, check_data: bool = True) -> pa.Table:
     """Σ_c w_c ⟨∇f(x; θ_c), ∇ℓ_i(θ_c)⟩ (or cosines) for every test point and training example.
 
-    `train_set[i]` must be the example with example_id i, as recorded by `rec.examples`.
+    `train_set[i]` must be the example with example_id i, as recorded by `rec.examples`;
+    `check_data` verifies that it reproduces the recorded gradient (check_training_set).
     """
+    if check_data:
+        check_training_set(run, model_fn, train_set, "TracIn / Grad-Dot / Grad-Cos")
     model = run.build_model(model_fn, dtype).eval()
     test_x, test_y = targets.as_tensors(test_set, dtype)
     train_x, train_y = targets.as_tensors(train_set, dtype)

@@ -24,6 +24,7 @@ from attrib.analyzer import targets
 from attrib.analyzer.checkpoint_methods import score_table
 from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
+from attrib.analyzer.training import check_training_set
 
 
 @dataclass
@@ -35,8 +36,11 @@ class InfluenceResult:
 def influence(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
               target: targets.Target = "loss", damping: float = 1e-3, max_iter: int = 200,
               tol: float = 1e-8, batch_size: int = 512, dtype: torch.dtype = torch.float64,
-              progress: bool = True) -> InfluenceResult:
-    """Influence of every training example on every test point at the run's final θ."""
+              progress: bool = True, check_data: bool = True) -> InfluenceResult:
+    """Influence of every training example on every test point at the run's final θ.
+    `check_data`: first verify that `train_set` reproduces the recorded gradient."""
+    if check_data:
+        check_training_set(run, model_fn, train_set, "the influence function")
     model = run.build_model(model_fn, dtype).eval()
     params = {n: v.to(dtype) for n, v in run.reconstruct(run.n_steps).items()}
     test_x, test_y = targets.as_tensors(test_set, dtype)

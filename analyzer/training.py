@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.func import functional_call
 
@@ -211,6 +212,41 @@ def check_gradients(run: Run, batches: TrainingBatches, steps: list[int]) -> flo
             "into float32's resolution, so effects estimated from those steps partly measure "
             "rounding. Analyze the steps before that, or train in float64", stacklevel=3)
     return worst
+
+
+def check_training_set(run: Run, model_fn: Callable[[], torch.nn.Module], train_set,
+                       method: str, dtype: torch.dtype = torch.float64) -> None:
+    """Refuse a training set that doesn't reproduce the gradient recorded at step 0 (labels
+    wrong or shuffled, examples in another order) before `method` scores its examples by
+    their loss gradients, which it does with the default loss (cross-entropy for integer
+    labels, else MSE). Skipped where the run can't tell: no example ids or no gradients
+    recorded, or random masks without generator states; micro-batch losses may have been
+    averaged or summed. A training set shorter than the recorded example ids (its first n
+    examples, scored alone) is not checked."""
+    if run.n_steps == 0 or run.examples.num_rows == 0:
+        return
+    try:
+        run.require_trajectory(f"checking the training set given to {method}")
+    except TrajectoryError:
+        return
+    model = run.build_model(model_fn, dtype).train()
+    if stochastic_modules(model) and run.table("rng").num_rows == 0:
+        return
+    inputs, labels = targets.as_tensors(train_set, dtype)
+    if int(pc.max(run.examples.column("example_id")).as_py()) >= len(labels):
+        return  # a prefix of the training set, scored on its own: no step to check it on
+    batches = TrainingBatches(run, model, (inputs, labels), dtype=dtype)
+    several = len(batches.micro_batches(0)) > 1
+    failures = []
+    for accumulation in ("mean", "sum") if several else ("mean",):
+        batches.accumulation = accumulation
+        try:
+            check_gradients(run, batches, [0])
+            return
+        except ReplayError as e:
+            failures.append(str(e))
+    raise ReplayError(f"{method}: {failures[0]}. (If you trained with another loss than "
+                      f"{method}'s, e.g. label smoothing, pass check_data=False)")
 
 
 def _norm(tensors) -> torch.Tensor:

@@ -29,6 +29,7 @@ from attrib.analyzer import targets
 from attrib.analyzer.checkpoint_methods import choose_checkpoints, features, score_table
 from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
+from attrib.analyzer.training import check_training_set
 from attrib.schemas import projection
 from attrib.schemas.factored import FactorRows
 
@@ -37,7 +38,8 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
          checkpoints: str | list[int] = "last:5", k: int | None = 2048, seed: int = 0,
          kind: str = "kron", damping: float = 0.0, batch_size: int = 256,
          dtype: torch.dtype = torch.float64, use_stored: bool = True,
-         progress: bool = True, target: targets.Target = "margin") -> pa.Table:
+         progress: bool = True, target: targets.Target = "margin",
+         check_data: bool = True) -> pa.Table:
     """TRAK scores (test_id, example_id, value) for every test point and training example.
 
     `checkpoints`: "all", "last:K" or indices of the run's stored checkpoints; `k`: projection
@@ -46,12 +48,15 @@ def trak(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
     from the run's stored projections where they match (see the module docstring).
     `target` can only be "margin": TRAK's features are gradients of the margin and its
     weights 1 − p come from the cross-entropy loss; score another f with TracIn, the
-    influence function or the path kernel.
+    influence function or the path kernel. `check_data`: first verify that `train_set`
+    reproduces the recorded gradient (wrong labels or order are refused).
     """
     if target != "margin":
         raise ValueError(f"target={targets.name(target)!r}: TRAK is defined for the margin "
                          "only (features ∇ of the margin, weights 1 − p from the loss); use "
                          "tracin, influence or path_kernel for another target")
+    if check_data:
+        check_training_set(run, model_fn, train_set, "TRAK")
     indices = choose_checkpoints(run, checkpoints)
     model = run.build_model(model_fn, dtype).eval()
     test_x, test_y = targets.as_tensors(test_set, dtype)

@@ -268,3 +268,28 @@ def test_a_factory_of_another_architecture_is_refused_by_every_analysis(recorded
         with pytest.raises(ValueError, match=f"model_fn\\(\\) builds a model whose parameters "
                                              f"differ from the run's: {match}"):
             analysis()
+
+
+def test_a_training_set_that_does_not_reproduce_the_run_is_refused(recorded):
+    """TracIn, Grad-Dot, TRAK and the influence function score examples by their loss
+    gradients: with wrong labels or another example order they used to return scores
+    silently. The gradient recorded at step 0 is recomputed from the given set first."""
+    x, y = data()
+    test_set = (x[200:203] + 0.1, y[200:203])
+    wrong_labels = (x, (y + 1) % 3)
+    shuffled = (x.flip(0), y.flip(0))
+    calls = {"tracin": lambda s, **o: attrib.analyze.tracin(recorded, mlp, s, test_set, **o),
+             "grad-dot": lambda s, **o: attrib.analyze.grad_dot(recorded, mlp, s, test_set, **o),
+             "trak": lambda s, **o: attrib.analyze.trak(recorded, mlp, s, test_set, k=16,
+                                                        damping=1e-2, **o),
+             "influence": lambda s, **o: attrib.analyze.influence(recorded, mlp, s, test_set,
+                                                                  **o).scores}
+    for name, call in calls.items():
+        for bad in (wrong_labels, shuffled):
+            with pytest.raises(ValueError, match="doesn't reproduce the gradient recorded at "
+                                                 "step 0.*pass check_data=False"):
+                call(bad, progress=False)
+        assert call((x, y), progress=False).num_rows == 3 * len(y), name
+        unchecked = call(wrong_labels, progress=False, check_data=False)  # the user's call
+        assert unchecked.num_rows == 3 * len(y)
+    assert calls["tracin"]((x[:40], y[:40]), progress=False).num_rows == 3 * 40  # a prefix

@@ -150,7 +150,8 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                 target: targets.Target = "loss", by: tuple[str, ...] = ("example",),
                 quadrature: int | str = 2, stride: int | None = None, similarity: bool = False,
                 stages: dict[str, range] | None = None, dtype: torch.dtype = torch.float64,
-                progress: bool = True, tol: tuple[float, float] = (1e-4, 1e-6)
+                progress: bool = True, tol: tuple[float, float] = (1e-4, 1e-6),
+                max_nodes: int = MAX_NODES
                 ) -> PathKernelResult:
     """Influence of every recorded training example, step and parameter on f at test points.
 
@@ -163,7 +164,8 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     `quadrature`: Gauss–Legendre nodes per segment (2), "midpoint:K", "left", or "adaptive":
     q = 2 on parts of the segment, bisected worst first while a part misses its exact
     integral by more than its share of `tol` = (rtol, atol), i.e. rtol·|f(θ_N) − f(θ_0)| +
-    atol per test point over the run, up to MAX_NODES evaluations (see _Integrator).
+    atol per test point over the run, up to `max_nodes` gradient evaluations per segment
+    (see _Integrator).
     `stride=K` integrates one ḡ per segment of K steps, shared by its steps: completeness stays
     exact, only the credit within a segment is approximated (K = 1, the default, is exact).
     `similarity=True` adds, per layer, the similarity of test points from the model's
@@ -191,7 +193,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
         run, model, inputs, labels, target, dtype, run.n_steps)
     integrator = _Integrator(model, names, inputs, labels, target, quadrature,
                              tolerance=(tol[0] * np.abs(f_final - f_initial) + tol[1])
-                             / len(segments))
+                             / len(segments), max_nodes=max_nodes)
 
     def forward(first: int, stop: int):
         """θ_s and ḡ_s for steps [first, stop); `first` starts a segment."""
@@ -274,12 +276,14 @@ class _Integrator:
     rule. The adaptive rule bisects: a part whose Gauss–Legendre q = 2 misses its exact
     integral by more than its share of the tolerance (its width times the segment's) is split
     in two, the worst first, until every part is within its share or the segment has used
-    MAX_NODES gradient evaluations. Across a ReLU kink ∇f jumps, so a fixed rule converges
+    `max_nodes` gradient evaluations. Across a ReLU kink ∇f jumps, so a fixed rule converges
     only like h there: bisection puts the nodes at the kinks and leaves smooth steps at two."""
 
     def __init__(self, model: torch.nn.Module, names: list[str], inputs, labels,
-                 target: targets.Target, spec: int | str, tolerance: np.ndarray) -> None:
+                 target: targets.Target, spec: int | str, tolerance: np.ndarray,
+                 max_nodes: int = MAX_NODES) -> None:
         self.model, self.names, self.inputs, self.labels = model, names, inputs, labels
+        self.max_nodes = max_nodes
         self.target = target
         self.rule = quadrature_rule(spec)
         self.adaptive = spec == ADAPTIVE
@@ -301,7 +305,7 @@ class _Integrator:
 
         parts = [part(0.0, 1.0, self._f(at(0.0)), self._f(at(1.0)))]
         used = len(self.rule)
-        while self.adaptive and used + 2 * len(self.rule) <= MAX_NODES:
+        while self.adaptive and used + 2 * len(self.rule) <= self.max_nodes:
             worst = max(range(len(parts)), key=lambda i: parts[i].over)
             p = parts[worst]
             if p.over <= 1.0:

@@ -3,6 +3,7 @@ stage detection on a run that groks, and `attrib report` rendered by headless Ch
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -39,6 +40,14 @@ def test_demo_records_analyses_and_reports(demo_dir):
                                    "FROM completeness").to_pylist()[0]
     assert abs(per_layer.as_py() - completeness["d"]) < 1e-3 * abs(completeness["d"]) + \
         32 * completeness["q"]
+    # the demo prints how complete each pair is; every gap lies within its quadrature error
+    pairs = attrib.sql(run, "SELECT count(*) AS n, count(*) FILTER (abs(gap) <= "
+                            "quadrature_error * (1 + 1e-9) + 1e-12) AS bounded "
+                            "FROM completeness").to_pylist()[0]
+    assert pairs["bounded"] == pairs["n"] == 8
+    assert "completeness: per test pair" in printed and "gap_within_its_bound" in printed
+    used = json.loads((out / "run" / "analysis" / "path-kernel" / "analysis.json").read_text())
+    assert (used["quadrature"], used["max_nodes"], used["stride"]) == ("adaptive", 16, 5)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "http" not in page.split("<body>")[1]
     # each analysis under its own name and orientation, each example with what it did to f

@@ -286,8 +286,8 @@ def test_a_training_set_that_does_not_reproduce_the_run_is_refused(recorded):
                                                                   **o).scores}
     for name, call in calls.items():
         for bad in (wrong_labels, shuffled):
-            with pytest.raises(ValueError, match="doesn't reproduce the gradient recorded at "
-                                                 "step 0.*pass check_data=False"):
+            with pytest.raises(ValueError, match=r"doesn't reproduce the gradient recorded at "
+                                                 r"step 0.*pass check_data=False"):
                 call(bad, progress=False)
         assert call((x, y), progress=False).num_rows == 3 * len(y), name
         unchecked = call(wrong_labels, progress=False, check_data=False)  # the user's call

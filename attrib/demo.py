@@ -111,8 +111,9 @@ def run_demo(out: Path, quick: bool = False, p: int | None = None,
                                     method=("replay", "path"), dtype=torch.float32,
                                     progress=progress)
     attrib.analyze.save(run, "stages", {"stage_effects": effects}, {"method": "stages"})
-    echo("\nstage accountability: Δ test loss had the stage not run (replay), and the loss "
-         "change along the path that happened during it (path), mean over test pairs:")
+    echo("\nstage accountability: Δ test loss had the stage not run (replay), and minus the "
+         "loss change that happened during it (path: what undoing just that change would do), "
+         "mean over test pairs:")
     echo(render.stage_summary(effects, None))
 
     # the adaptive rule at a capped cost: ~1.3× the fixed 2-node rule here, worst gap ~4%

@@ -104,3 +104,21 @@ def test_training_curves_draw_no_empty_accuracy_panel(tmp_path):
                                      tmp_path / "curves.png")
     height, width = matplotlib.image.imread(path).shape[:2]
     assert (width, height) == (840, 360)  # 7 × 3 inches at 120 dpi: one panel
+
+
+def test_the_readme_refresh_script_finds_every_table_the_demo_prints(demo_dir):
+    """docs/refresh_demo.py rewrites the README's demo blocks from the demo's output: every
+    block it fills must be printed by the demo, and every block must exist in the README."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("refresh_demo", root / "docs" / "refresh_demo.py")
+    refresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refresh)
+    tables = refresh.printed_tables(demo_dir[1])
+    assert set(tables) == set(refresh.SECTIONS)
+    assert tables["completeness"].splitlines()[0].split()[:2] == ["test_pairs", "within_1e-3"]
+    readme = (root / "README.md").read_text()
+    for key, table in tables.items():
+        assert table in refresh.replace_block(readme, key, table)

@@ -5,8 +5,12 @@ seed and the parameter's name, on the CPU (so every machine draws the same numbe
 recorder for training gradients and by the analyzer for test gradients. Entries are N(0, 1/k),
 so E[RᵀR] = I and ⟨R c, R c'⟩ is an unbiased estimate of c · c'.
 
-Two kinds (METHODS.md §2, projected mode):
+Three kinds (METHODS.md §2, projected mode):
 - dense: R ∈ R^{k×numel}, applied to the flattened gradient.
+- sjlt: a sparse Johnson–Lindenstrauss transform with one nonzero per column (a count
+  sketch): coordinate j of the flattened gradient is added, with sign σ_j = ±1, to output
+  h(j) ∈ [0, k). E[RᵀR] = I as for the others; it costs one pass over the gradient and no
+  k × numel matrix, but needs the gradient formed (no factored shortcut).
 - kron: for a tensor viewed as a matrix (m, n), R = R_l ⊗ R_r with R_l ∈ R^{k_l×m},
   R_r ∈ R^{k_r×n}, k = k_l·k_r, entries N(0, 1/k_l) and N(0, 1/k_r); then R vec(C) =
   vec(R_l C R_rᵀ), which a layer's factored gradient Σ_t g_t ⊗ a_t reaches without forming C.
@@ -24,7 +28,7 @@ from functools import lru_cache
 
 import torch
 
-KINDS = ("dense", "kron")
+KINDS = ("dense", "kron", "sjlt")
 
 
 def _generator(seed: int, name: str, tag: str) -> torch.Generator:
@@ -37,6 +41,16 @@ def gaussian(seed: int, name: str, tag: str, rows: int, cols: int) -> torch.Tens
     """A (rows, cols) float32 matrix with N(0, 1/rows) entries, reproducible from its key."""
     g = _generator(seed, name, tag)
     return torch.randn(rows, cols, generator=g) / math.sqrt(rows)
+
+
+@lru_cache(maxsize=256)
+def sjlt_hash(seed: int, name: str, k: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sjlt kind's R, reproducible from its key: per coordinate its output row h(j)
+    (int64) and sign σ_j (float32 ±1)."""
+    g = _generator(seed, name, f"sjlt/{k}")
+    rows = torch.randint(0, k, (numel,), generator=g)
+    signs = torch.randint(0, 2, (numel,), generator=g).float() * 2 - 1
+    return rows, signs
 
 
 def kron_split(k: int) -> tuple[int, int]:
@@ -105,5 +119,10 @@ def project(vectors: torch.Tensor, shape: tuple[int, ...], kind: str, k: int, se
         r_l, r_r = kron_factors(seed, name, split, *view)
         c = vectors.reshape(batch, *view)
         return (r_l.to(c) @ c @ r_r.to(c).T).reshape(batch, k)
+    if kind == "sjlt":
+        rows, signs = sjlt_hash(seed, name, k, math.prod(shape))
+        flat = vectors.reshape(batch, -1)
+        return flat.new_zeros(batch, k).index_add_(1, rows.to(flat.device),
+                                                   flat * signs.to(flat))
     r = dense_matrix(seed, name, k, math.prod(shape))
     return vectors.reshape(batch, -1) @ r.to(vectors).T

@@ -31,7 +31,7 @@ def test_projection_is_reproducible_from_seed_and_name():
     assert torch.equal(a, b) and not torch.allclose(a, other)
 
 
-@pytest.mark.parametrize("kind", ["dense", "kron"])
+@pytest.mark.parametrize("kind", ["dense", "kron", "sjlt"])
 def test_inner_product_error_shrinks_like_one_over_sqrt_k(kind):
     """Mean |⟨Rc, Rc'⟩ − c·c'| / (|c||c'|) over fixed random pairs, at k and 16k: ≈ 4× apart."""
     g = torch.Generator().manual_seed(0)
@@ -55,7 +55,7 @@ def test_inner_product_error_shrinks_like_one_over_sqrt_k(kind):
     assert 2.8 < small / large < 5.7, (small, large)  # √16 = 4
 
 
-@pytest.mark.parametrize("kind", ["kron", "dense"])
+@pytest.mark.parametrize("kind", ["kron", "dense", "sjlt"])
 def test_recorded_projection_equals_analysis_side_projection(run_dir, kind):
     """The recorder's factored path stores exactly what attrib.project gives the analyzer."""
     make, data = CASES["transformer"]
@@ -148,3 +148,16 @@ def test_the_kron_split_fits_the_shape_so_the_projection_has_rank_k():
     assert projection.recorded_split({**old, "split": None}, (32, 20)) is None
     assert projection.recorded_split(old, (20,)) is None  # a bias: dense
 
+
+
+def test_sjlt_is_a_count_sketch_with_one_signed_entry_per_column():
+    """R of kind sjlt, formed column by column from its definition: each coordinate lands in
+    one output row with sign ±1, so the projection is the sketch matrix times the vector."""
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    rows, signs = projection.sjlt_hash(2, "w", 16, 35)
+    matrix = torch.zeros(16, 35, dtype=torch.float64)
+    matrix[rows, torch.arange(35)] = signs.double()
+    assert (matrix != 0).sum(0).eq(1).all() and set(signs.tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(projection.project(c, (7, 5), "sjlt", 16, 2, "w"),
+                               c.reshape(3, -1) @ matrix.T, rtol=0, atol=1e-12)

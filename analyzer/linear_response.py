@@ -48,6 +48,18 @@ class LinearResponseResult:
 
 
 @dataclass
+class Adjoint:
+    """λ_t, the adjoint of the state before step t: cotangents of θ_t, of the buffers (b or
+    m) and of Adam's v, per test point; and per stage the Adam step-count sources of the
+    steps from t on (what skipping the stage changes in their bias corrections)."""
+
+    theta: dict[str, torch.Tensor]
+    m: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    source: np.ndarray  # (n_stages, n_test)
+
+
+@dataclass
 class _Snapshot:
     """The optimizer state before a step: buffers (b or m) and Adam's v."""
 
@@ -117,21 +129,22 @@ def _linear_response(run, model_fn, train_set, test_set, target, stages, by, los
                           run.steps.column("stage").to_pylist(),
                           dict(zip(run.param_names, run.params.column("module").to_pylist())))
             if has_examples else None)
-    sweep = _Sweep(run, batches, chosen, adjoint, rows, dtype)
+    sweep = AdjointSweep(run, batches, chosen, adjoint, rows, dtype)
     sweep.sweep(progress)
     return LinearResponseResult(effects_table(chosen, sweep.effects, "linear-response"),
                                 rows.table() if rows is not None else None, f_final)
 
 
-class _Sweep:
+class AdjointSweep:
     """The reverse sweep: blocks of steps from last to first, each rebuilt forward from a
     snapshot of the optimizer state taken in one forward pass over the stored gradients."""
 
     def __init__(self, run: Run, batches: TrainingBatches, stages: list[Stage],
                  adjoint: dict[str, torch.Tensor], rows: InfluenceRows | None,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, keep: frozenset[int] = frozenset()) -> None:
         self.run, self.batches, self.stages, self.rows, self.dtype = run, batches, stages, rows, \
             dtype
+        self.keep, self.kept = keep, {}  # steps t whose λ_t to keep → the kept Adjoint
         self.names = run.param_names
         self.dynamics = Dynamics(run)
         self.adam = self.dynamics.kind != "sgd"
@@ -182,6 +195,11 @@ class _Sweep:
                 contributions = {name: self.run.example_rows(name, first, stop)
                                  .to(self.dtype) for name in self.captured} if self.rows else {}
                 for s in range(stop - 1, first - 1, -1):
+                    if s + 1 in self.keep:
+                        self.kept[s + 1] = Adjoint(*({n: a.clone() for n, a in part.items()}
+                                                     for part in (self.a_theta, self.a_m,
+                                                                  self.a_v)),
+                                                   self.source.copy())
                     self._stage_effects(s + 1)
                     self._step(s, states[s - first], {n: c[s - first]
                                                       for n, c in contributions.items()})

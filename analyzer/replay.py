@@ -66,7 +66,7 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
     first = min(s.start for s in stages)
     optimizer, groups = build_optimizer(run, params)
-    _load(run, optimizer, params, first, dtype)
+    load_state(run, optimizer, params, first, dtype)
     n = run.n_steps
     starts = {s.start for s in stages}
     snapshots = {}
@@ -76,16 +76,16 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
                                                   desc="replay", unit="step") as bar:
         for s in range(first, n):
             if s in starts:
-                snapshots[s] = _snapshot(params, optimizer)
-            _step(run, batches, dynamics, (optimizer, groups), params, s, threshold)
+                snapshots[s] = snapshot(params, optimizer)
+            replay_step(run, batches, dynamics, (optimizer, groups), params, s, threshold)
             bar.update(1)
         baseline = {name: p.detach().clone() for name, p in zip(run.param_names, params)}
         f_baseline = evaluate(baseline)
         effects = []
         for stage in stages:
-            _restore(params, optimizer, snapshots[stage.start])
+            restore(params, optimizer, snapshots[stage.start])
             for s in range(stage.stop, n):
-                _step(run, batches, dynamics, (optimizer, groups), params, s, threshold)
+                replay_step(run, batches, dynamics, (optimizer, groups), params, s, threshold)
                 bar.update(1)
             effects.append(evaluate({name: p.detach().clone()
                                      for name, p in zip(run.param_names, params)}) - f_baseline)
@@ -99,7 +99,7 @@ def _norm(tensors: dict[str, torch.Tensor]) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))
 
 
-def _load(run: Run, optimizer, params, step: int, dtype) -> None:
+def load_state(run: Run, optimizer, params, step: int, dtype) -> None:
     """θ_step and the optimizer state before `step`: buffers recomputed from the stored
     gradients, Adam's v and step count as recorded."""
     theta = run.reconstruct(step)
@@ -125,8 +125,10 @@ def _load(run: Run, optimizer, params, step: int, dtype) -> None:
                 optimizer.state[p] = state
 
 
-def _step(run: Run, batches: TrainingBatches, dynamics: Dynamics, built, params, s: int,
-          threshold: float | None) -> None:
+def replay_step(run: Run, batches: TrainingBatches, dynamics: Dynamics, built, params, s: int,
+                threshold: float | None) -> None:
+    """Step s of the recorded training: its batch, hyperparameters and clipping, on `params`
+    with `built` = (optimizer, its groups' recorded indices)."""
     optimizer, groups = built  # the optimizer, and each of its groups' recorded index
     set_hparams(optimizer, groups, dynamics.hparams, s)
     optimizer.zero_grad(set_to_none=True)
@@ -141,12 +143,17 @@ def _step(run: Run, batches: TrainingBatches, dynamics: Dynamics, built, params,
     optimizer.step()
 
 
-def _snapshot(params, optimizer) -> tuple[list[torch.Tensor], dict]:
+Snapshot = tuple[list[torch.Tensor], dict]  # parameter values, optimizer state_dict
+
+
+def snapshot(params, optimizer) -> Snapshot:
+    """A copy of the replay's state: parameter values and the optimizer's state."""
     return [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
 
 
-def _restore(params, optimizer, snapshot) -> None:
-    values, state = snapshot
+def restore(params, optimizer, saved: Snapshot) -> None:
+    """Put a snapshot back (into these or other parameters of the same layout)."""
+    values, state = saved
     with torch.no_grad():
         for p, value in zip(params, values):
             p.copy_(value)

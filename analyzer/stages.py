@@ -9,6 +9,8 @@ learning rate. The effect is Δf_S(x) = f(x; θ_N^{−S}) − f(x; θ_N).
 - "frozen": later gradients held at their recorded values, no forward/backward passes; the
   cheap baseline, wrong for early stages that later training heals (analyzer/frozen.py);
 - "replay": retraining with the stage skipped, the ground truth (analyzer/replay.py);
+- "hybrid": replay the `window` steps after the stage, then the adjoint from there on; the
+  "auto" window grows until the estimate settles (analyzer/hybrid.py);
 - "path": f(θ_a) − f(θ_e), minus what the stage's updates changed along the path that
   happened: credit for what the stage did, not a counterfactual (the path kernel's view).
 """
@@ -24,13 +26,14 @@ import torch
 
 from attrib.analyzer import targets
 from attrib.analyzer.frozen import frozen_effects
+from attrib.analyzer.hybrid import AUTO_TOL, hybrid_effects
 from attrib.analyzer.linear_response import check_supported, linear_response
 from attrib.analyzer.replay import replay_effects
 from attrib.analyzer.run import Run
 from attrib.analyzer.stage_spec import effects_table, resolve
 from attrib.analyzer.training import LossFn, TrainingBatches, check_gradients
 
-METHODS = ("linear-response", "frozen", "replay", "path")
+METHODS = ("linear-response", "frozen", "replay", "path", "hybrid")
 
 AGREEMENT = pa.schema([
     pa.field("method", pa.string()), pa.field("stage", pa.string()),
@@ -53,7 +56,8 @@ def stages(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_se
            target: targets.Target = "loss", stages=None,
            method: str | Sequence[str] = "linear-response", loss_fn: LossFn | None = None,
            accumulation: str = "mean", max_grad_norm: float | str | None = "recorded",
-           dtype: torch.dtype = torch.float64, progress: bool = True) -> pa.Table:
+           dtype: torch.dtype = torch.float64, progress: bool = True,
+           window: int | str = "auto", window_tol: float = AUTO_TOL) -> pa.Table:
     """Δf_S(x) for every stage and test point: Arrow table (stage, start, end, test_id, effect,
     method); `method` may name several (e.g. ("linear-response", "frozen", "replay")).
 
@@ -61,10 +65,12 @@ def stages(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_se
     `train_set[i]` is the example with example_id i; `loss_fn(output, labels)` one
     micro-batch's training loss (default mean cross-entropy / MSE); `accumulation` "mean" or
     "sum" over micro-batches; `max_grad_norm` the replay's clipping threshold ("recorded":
-    implied by the recorded clip factors). See `stage_report` for replay's diagnostics.
+    implied by the recorded clip factors); `window`, `window_tol`: the hybrid's replay window
+    (steps, or "auto": doubled until successive estimates agree within window_tol). See
+    `stage_report` for the replay's and the hybrid's diagnostics.
     """
     return stage_report(run, model_fn, train_set, test_set, target, stages, method, loss_fn,
-                        accumulation, max_grad_norm, dtype, progress).table
+                        accumulation, max_grad_norm, dtype, progress, window, window_tol).table
 
 
 def stage_report(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, test_set,
@@ -72,16 +78,20 @@ def stage_report(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, t
                  method: str | Sequence[str] = "linear-response",
                  loss_fn: LossFn | None = None, accumulation: str = "mean",
                  max_grad_norm: float | str | None = "recorded",
-                 dtype: torch.dtype = torch.float64, progress: bool = True) -> StageReport:
+                 dtype: torch.dtype = torch.float64, progress: bool = True,
+                 window: int | str = "auto", window_tol: float = AUTO_TOL) -> StageReport:
     """`stages()` with notes: replay drift (‖θ_N^{replay} − θ_N‖ / ‖θ_N − θ_start‖) and the
-    clipping threshold replay applied, gradient check of the rebuilt losses."""
+    clipping threshold replay applied, gradient check of the rebuilt losses, and per stage the
+    hybrid's window and linearisation check (notes["hybrid"])."""
     with torch.random.fork_rng(devices=[]):  # replayed generator states stay in here
         return _stage_report(run, model_fn, train_set, test_set, target, stages, method,
-                             loss_fn, accumulation, max_grad_norm, dtype, progress)
+                             loss_fn, accumulation, max_grad_norm, dtype, progress, window,
+                             window_tol)
 
 
 def _stage_report(run, model_fn, train_set, test_set, target, stages, method, loss_fn,
-                  accumulation, max_grad_norm, dtype, progress) -> StageReport:
+                  accumulation, max_grad_norm, dtype, progress, window, window_tol
+                  ) -> StageReport:
     methods = [method] if isinstance(method, str) else list(method)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -96,6 +106,17 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
             return targets.evaluate(model, params, inputs, labels, target).cpu().numpy()
 
     tables, notes = [], {}
+    replayable: list[TrainingBatches] = []
+
+    def batches() -> TrainingBatches:
+        """The rebuilt training, checked once against the recorded gradients."""
+        if not replayable:
+            replayable.append(TrainingBatches(run, run.build_model(model_fn, dtype).train(),
+                                              train_set, loss_fn, accumulation, dtype))
+            notes["gradient_check"] = check_gradients(
+                run, replayable[0], sorted({0, run.n_steps // 2, run.n_steps - 1}))
+        return replayable[0]
+
     for name in methods:
         if name == "linear-response":
             result = linear_response(run, model_fn, train_set, test_set, target, chosen,
@@ -108,13 +129,17 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
         elif name == "path":
             effects = np.stack([evaluate(run.reconstruct(s.start)) - evaluate(
                 run.reconstruct(s.stop)) for s in chosen])
+        elif name == "hybrid":
+            check_supported(run, "hybrid")
+            theta_n = {n: t.to(dtype) for n, t in run.reconstruct(run.n_steps).items()}
+            hybrid = hybrid_effects(run, batches(), chosen, targets.gradients(
+                model, theta_n, inputs, labels, target), evaluate, window, window_tol,
+                max_grad_norm, progress)
+            effects, notes["hybrid"] = hybrid.effects, hybrid.diagnostics
         else:
             check_supported(run, "replay")
-            batches = TrainingBatches(run, run.build_model(model_fn, dtype).train(), train_set,
-                                      loss_fn, accumulation, dtype)
-            notes["gradient_check"] = check_gradients(
-                run, batches, sorted({0, run.n_steps // 2, run.n_steps - 1}))
-            replayed = replay_effects(run, batches, chosen, evaluate, max_grad_norm, progress)
+            replayed = replay_effects(run, batches(), chosen, evaluate, max_grad_norm,
+                                      progress)
             effects = replayed.effects
             notes["replay_drift"], notes["max_grad_norm"] = replayed.drift, \
                 replayed.max_grad_norm

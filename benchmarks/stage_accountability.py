@@ -1,6 +1,6 @@
 """Stage accountability: what one adjoint sweep costs next to training, and how well each
 estimator agrees with replay (retraining with the stage skipped) by stage length, position and
-learning rate.
+learning rate, and the hybrid (a replay window after the stage, then the adjoint) by window.
 
 Runs METHODS.md §4's prototype (`attrib.setups.stage_scenario`: tanh MLP 12-32-4 on teacher
 data, batch 32, 120 steps, cosine LR; SGD + momentum 0.9 + weight decay 5e-3, or AdamW with
@@ -10,7 +10,9 @@ test loss). Three tables:
    float64 and float32, the frozen-gradient estimator and replay of all 9 stages, also on a
    784-256-256-10 MLP (batch 128) where compute, not Python, dominates;
 2. agreement per stage (Pearson r and sign agreement over the 40 test points, vs replay);
-3. agreement pooled over the 9 stages vs learning rate, with replay's drift.
+3. agreement pooled over the 9 stages vs learning rate, with replay's drift;
+4. the hybrid by window (0 = linear response, fixed W, "auto"): pooled agreement and seconds;
+5. the grokking demo's run (Adam near zero loss): hybrid (auto) and replay per stage, seconds.
 Run: `python benchmarks/stage_accountability.py [--quick]`.
 """
 
@@ -21,7 +23,10 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -30,7 +35,9 @@ from attrib.cli.render import aligned
 from attrib.setups import ADAMW_LR, SGD_LR, stage_scenario, train_scenario
 
 LEARNING_RATES = {"sgd": (0.02, SGD_LR, 0.1, 0.2), "adamw": (0.003, ADAMW_LR, 0.03)}
-ESTIMATORS = ("linear-response", "frozen")
+ESTIMATORS = ("linear-response", "frozen", "hybrid")
+WINDOWS = (0, 2, 8, "auto")
+WINDOW_SETTINGS = (("sgd", SGD_LR), ("sgd", 0.1), ("sgd", 0.2), ("adamw", ADAMW_LR))
 
 
 def wide_mlp() -> torch.nn.Module:
@@ -64,7 +71,8 @@ def cost_row(label: str, run, model_fn, train, test, stages, train_seconds: floa
            "test_points": len(test[1]), "train_s": round(train_seconds, 3)}
     for name, fn in {"linear_response_f64": analysis("linear-response"),
                      "linear_response_f32": analysis("linear-response", torch.float32),
-                     "frozen": analysis("frozen"), "replay": analysis("replay")}.items():
+                     "frozen": analysis("frozen"), "hybrid_auto": analysis("hybrid"),
+                     "replay": analysis("replay")}.items():
         seconds = timed(fn)
         row[f"{name}_s"] = round(seconds, 2)
         row[f"{name}_x"] = round(seconds / train_seconds, 1)
@@ -116,6 +124,68 @@ def agreements(tmp: str, quick: bool) -> tuple[list[dict], list[dict]]:
     return per_stage, pooled
 
 
+def by_window(tmp: str, quick: bool) -> list[dict]:
+    """Pooled agreement with replay and seconds of the hybrid per window."""
+    rows = []
+    for optimizer, lr in WINDOW_SETTINGS[:1] if quick else WINDOW_SETTINGS:
+        scenario = stage_scenario(f"{tmp}/window-{optimizer}-{lr}", optimizer, lr=lr)
+        common = dict(stages=scenario.stages, progress=False)
+        replay = attrib.analyze.stages(scenario.run, scenario.model, scenario.train,
+                                       scenario.test, method="replay", **common)
+        for window in WINDOWS:
+            started = time.perf_counter()
+            report = attrib.analyze.stage_report(scenario.run, scenario.model, scenario.train,
+                                                 scenario.test, method="hybrid", window=window,
+                                                 **common)
+            seconds = time.perf_counter() - started
+            pooled = {r["stage"]: r for r in attrib.analyze.agreement(
+                pa.concat_tables([report.table, replay])).to_pylist()}["(all)"]
+            windows = [n["window"] for n in report.notes["hybrid"]]
+            rows.append({"optimizer": optimizer, "lr": lr, "window": str(window),
+                         "windows_used": " ".join(map(str, windows)),
+                         "hybrid_r": round(pooled["pearson"], 3),
+                         "hybrid_signs": f"{100 * pooled['sign_agreement']:.1f}%",
+                         "hybrid_s": round(seconds, 2)})
+    return rows
+
+
+def grokking(tmp: str) -> list[dict]:
+    """The demo's run: the hybrid's auto window against replay per stage (float32, as the
+    demo), with each one's seconds."""
+    from attrib.demo import detect_stages, record, test_points
+    from attrib.grokking import GrokConfig, OneLayerTransformer, modular_addition
+
+    config = GrokConfig()
+    data = modular_addition(config)
+    run = record(config, data, Path(tmp) / "grokking", progress=False)
+    stages, test = detect_stages(run), test_points(data, 8, 4)
+    effects, seconds, notes = {}, {}, {}
+    for method in ("hybrid", "replay"):
+        started = time.perf_counter()
+        report = attrib.analyze.stage_report(run, partial(OneLayerTransformer, config),
+                                             data.train_set, test, stages=stages,
+                                             method=method, dtype=torch.float32,
+                                             progress=False)
+        seconds[method] = time.perf_counter() - started
+        effects[method] = {r["stage"]: [] for r in report.table.to_pylist()}
+        for r in report.table.to_pylist():
+            effects[method][r["stage"]].append(r["effect"])
+        notes.update({n["stage"]: n for n in report.notes.get("hybrid", [])})
+    rows = []
+    for stage, steps in stages.items():
+        hybrid, replay = (np.mean(effects[m][stage]) for m in ("hybrid", "replay"))
+        rows.append({"stage": stage, "steps": f"{steps.start}-{steps.stop - 1}",
+                     "mean_hybrid": round(float(hybrid), 4),
+                     "mean_replay": round(float(replay), 4),
+                     "relative_difference": f"{abs(hybrid - replay) / abs(replay):.1e}",
+                     "window": notes[stage]["window"],
+                     "converged": notes[stage]["converged"]})
+    rows.append({"stage": "(seconds)", "steps": "", "mean_hybrid": round(seconds["hybrid"], 1),
+                 "mean_replay": round(seconds["replay"], 1), "relative_difference": "",
+                 "window": None, "converged": None})
+    return rows
+
+
 def _scores(found: dict, stage: str) -> dict:
     out = {}
     for method in ESTIMATORS:
@@ -132,6 +202,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cost = costs(tmp, args.quick)
         per_stage, pooled = agreements(tmp, args.quick)
+        windows = by_window(tmp, args.quick)
+        grok = [] if args.quick else grokking(tmp)
     print(f"# stage_accountability.py: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print("\n## cost: seconds, and multiples of the plain training's seconds (_x)")
@@ -140,6 +212,12 @@ def main() -> None:
     print(aligned(pa.Table.from_pylist(per_stage)))
     print("\n## agreement with replay pooled over 9 stages x 40 test points, by learning rate")
     print(aligned(pa.Table.from_pylist(pooled)))
+    print("\n## hybrid by window: pooled agreement with replay, and the windows each stage used")
+    print(aligned(pa.Table.from_pylist(windows)))
+    if grok:
+        print("\n## the grokking demo's run (AdamW near zero loss, 32 test pairs, float32): "
+              "mean effect per stage")
+        print(aligned(pa.Table.from_pylist(grok)))
 
 
 if __name__ == "__main__":

@@ -299,8 +299,11 @@ def _stage_errors(work):
 @click.option("--train", "train_ref", required=True,
               help="PKG.MOD:NAME of the training set, indexed by example_id.")
 @click.option("--method", "methods", multiple=True,
-              type=click.Choice(["linear-response", "frozen", "replay", "path"]),
+              type=click.Choice(["linear-response", "frozen", "replay", "path", "hybrid"]),
               help="Estimator(s), repeatable [default: linear-response].")
+@click.option("--window", default="auto", show_default=True, metavar="STEPS|auto",
+              help="hybrid: steps replayed after each stage before the adjoint takes over "
+                   "('auto': doubled until the estimate settles).")
 @click.option("--replay", is_flag=True, help="Also replay training (the ground truth) and "
               "report each method's agreement with it.")
 @click.option("--stage", "stage_specs", multiple=True, metavar="NAME=FIRST:LAST",
@@ -319,9 +322,10 @@ def _stage_errors(work):
 def stages_command(run: str, model_ref: str, data_ref: str, train_ref: str,
                    methods: tuple[str, ...], replay: bool, stage_specs: tuple[str, ...],
                    target: str, loss_ref: str | None, accumulation: str, plot: str | None,
-                   name: str, quiet: bool) -> None:
+                   name: str, quiet: bool, window: str) -> None:
     """What if a training stage had not run? Δf = f(θ_N without the stage) − f(θ_N) per stage
-    and test point, by linear response (default), frozen gradients, replay or along the path."""
+    and test point, by linear response (default), frozen gradients, replay, the hybrid (a
+    replay window, then linear response) or along the path."""
     from attrib.analyzer import analyze as api
     from attrib.analyzer.plots import stage_effects_chart
     from attrib.analyzer.run import open_run
@@ -335,17 +339,20 @@ def stages_command(run: str, model_ref: str, data_ref: str, train_ref: str,
     chosen = list(dict.fromkeys(methods or ("linear-response",)))
     if replay and "replay" not in chosen:
         chosen.append("replay")
+    if window != "auto" and not window.isdigit():
+        _fail(f"--window {window!r}: a number of steps, or auto")
     try:
         ranges = dict(_stage_range(spec) for spec in stage_specs) or None
         report = _stage_errors(lambda: api.stage_report(
             recorded, load_object(model_ref), load_data(train_ref), load_data(data_ref),
             target=target, stages=ranges, method=chosen,
             loss_fn=load_object(loss_ref) if loss_ref else None, accumulation=accumulation,
-            progress=not quiet))
+            progress=not quiet, window=int(window) if window.isdigit() else window))
     except ValueError as e:
         _fail(str(e))
     folder = api.save(recorded, name, {"stage_effects": report.table},
                       {"method": "stages", "methods": chosen, "target": target,
+                       **({"window": window} if "hybrid" in chosen else {}),
                        "model": model_ref, "data": data_ref, "train": train_ref,
                        "notes": report.notes, "created": now_iso()})
     agreement = api.agreement(report.table) if "replay" in chosen and len(chosen) > 1 else None

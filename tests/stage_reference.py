@@ -110,8 +110,16 @@ def stage_derivative(ref: Unrolled, zs, start: int, stop: int, f) -> np.ndarray:
     """d/dε f(θ_N) when the state at `stop` is moved by ε (z_start − z_stop) and Adam's later
     updates by ε (their change under the skip's count shift): the linear-response estimate of
     skipping steps start … stop − 1, by autograd."""
+    return perturbation_derivative(ref, zs[start], zs[stop], stop, stop - start, f)
+
+
+def perturbation_derivative(ref: Unrolled, moved, at, t: int, shift: int, f) -> np.ndarray:
+    """d/dε f(θ_N) when the state `at` before step t is moved by ε (moved − at) and every later
+    Adam update by ε times its change under a step-count shift of `shift`, by autograd: the
+    first-order effect from t on of a state perturbation (the hybrid's estimate with the replay
+    window ending at t, when `moved` is the state the skipped replay reached)."""
     epsilon = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    (theta_a, state_a), (theta_e, state_e) = zs[start], zs[stop]
+    (theta_a, state_a), (theta_e, state_e) = moved, at
     theta = {n: theta_e[n].detach() + epsilon * (theta_a[n] - theta_e[n]).detach()
              for n in theta_e}
     state = {"t": state_e["t"]}
@@ -126,8 +134,8 @@ def stage_derivative(ref: Unrolled, zs, start: int, stop: int, f) -> np.ndarray:
             (m_a, v_a), (m_e, v_e) = state_a.get(n, zero), state_e.get(n, zero)
             state[n] = (m_e.detach() + epsilon * (m_a - m_e).detach(),
                         v_e.detach() + epsilon * (v_a - v_e).detach())
-    for s in range(stop, ref.run.n_steps):
-        theta, state = ref.step(theta, state, s, count_shift=stop - start, epsilon=epsilon)
+    for s in range(t, ref.run.n_steps):
+        theta, state = ref.step(theta, state, s, count_shift=shift, epsilon=epsilon)
     values = f(theta)
     return np.array([torch.autograd.grad(v, epsilon, retain_graph=True)[0].item()
                      for v in values])

@@ -1,0 +1,212 @@
+"""Hybrid stage estimator: a replay window, then the adjoint (METHODS.md §4).
+
+Linear response maps the state perturbation a skipped stage S = [a, e) leaves at e to the final
+f with one adjoint λ_e; it fails where later training heals or amplifies that perturbation
+nonlinearly (early stages, large learning rates, Adam near zero loss). The hybrid replays the W
+steps after the stage exactly (the real torch.optim, the recorded batches, learning rates and
+clipping, the stage skipped) and applies the adjoint only from e + W on:
+
+    Δf_S ≈ λ_{e+W} · (z^{−S}_{e+W} − z_{e+W}) + (Adam's step-count sources from e + W on)
+
+with z = (θ, buffers, Adam's v) before the step and z_{e+W} from a baseline replay that shares
+everything before the stage, so replay drift cancels as in "replay". W = 0 is linear response;
+W = N − e is replay (its exact f difference is used there). One adjoint sweep keeps λ at every
+candidate point of every stage; `window="auto"` doubles W (0, 1, 2, 4, …) until two successive
+estimates agree within `tol` (relative, over the test points) while the linearisation check
+passes, so each stage replays only as far as its nonlinearity reaches.
+
+The linearisation check (per candidate, in the diagnostics): `perturbation` = ‖Δθ‖ / ‖θ‖,
+and for Adam `update_change` = ‖Δ(m / (√v + ε))‖ / ‖m / (√v + ε)‖, how much of the update
+direction the perturbation changes (near zero loss √v ~ ε and a small Δm swings it); the auto
+window doesn't stop where first order is not trusted, past UPDATE_CHANGE_LIMIT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attrib.analyzer.dynamics import Dynamics
+from attrib.analyzer.linear_response import Adjoint, AdjointSweep
+from attrib.analyzer.progress import progress_bar
+from attrib.analyzer.replay import (
+    Snapshot,
+    clip_threshold,
+    load_state,
+    replay_step,
+    restore,
+    snapshot,
+)
+from attrib.analyzer.run import Run
+from attrib.analyzer.stage_spec import Stage
+from attrib.analyzer.training import TrainingBatches
+from attrib.analyzer.trajectory import build_optimizer
+
+UPDATE_CHANGE_LIMIT = 0.5  # Adam: beyond this the update direction is not a small change
+AUTO_TOL = 0.05  # successive auto-window estimates agreeing this closely (relative) stop it
+
+
+@dataclass
+class HybridResult:
+    effects: np.ndarray  # (n_stages, n_test)
+    diagnostics: list[dict]  # per stage: window, converged, change, perturbation, …
+
+
+def candidate_windows(stage: Stage, n_steps: int, window: int | str) -> list[int]:
+    """The windows tried for a stage: [W] (capped at the run's end) or 0, 1, 2, 4, … up to
+    the run's end ("auto")."""
+    room = n_steps - stage.stop
+    if window != "auto":
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"window={window!r}: a number of steps ≥ 0, or 'auto'")
+        return [min(window, room)]
+    out, w = [0], 1
+    while w < room:
+        out.append(w)
+        w *= 2
+    return [*out, room] if room > 0 else out
+
+
+def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
+                   adjoint: dict[str, torch.Tensor], evaluate: Callable[[dict], np.ndarray],
+                   window: int | str = "auto", tol: float = AUTO_TOL,
+                   max_grad_norm: float | str | None = "recorded",
+                   progress: bool = True) -> HybridResult:
+    """Δf_S for every stage by the hybrid estimator (see the module docstring). `adjoint`:
+    ∇f at θ_N per test point; `evaluate(θ)`: f at the test points."""
+    dtype, n = batches.dtype, run.n_steps
+    windows = [candidate_windows(s, n, window) for s in stages]
+    points = frozenset(s.stop + w for s, ws in zip(stages, windows) for w in ws if s.stop + w < n)
+    sweep = AdjointSweep(run, batches, stages, adjoint, None, dtype, keep=points)
+    sweep.sweep(progress)
+    threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
+    replay = _Replays(run, batches, threshold, min(s.start for s in stages),
+                      {s.start for s in stages} | points | {n})
+    effects, diagnostics = [], []
+    with progress_bar(total=sum(ws[-1] for ws in windows), progress=progress,
+                      desc="hybrid (replay windows)", unit="step") as bar:
+        for k, (stage, tried) in enumerate(zip(stages, windows)):
+            estimate, notes = replay.stage(k, stage, tried, sweep.kept, evaluate, tol, bar)
+            effects.append(estimate)
+            diagnostics.append({"stage": stage.name, **notes})
+    return HybridResult(np.stack(effects), diagnostics)
+
+
+class _Replays:
+    """A baseline replay that advances on demand and keeps its state at the points asked for,
+    and the skipped-stage replays that start from its state before each stage."""
+
+    def __init__(self, run: Run, batches: TrainingBatches, threshold: float | None, first: int,
+                 points: set[int]) -> None:
+        self.run, self.batches, self.threshold = run, batches, threshold
+        self.dynamics = Dynamics(run)
+        self.points, self.kept = points, {}
+        named = dict(batches.model.named_parameters())
+        self.base = [named[n].detach().clone().requires_grad_(True) for n in run.param_names]
+        self.base_optimizer = build_optimizer(run, self.base)
+        load_state(run, self.base_optimizer[0], self.base, first, batches.dtype)
+        self.position = first
+        self.skip = [p.detach().clone().requires_grad_(True) for p in self.base]
+        self.skip_optimizer = build_optimizer(run, self.skip)
+        order = [id(p) for group in self.skip_optimizer[0].param_groups for p in group["params"]]
+        # name → its index in the optimizer's state_dict (groups may reorder the tensors)
+        self.index = {name: order.index(id(p)) for name, p in zip(run.param_names, self.skip)}
+
+    def baseline(self, t: int) -> Snapshot:
+        """The baseline's state before step t (t one of `points`)."""
+        while self.position < t:
+            if self.position in self.points:
+                self.kept.setdefault(self.position, snapshot(self.base, self.base_optimizer[0]))
+            replay_step(self.run, self.batches, self.dynamics, self.base_optimizer, self.base,
+                        self.position, self.threshold)
+            self.position += 1
+        if t == self.position:
+            self.kept.setdefault(t, snapshot(self.base, self.base_optimizer[0]))
+        return self.kept[t]
+
+    def stage(self, k: int, stage: Stage, tried: list[int], kept: dict[int, Adjoint],
+              evaluate: Callable[[dict], np.ndarray], tol: float, bar) -> tuple[np.ndarray, dict]:
+        """Replay with the stage skipped through its candidate windows; the estimate at the
+        first window that agrees with the previous one (auto), or at the one window given."""
+        n = self.run.n_steps
+        restore(self.skip, self.skip_optimizer[0], self.baseline(stage.start))
+        s, previous, notes = stage.stop, None, {}
+        for w in tried:
+            while s < stage.stop + w:
+                replay_step(self.run, self.batches, self.dynamics, self.skip_optimizer,
+                            self.skip, s, self.threshold)
+                s += 1
+                bar.update(1)
+            t = stage.stop + w
+            base = self.baseline(t)
+            skipped = snapshot(self.skip, self.skip_optimizer[0])
+            if t == n:  # the replay itself: f exactly, no linearisation
+                estimate = evaluate(_state(skipped, self.index)[0]) - evaluate(
+                    _state(base, self.index)[0])
+                check = {"perturbation": None, "update_change": None}
+            else:
+                estimate = kept[t].source[k] + _dot(kept[t], self.index, skipped, base)
+                check = linearisation(self.run, base, skipped, self.index)
+            change = None if previous is None else float(
+                np.linalg.norm(estimate - previous) / max(np.linalg.norm(estimate), 1e-300))
+            notes = {"window": w, "converged": change is not None and change <= tol,
+                     "change": change, **check}
+            trusted = check["update_change"] is None or check["update_change"] <= \
+                UPDATE_CHANGE_LIMIT
+            if len(tried) == 1 or (notes["converged"] and trusted) or t == n:
+                return estimate, notes
+            previous = estimate
+        return estimate, notes
+
+
+def _state(saved: Snapshot, index: dict[str, int]) -> tuple[dict, dict, dict]:
+    """θ, buffers (momentum_buffer or exp_avg; zero where absent) and Adam's v by name;
+    `index`: each name's position in the parameters and the optimizer's state_dict."""
+    values, state = saved
+    theta, m, v = {}, {}, {}
+    per_param = state["state"]
+    for j, name in enumerate(index):
+        entry = per_param.get(index[name], {})
+        theta[name] = values[j].detach()
+        buffer = entry.get("momentum_buffer", entry.get("exp_avg"))
+        m[name] = torch.zeros_like(theta[name]) if buffer is None else buffer
+        v[name] = entry.get("exp_avg_sq", torch.zeros_like(theta[name]))
+    return theta, m, v
+
+
+def _dot(adjoint: Adjoint, index: dict[str, int], skipped: Snapshot, base: Snapshot
+         ) -> np.ndarray:
+    """λ · (z^{−S} − z) over θ, buffers and v, per test point."""
+    total = 0
+    for part, new, old in zip((adjoint.theta, adjoint.m, adjoint.v), _state(skipped, index),
+                              _state(base, index)):
+        for name in index:
+            if name in part:
+                a = part[name]
+                diff = (new[name] - old[name]).to(a.dtype).reshape(-1)
+                total = total + a.reshape(a.shape[0], -1) @ diff
+    return total.cpu().numpy()
+
+
+def linearisation(run: Run, base: Snapshot, skipped: Snapshot, index: dict[str, int]) -> dict:
+    """How far the skip moved the state: ‖Δθ‖ / ‖θ‖, and for Adam the relative change of the
+    update direction m / (√v + ε)."""
+    theta, m, v = _state(base, index)
+    new_theta, new_m, new_v = _state(skipped, index)
+    names = list(index)
+    out = {"perturbation": _norm({n: new_theta[n] - theta[n] for n in names}) / max(
+        _norm(theta), 1e-300), "update_change": None}
+    if run.optimizer["kind"] != "sgd":
+        eps = float(run.hparams(0, 1)["eps"][0, 0])
+        before = {n: m[n] / (v[n].sqrt() + eps) for n in names}
+        after = {n: new_m[n] / (new_v[n].sqrt() + eps) for n in names}
+        out["update_change"] = _norm({n: after[n] - before[n] for n in names}) / max(
+            _norm(before), 1e-300)
+    return out
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))

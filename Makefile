@@ -25,7 +25,7 @@ test: $(STAMP)
 		apt-get install -y -q chromium >/dev/null 2>&1) || \
 		echo "chromium not installed: the report rendering test will be skipped"
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q; rc=$$?; \
+	$(BIN)/python -m pytest -q -n auto; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)

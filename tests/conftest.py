@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import torch
 import attrib
 
 N_TRAIN, N_FEATURES, N_CLASSES = 256, 10, 3
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core
+    torch.set_num_threads(1)
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),

@@ -80,8 +80,11 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     dtype, n = batches.dtype, run.n_steps
     windows = [candidate_windows(s, n, window) for s in stages]
     points = frozenset(s.stop + w for s, ws in zip(stages, windows) for w in ws if s.stop + w < n)
-    sweep = AdjointSweep(run, batches, stages, adjoint, None, dtype, keep=points)
-    sweep.sweep(progress)
+    kept: dict[int, Adjoint] = {}
+    if points:  # no window ends before the run's end: replay alone, no adjoint needed
+        sweep = AdjointSweep(run, batches, stages, adjoint, None, dtype, keep=points)
+        sweep.sweep(progress)
+        kept = sweep.kept
     threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
     replay = _Replays(run, batches, threshold, min(s.start for s in stages),
                       {s.start for s in stages} | points | {n})
@@ -89,7 +92,7 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     with progress_bar(total=sum(ws[-1] for ws in windows), progress=progress,
                       desc="hybrid (replay windows)", unit="step") as bar:
         for k, (stage, tried) in enumerate(zip(stages, windows)):
-            estimate, notes = replay.stage(k, stage, tried, sweep.kept, evaluate, tol, bar)
+            estimate, notes = replay.stage(k, stage, tried, kept, evaluate, tol, bar)
             effects.append(estimate)
             diagnostics.append({"stage": stage.name, **notes})
     return HybridResult(np.stack(effects), diagnostics)

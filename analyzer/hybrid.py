@@ -10,7 +10,8 @@ clipping, the stage skipped) and applies the adjoint only from e + W on:
 
 with z = (θ, buffers, Adam's v) before the step and z_{e+W} from a baseline replay that shares
 everything before the stage, so replay drift cancels as in "replay". W = 0 is linear response;
-W = N − e is replay (its exact f difference is used there). One adjoint sweep keeps λ at every
+W = N − e is replay (its exact f difference is used there, so for a stage that ends at the
+run's end every window, 0 included, gives replay's value). One adjoint sweep keeps λ at every
 candidate point of every stage; `window="auto"` doubles W (0, 1, 2, 4, …) until two successive
 estimates agree within `tol` (relative, over the test points) while the linearisation check
 passes, so each stage replays only as far as its nonlinearity reaches.
@@ -23,8 +24,10 @@ window doesn't stop where first order is not trusted, past UPDATE_CHANGE_LIMIT.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -55,14 +58,22 @@ class HybridResult:
     diagnostics: list[dict]  # per stage: window, converged, change, perturbation, …
 
 
+def check_window(window, tol: float) -> None:
+    """Refuse a window that is not a step count ≥ 0 or "auto", and a tolerance that is not
+    a positive number (a negative or NaN one silently turned every stage into a replay)."""
+    if window != "auto" and (isinstance(window, bool) or not isinstance(window, Integral)
+                             or window < 0):
+        raise ValueError(f"window={window!r}: a number of steps ≥ 0, or 'auto'")
+    if not (isinstance(tol, Real) and 0 < tol < math.inf):
+        raise ValueError(f"window_tol={tol!r}: a relative tolerance > 0, e.g. {AUTO_TOL}")
+
+
 def candidate_windows(stage: Stage, n_steps: int, window: int | str) -> list[int]:
     """The windows tried for a stage: [W] (capped at the run's end) or 0, 1, 2, 4, … up to
     the run's end ("auto")."""
     room = n_steps - stage.stop
     if window != "auto":
-        if not isinstance(window, int) or window < 0:
-            raise ValueError(f"window={window!r}: a number of steps ≥ 0, or 'auto'")
-        return [min(window, room)]
+        return [min(int(window), room)]
     out, w = [0], 1
     while w < room:
         out.append(w)
@@ -77,12 +88,17 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
                    progress: bool = True) -> HybridResult:
     """Δf_S for every stage by the hybrid estimator (see the module docstring). `adjoint`:
     ∇f at θ_N per test point; `evaluate(θ)`: f at the test points."""
+    check_window(window, tol)
     dtype, n = batches.dtype, run.n_steps
     windows = [candidate_windows(s, n, window) for s in stages]
     points = frozenset(s.stop + w for s, ws in zip(stages, windows) for w in ws if s.stop + w < n)
+    _check_memory(adjoint, len(points))
     kept: dict[int, Adjoint] = {}
     if points:  # no window ends before the run's end: replay alone, no adjoint needed
-        sweep = AdjointSweep(run, batches, stages, adjoint, None, dtype, keep=points)
+        # an explicit window 0 is linear response: its refusals (SGD's nonlinear first
+        # momentum step under dampening) apply; a replayed window runs such a step exactly
+        sweep = AdjointSweep(run, batches, stages, adjoint, None, dtype, keep=points,
+                             stage_effects=window == 0)
         sweep.sweep(progress)
         kept = sweep.kept
     threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
@@ -96,6 +112,21 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
             effects.append(estimate)
             diagnostics.append({"stage": stage.name, **notes})
     return HybridResult(np.stack(effects), diagnostics)
+
+
+KEPT_BUDGET_BYTES = 4 << 30  # adjoints the auto window may keep (λ per candidate point)
+
+
+def _check_memory(adjoint: dict[str, torch.Tensor], points: int) -> None:
+    """λ at a point is θ's, the buffers' and v's cotangents per test point: refuse a number of
+    points whose λ would not fit, before sweeping, with what to change."""
+    one = sum(a.numel() * a.element_size() for a in adjoint.values())
+    if 3 * one * points > KEPT_BUDGET_BYTES:
+        raise ValueError(
+            f"the hybrid would keep the adjoint at {points} points, {3 * one * points / 2**30:.1f}"
+            f" GiB (3 × {one / 2**20:.0f} MiB each: test points × parameters), over "
+            f"{KEPT_BUDGET_BYTES / 2**30:.0f} GiB; pass a fixed window=W (one point per stage), "
+            "fewer test points or fewer stages")
 
 
 class _Replays:

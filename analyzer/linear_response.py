@@ -141,10 +141,12 @@ class AdjointSweep:
 
     def __init__(self, run: Run, batches: TrainingBatches, stages: list[Stage],
                  adjoint: dict[str, torch.Tensor], rows: InfluenceRows | None,
-                 dtype: torch.dtype, keep: frozenset[int] = frozenset()) -> None:
+                 dtype: torch.dtype, keep: frozenset[int] = frozenset(),
+                 stage_effects: bool = True) -> None:
         self.run, self.batches, self.stages, self.rows, self.dtype = run, batches, stages, rows, \
             dtype
         self.keep, self.kept = keep, {}  # steps t whose λ_t to keep → the kept Adjoint
+        self.want_effects = stage_effects  # False: only λ (and the sources) are wanted
         self.names = run.param_names
         self.dynamics = Dynamics(run)
         self.adam = self.dynamics.kind != "sgd"
@@ -200,7 +202,8 @@ class AdjointSweep:
                                                      for part in (self.a_theta, self.a_m,
                                                                   self.a_v)),
                                                    self.source.copy())
-                    self._stage_effects(s + 1)
+                    if self.want_effects:
+                        self._stage_effects(s + 1)
                     self._step(s, states[s - first], {n: c[s - first]
                                                       for n, c in contributions.items()})
                     bar.update(1)

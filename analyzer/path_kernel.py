@@ -64,6 +64,7 @@ def quadrature_rule(spec: int | str) -> list[tuple[float, float]]:
 
 
 HELPFUL_SIGN = {"loss": -1, "margin": 1}  # the sign of a change of f that helps the model
+ORDERS = ("desc", "asc", "abs", "helpful", "harmful")
 
 
 def _effect(value: float, target: str | None, helps: int | None) -> str:
@@ -118,6 +119,11 @@ class PathKernelResult:
         value lowered the loss: helpful)."""
         if axis not in self.by:
             raise ValueError(f"axis {axis!r} was summed out; analyse with by=(..., {axis!r})")
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r}: one of {', '.join(ORDERS)}")
+        if not 0 <= test < len(self.f_initial):
+            raise ValueError(f"test={test}: this analysis has test points 0 to "
+                             f"{len(self.f_initial) - 1}")
         target = targets.target_of(self.table)
         helps = HELPFUL_SIGN.get(target)
         if order in ("helpful", "harmful") and helps is None:
@@ -127,8 +133,11 @@ class PathKernelResult:
                                          pc.equal(self.table["term"], "data")))
         summed = rows.group_by(COLUMNS[axis]).aggregate([("value", "sum")]).rename_columns(
             [axis, "value"])
-        if order in ("helpful", "harmful"):
-            order = "desc" if (helps > 0) == (order == "helpful") else "asc"
+        if order in ("helpful", "harmful"):  # only entries of that sign, strongest first
+            rising = (helps > 0) == (order == "helpful")
+            summed = summed.filter(pc.greater(summed["value"], 0) if rising
+                                   else pc.less(summed["value"], 0))
+            order = "desc" if rising else "asc"
         key = {"desc": pc.negate(summed["value"]), "asc": summed["value"],
                "abs": pc.negate(pc.abs(summed["value"]))}[order]
         chosen = summed.take(pc.sort_indices(key)[:n])

@@ -25,7 +25,7 @@ def named(runs: str | Path | Run | list, name: str, **params: Any) -> pa.Table:
     from attrib.analyzer.queries import named_query
 
     query = named_query(name)
-    runs = [runs] if isinstance(runs, Run) else resolve_runs(runs)
+    runs = _runs(runs)
     if len(runs) != 1:
         raise ValueError(f"named query {name!r} reads one run; pass a single run directory")
     answer = sql(runs, query.text, query.bind(params))

@@ -26,7 +26,7 @@ import torch
 
 from attrib.analyzer import targets
 from attrib.analyzer.frozen import frozen_effects
-from attrib.analyzer.hybrid import AUTO_TOL, hybrid_effects
+from attrib.analyzer.hybrid import AUTO_TOL, check_window, hybrid_effects
 from attrib.analyzer.linear_response import check_supported, linear_response
 from attrib.analyzer.replay import replay_effects
 from attrib.analyzer.run import Run
@@ -96,6 +96,7 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
+    check_window(window, window_tol)
     chosen = resolve(run, stages)
     model = run.build_model(model_fn, dtype).eval()
     inputs, labels = targets.as_tensors(test_set, dtype)

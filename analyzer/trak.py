@@ -143,15 +143,24 @@ def from_stored(stored: torch.Tensor, p: torch.Tensor, computed: torch.Tensor
 
 
 def solve_kernel(test: torch.Tensor, train: torch.Tensor, damping: float) -> torch.Tensor:
-    """φ(x)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ for test rows `test` (m, k) and training rows `train` (n, k).
+    """φ(x)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ for test rows `test` (m, k) and training rows `train` (n, k),
+    solved in float64 and returned in the features' dtype.
 
     Refuses a kernel the solve can't trust, with a damping to try: undamped with fewer
     examples than features (ΦᵀΦ has rank ≤ n < k; the minimum-norm solve then interpolates
     the training features, and one example takes nearly all of a test point's score), or
-    one whose condition number κ (estimated from the Cholesky factor) makes the solve's
-    rounding error κ·ε exceed SOLVE_ERROR_LIMIT."""
+    one whose condition number κ (power and inverse iteration on the factored kernel) makes
+    the solve's rounding error κ·ε exceed SOLVE_ERROR_LIMIT. Also refuses a negative damping
+    and features that are not finite."""
+    if not damping >= 0:  # NaN included
+        raise ValueError(f"damping={damping!r}: λ ≥ 0, added to the kernel's diagonal")
+    if not (torch.isfinite(train).all() and torch.isfinite(test).all()):
+        raise ValueError("the TRAK features (margin gradients at a checkpoint) are not finite: "
+                         "the model's outputs overflowed there; check the run (attrib verify) "
+                         "or analyse fewer checkpoints")
     n, k = train.shape
     dual = n < k
+    wanted, test, train = test.dtype, test.double(), train.double()
     gram = train @ train.T if dual else train.T @ train
     if damping == 0 and dual:
         raise ValueError(f"the TRAK kernel ΦᵀΦ ({k}×{k}) has rank at most {n}: {n} training "
@@ -161,19 +170,38 @@ def solve_kernel(test: torch.Tensor, train: torch.Tensor, damping: float) -> tor
                          f"{_suggested_damping(gram):.3g}) or a smaller k")
     gram = gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype)
     factor, info = torch.linalg.cholesky_ex(gram)
-    diagonal = factor.diagonal()
-    condition = float((diagonal.max() / diagonal.min()) ** 2) if int(info) == 0 else math.inf
+    condition = condition_number(gram, factor) if int(info) == 0 else math.inf
     if condition * torch.finfo(gram.dtype).eps > SOLVE_ERROR_LIMIT:
         raise ValueError(f"the TRAK kernel ({'ΦΦᵀ' if dual else 'ΦᵀΦ'}, {gram.shape[0]}×"
                          f"{gram.shape[0]}) is singular or ill-conditioned (condition number "
-                         f"≥ {condition:.3g} in {gram.dtype}): pass damping > 0 (e.g. "
+                         f"≥ {condition:.3g}): pass damping > 0 (e.g. "
                          f"{_suggested_damping(gram):.3g})")
     if dual:  # (ΦᵀΦ + λI)⁻¹ Φᵀ = Φᵀ (ΦΦᵀ + λI)⁻¹
-        return torch.cholesky_solve((test @ train.T).T, factor).T
-    return torch.cholesky_solve(test.T, factor).T @ train.T
+        return torch.cholesky_solve((test @ train.T).T, factor).T.to(wanted)
+    return (torch.cholesky_solve(test.T, factor).T @ train.T).to(wanted)
 
 
 SOLVE_ERROR_LIMIT = 1e-2  # the largest relative rounding error (κ·ε) of the kernel solve
+CONDITION_ITERATIONS = 30
+
+
+def condition_number(gram: torch.Tensor, factor: torch.Tensor) -> float:
+    """κ of a symmetric positive definite matrix from its Cholesky factor: the largest
+    eigenvalue by power iteration, the smallest by inverse iteration (a solve with the factor
+    per step, O(m²) against the factorisation's O(m³)); at least the ratio of the factor's
+    squared pivots. Iterations converge from below, so this never overstates κ."""
+    g = torch.Generator().manual_seed(0)
+    large = small = torch.randn(gram.shape[0], 1, generator=g, dtype=gram.dtype)
+    for _ in range(CONDITION_ITERATIONS):
+        large = gram @ large
+        large = large / large.norm()
+        small = torch.cholesky_solve(small, factor)
+        small = small / small.norm()
+    top = float((large.T @ gram @ large).squeeze())
+    bottom = float((small.T @ gram @ small).squeeze())
+    pivots = factor.diagonal()
+    return max(top / bottom if bottom > 0 else math.inf,
+               float((pivots.max() / pivots.min()) ** 2))
 
 
 def _suggested_damping(gram: torch.Tensor) -> float:

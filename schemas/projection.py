@@ -46,10 +46,10 @@ def gaussian(seed: int, name: str, tag: str, rows: int, cols: int) -> torch.Tens
 @lru_cache(maxsize=256)
 def sjlt_hash(seed: int, name: str, k: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The sjlt kind's R, reproducible from its key: per coordinate its output row h(j)
-    (int64) and sign σ_j (float32 ±1)."""
+    (kept as int32) and sign σ_j (int8 ±1): 5 bytes per coordinate in the cache."""
     g = _generator(seed, name, f"sjlt/{k}")
-    rows = torch.randint(0, k, (numel,), generator=g)
-    signs = torch.randint(0, 2, (numel,), generator=g).float() * 2 - 1
+    rows = torch.randint(0, k, (numel,), generator=g).to(torch.int32)
+    signs = (torch.randint(0, 2, (numel,), generator=g) * 2 - 1).to(torch.int8)
     return rows, signs
 
 

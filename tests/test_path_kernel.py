@@ -306,6 +306,12 @@ def test_top_examples(run_dir):
         {"raised f", "lowered f", "none"}
     with pytest.raises(ValueError, match="needs target 'loss' or 'margin'"):
         logit.top("example", order="helpful")
+    everything = result.top("example", test=1, n=10**6, order="helpful")  # that sign only
+    assert set(everything["effect"].to_pylist()) == {"helpful (lowered the loss)"}
+    with pytest.raises(ValueError, match="order='largest': one of desc, asc, abs, helpful"):
+        result.top("example", order="largest")
+    with pytest.raises(ValueError, match="test=7: this analysis has test points 0 to"):
+        result.top("example", test=7)
 
 
 def test_stride_keeps_completeness_and_stride_one_is_exact_mode(run_dir):

@@ -411,3 +411,34 @@ def test_hybrid_auto_window_agrees_with_replay_where_linear_response_does_not(tm
     replayed = [s for s, n in windows.items() if not n["converged"]]  # ran to the end
     for stage in replayed:
         assert rows[("hybrid", stage)]["pearson"] > 0.999999
+
+
+def test_hybrid_refuses_bad_windows_and_runs_dampened_first_steps(run_dir):
+    """Windows are step counts ≥ 0 or "auto", tolerances positive numbers (a NaN one turned
+    every stage into a replay). SGD with dampening: linear response can't take a stage that
+    holds the first momentum step, but a replayed window runs that step exactly."""
+    from attrib.analyzer.stages import stages
+
+    inputs, labels = data()
+    inputs = inputs.double()
+    model = mlp(torch.float64)
+    train(run_dir, model, OPTIMIZERS["sgd_dampening"](model.parameters()), steps=24,
+          inputs=inputs, labels=labels, clip=None, batch=16, capture=False)
+    run = attrib.open_run(run_dir)
+    common = dict(stages={"first": range(0, 4), "late": range(20, 24)}, progress=False)
+    args = (run, lambda: mlp(torch.float64), (inputs, labels), (inputs[200:205],
+                                                                 labels[200:205]))
+    for bad in (-1, True, 2.5, "soon"):
+        with pytest.raises(ValueError, match="a number of steps ≥ 0, or 'auto'"):
+            stages(*args, method="hybrid", window=bad, **common)
+    for tol in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="a relative tolerance > 0"):
+            stages(*args, method="hybrid", window_tol=tol, **common)
+    with pytest.raises(NotImplementedError, match="first momentum step"):
+        stages(*args, method="hybrid", window=0, **common)  # linear response itself
+    table = stages(*args, method=("hybrid", "replay"), window=np.int64(30), **common)
+    hybrid, replay = (table.filter(pc.field("method") == m).sort_by([("stage", "ascending"),
+                      ("test_id", "ascending")])["effect"].to_numpy() for m in ("hybrid",
+                                                                                 "replay"))
+    np.testing.assert_allclose(hybrid, replay, rtol=1e-12, atol=1e-15)  # past the end
+    assert stages(*args, method="hybrid", window=3, **common).num_rows == 10

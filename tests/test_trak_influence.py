@@ -113,11 +113,17 @@ def test_singular_and_ill_conditioned_kernels_ask_for_damping():
     with pytest.raises(ValueError, match=r"singular or ill-conditioned.*pass damping > 0"):
         solve_kernel(wide[:1, :3], torch.ones(5, 3, dtype=torch.float64), 0.0)
     tall = torch.randn(50, 4, generator=g)
-    tall[:, 3] = tall[:, 2] * (1 + 1e-4)  # κ ~ 1e9: κ·ε far above 1% in float32
-    with pytest.raises(ValueError, match=r"ill-conditioned \(condition number ≥ .* in "
-                                         r"torch.float32\)"):
-        solve_kernel(tall[:1], tall, 0.0)
+    tall[:, 3] = tall[:, 2] * (1 + 1e-4)  # proportional up to float32 rounding: κ ≳ 1e14
+    with pytest.raises(ValueError, match=r"ill-conditioned \(condition number ≥ "):
+        solve_kernel(tall[:1], tall, 0.0)  # even in float64, where the solve runs
+    kahan = torch.triu(-0.5 * torch.ones(40, 40, dtype=torch.float64), 1) + torch.eye(40)
+    with pytest.raises(ValueError, match="ill-conditioned"):  # unit pivots, κ ~ 1e17: the
+        solve_kernel(kahan[:1], kahan, 0.0)  # pivot ratio alone would have accepted it
     well = torch.randn(50, 4, generator=g)
+    with pytest.raises(ValueError, match="not finite"):
+        solve_kernel(well[:1] * float("nan"), well, 1.0)
+    with pytest.raises(ValueError, match="damping=-1"):
+        solve_kernel(well[:1], well, -1.0)
     expected = well[:2] @ torch.linalg.solve(well.T @ well, well.T)
     torch.testing.assert_close(solve_kernel(well[:2], well, 0.0), expected, rtol=1e-4,
                                atol=1e-6)
@@ -293,3 +299,27 @@ def test_a_training_set_that_does_not_reproduce_the_run_is_refused(recorded):
         unchecked = call(wrong_labels, progress=False, check_data=False)  # the user's call
         assert unchecked.num_rows == 3 * len(y)
     assert calls["tracin"]((x[:40], y[:40]), progress=False).num_rows == 3 * 40  # a prefix
+
+
+def test_the_training_set_check_uses_steps_that_recorded_examples(tmp_path):
+    """A run whose first steps recorded no example ids (rec.examples from step 2 on) is
+    checked on the steps that did: right data passes, wrong labels are refused (it used to
+    crash on the empty step 0)."""
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with attrib.Recorder(tmp_path / "run", model, opt, capture=False) as rec:
+        for step in range(6):
+            ids = torch.randint(0, len(y), (32,), generator=g)
+            if step >= 2:
+                rec.examples(ids)
+            F.cross_entropy(model(x[ids]), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(tmp_path / "run")
+    test_set = (x[:3] + 0.1, y[:3])
+    assert attrib.analyze.grad_dot(run, mlp, (x, y), test_set, progress=False).num_rows == \
+        3 * len(y)
+    with pytest.raises(ValueError, match="doesn't reproduce the gradient recorded at step"):
+        attrib.analyze.grad_dot(run, mlp, (x, (y + 1) % 3), test_set, progress=False)

@@ -888,8 +888,14 @@ class Recorder:
             if data is not None:  # Factored: factors or full rows, by what this step used
                 factors.settle(self.captures, [tuple(p.param.shape) for p in self.params],
                                data, self._capture.consume)
-            self._initialize_storage(self._examples_per_step or (
-                data.rows if data else sum(len(ids) for ids in self._examples)))
+            rows = self._examples_per_step or (
+                data.rows if data else sum(len(ids) for ids in self._examples))
+            if self._capture is not None and not rows:
+                raise ValueError(
+                    f"per-example capture lays its rows out by the first step's examples, and "
+                    f"step {self.step} declared none: call rec.examples(ids) before every "
+                    "step's forward from the first one on, or record with capture=False")
+            self._initialize_storage(rows)
         elif data is not None and data.rows > self._example_capacity and self.ranks is None:
             self._widen_examples(data.rows)
         row_index = len(self._block.records)

@@ -380,3 +380,31 @@ def test_a_non_finite_gradient_is_said_at_its_step(run_dir):
             opt.zero_grad()
     assert sum("not finite" in str(w.message) for w in caught) == 1  # once, not per step
     assert attrib.open_run(run_dir).n_steps == 4
+
+
+def test_capture_without_examples_at_the_first_step_names_the_fix(run_dir):
+    """Per-example capture lays out its rows at the first step: without rec.examples(ids)
+    there, recording stopped with ZeroDivisionError; now the message says what to call.
+    Training continues; strict mode raises it."""
+    from attrib.recorder.writer import RecordingError
+
+    x, y = data()
+
+    def train(path, strict: bool) -> None:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with attrib.Recorder(path, model, opt, strict=strict) as rec:
+            for step in range(3):
+                ids = torch.arange(step * 16, step * 16 + 16)
+                if step > 0:
+                    rec.examples(ids)
+                torch.nn.functional.cross_entropy(model(x[ids]), y[ids]).backward()
+                opt.step()
+                opt.zero_grad()
+
+    fix = r"step 0 declared none: call rec.examples\(ids\) before every step's forward"
+    with pytest.warns(UserWarning, match=fix):
+        train(run_dir, strict=False)
+    assert attrib.open_run(run_dir).status != "complete"
+    with pytest.raises(RecordingError, match=fix):
+        train(run_dir.parent / "strict", strict=True)

@@ -226,8 +226,9 @@ def check_training_set(run: Run, model_fn: Callable[[], torch.nn.Module], train_
     default loss (cross-entropy for integer labels, else MSE). The tolerance,
     DATA_CHECK_TOLERANCE, is loose (mixed precision moves a gradient by ~0.3%, wrong labels by
     ~100%): this guards the data, check_gradients' default guards a replay. A step's gradient
-    can't see the order of the examples inside its batch, so a permutation within one batch
-    (any permutation, under full-batch training) passes. Skipped where the run can't tell: no
+    can't see the order of the examples inside its batch; stored per-example rows can
+    (_check_example_rows), so only a run without them lets a permutation within one batch
+    (any permutation, under full-batch training) pass. Skipped where the run can't tell: no
     example ids or no gradients recorded, or random masks without generator states;
     micro-batch losses may have been averaged or summed. A training set shorter than the
     recorded example ids (its first n examples, scored alone) is not checked."""
@@ -252,11 +253,50 @@ def check_training_set(run: Run, model_fn: Callable[[], torch.nn.Module], train_
         batches.accumulation = accumulation
         try:
             check_gradients(run, batches, steps, DATA_CHECK_TOLERANCE)
-            return
+            break
         except ReplayError as e:
             failures.append(str(e))
-    raise ReplayError(f"{method}: {failures[0]}. (If you trained with another loss than "
-                      f"{method}'s, e.g. label smoothing, pass check_data=False)")
+    else:
+        raise ReplayError(f"{method}: {failures[0]}. (If you trained with another loss than "
+                          f"{method}'s, e.g. label smoothing, pass check_data=False)")
+    _check_example_rows(run, model, inputs, labels, steps[0], method)
+
+
+ROW_AGREEMENT = 0.99  # cosine of an example's stored row with its recomputed loss gradient
+EXAMPLES_CHECKED = 16
+
+
+def _check_example_rows(run: Run, model: torch.nn.Module, inputs: torch.Tensor,
+                        labels: torch.Tensor, step: int, method: str) -> None:
+    """Each of a step's first EXAMPLES_CHECKED examples' stored per-example row against the
+    loss gradient of train_set[its id] (in the rows' space; by cosine, since micro-batch
+    weights and the batch mean only scale a row): this sees a reordering inside a batch,
+    which leaves the batch's gradient unchanged. Skipped without exact or projected rows
+    (rank-limited factors only approximate a row), for a step whose rows were dropped, and
+    for models whose examples' gradients aren't separable (batch norm) or random."""
+    names = [n for n in run.captured
+             if (run.capture[n].get("factored") or {}).get("rank") is None]
+    separable = not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                        for m in model.modules()) and not stochastic_modules(model)
+    if not names or not separable or step in run.dropped_steps():
+        return
+    ids, rows = run.contributions(step)
+    ids = ids[:EXAMPLES_CHECKED]
+    theta = {n: t.to(inputs.dtype) for n, t in run.reconstruct(step).items()}
+    grads = targets.gradients(model, theta, inputs[ids], labels[ids], "loss")
+    got = torch.cat([run.in_row_space(n, grads[n]).double() for n in names], dim=1)
+    want = torch.cat([rows[n][: len(ids)].reshape(len(ids), -1).double() for n in names], dim=1)
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    bad = (cosine < ROW_AGREEMENT) & (want.norm(dim=1) > 0)
+    if bad.any():
+        raise ReplayError(
+            f"{method}: the training set's examples don't match the per-example rows recorded "
+            f"at step {step}: examples {ids[bad][:5].tolist()} (cosine of the stored row with "
+            f"train_set[id]'s loss gradient {[round(c, 3) for c in cosine[bad][:5].tolist()]}). "
+            "train_set[i] must be "
+            "the example recorded with id i; a reordering inside a batch leaves the batch's "
+            "gradient unchanged but not its examples' rows. (If you trained with another loss "
+            f"than {method}'s, pass check_data=False)")
 
 
 def _norm(tensors) -> torch.Tensor:

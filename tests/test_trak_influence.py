@@ -323,3 +323,30 @@ def test_the_training_set_check_uses_steps_that_recorded_examples(tmp_path):
         3 * len(y)
     with pytest.raises(ValueError, match="doesn't reproduce the gradient recorded at step"):
         attrib.analyze.grad_dot(run, mlp, (x, (y + 1) % 3), test_set, progress=False)
+
+
+@pytest.mark.parametrize("capture", [attrib.Factored(), attrib.Project(8), False])
+def test_a_reordering_inside_a_full_batch_is_refused_where_rows_are_stored(tmp_path, capture):
+    """Full-batch training: any permutation of the training set reproduces every step's
+    gradient. Stored per-example rows (exact or projected) still tell the examples apart;
+    a run without them can't, and says so in the docs (the shuffled set passes there)."""
+    x, y = data()
+    x, y = x[:64], y[:64]
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attrib.Recorder(tmp_path / "run", model, opt, capture=capture) as rec:
+        for _ in range(4):
+            rec.examples(torch.arange(64))
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(tmp_path / "run")
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    test_set = (x[:2] + 0.1, y[:2])
+    assert attrib.analyze.grad_dot(run, mlp, (x, y), test_set, progress=False).num_rows == 128
+    if capture is False:
+        assert attrib.analyze.grad_dot(run, mlp, (x[perm], y[perm]), test_set,
+                                       progress=False).num_rows == 128
+        return
+    with pytest.raises(ValueError, match="don't match the per-example rows recorded at step 0"):
+        attrib.analyze.grad_dot(run, mlp, (x[perm], y[perm]), test_set, progress=False)

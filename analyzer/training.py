@@ -259,7 +259,7 @@ def check_training_set(run: Run, model_fn: Callable[[], torch.nn.Module], train_
     else:
         raise ReplayError(f"{method}: {failures[0]}. (If you trained with another loss than "
                           f"{method}'s, e.g. label smoothing, pass check_data=False)")
-    _check_example_rows(run, model, inputs, labels, steps[0], method)
+    _check_example_rows(run, model, inputs, labels, steps[0], method, dtype)
 
 
 ROW_AGREEMENT = 0.99  # cosine of an example's stored row with its recomputed loss gradient
@@ -267,7 +267,8 @@ EXAMPLES_CHECKED = 16
 
 
 def _check_example_rows(run: Run, model: torch.nn.Module, inputs: torch.Tensor,
-                        labels: torch.Tensor, step: int, method: str) -> None:
+                        labels: torch.Tensor, step: int, method: str, dtype: torch.dtype
+                        ) -> None:
     """Each of a step's first EXAMPLES_CHECKED examples' stored per-example row against the
     loss gradient of train_set[its id] (in the rows' space; by cosine, since micro-batch
     weights and the batch mean only scale a row): this sees a reordering inside a batch,
@@ -282,7 +283,7 @@ def _check_example_rows(run: Run, model: torch.nn.Module, inputs: torch.Tensor,
         return
     ids, rows = run.contributions(step)
     ids = ids[:EXAMPLES_CHECKED]
-    theta = {n: t.to(inputs.dtype) for n, t in run.reconstruct(step).items()}
+    theta = {n: t.to(dtype) for n, t in run.reconstruct(step).items()}  # inputs may be ids
     grads = targets.gradients(model, theta, inputs[ids], labels[ids], "loss")
     got = torch.cat([run.in_row_space(n, grads[n]).double() for n in names], dim=1)
     want = torch.cat([rows[n][: len(ids)].reshape(len(ids), -1).double() for n in names], dim=1)

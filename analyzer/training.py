@@ -10,6 +10,7 @@ table recorded them. Whether that is the loss the user trained on is checked, no
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -264,6 +265,7 @@ def check_training_set(run: Run, model_fn: Callable[[], torch.nn.Module], train_
 
 ROW_AGREEMENT = 0.99  # cosine of an example's stored row with its recomputed loss gradient
 EXAMPLES_CHECKED = 16
+ROW_CHECK_BYTES = 256 << 20  # per-example gradients the row check may hold at once
 
 
 def _check_example_rows(run: Run, model: torch.nn.Module, inputs: torch.Tensor,
@@ -272,7 +274,8 @@ def _check_example_rows(run: Run, model: torch.nn.Module, inputs: torch.Tensor,
     """Each of a step's first EXAMPLES_CHECKED examples' stored per-example row against the
     loss gradient of train_set[its id] (in the rows' space; by cosine, since micro-batch
     weights and the batch mean only scale a row): this sees a reordering inside a batch,
-    which leaves the batch's gradient unchanged. Skipped without exact or projected rows
+    which leaves the batch's gradient unchanged. Skipped for models whose one per-example
+    gradient in float64 exceeds ROW_CHECK_BYTES, without exact or projected rows
     (rank-limited factors only approximate a row), for a step whose rows were dropped, and
     for models whose examples' gradients aren't separable (batch norm) or random."""
     names = [n for n in run.captured
@@ -281,8 +284,11 @@ def _check_example_rows(run: Run, model: torch.nn.Module, inputs: torch.Tensor,
                         for m in model.modules()) and not stochastic_modules(model)
     if not names or not separable or step in run.dropped_steps():
         return
+    one = 8 * sum(math.prod(shape) for shape in run.param_shapes.values())  # float64 bytes
+    if one > ROW_CHECK_BYTES:  # a large model: the gradient check above has to do
+        return
     ids, rows = run.contributions(step)
-    ids = ids[:EXAMPLES_CHECKED]
+    ids = ids[: min(EXAMPLES_CHECKED, ROW_CHECK_BYTES // one)]
     theta = {n: t.to(dtype) for n, t in run.reconstruct(step).items()}  # inputs may be ids
     grads = targets.gradients(model, theta, inputs[ids], labels[ids], "loss")
     got = torch.cat([run.in_row_space(n, grads[n]).double() for n in names], dim=1)

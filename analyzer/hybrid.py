@@ -42,6 +42,7 @@ from attrib.analyzer.replay import (
     replay_step,
     restore,
     snapshot,
+    state_norm,
 )
 from attrib.analyzer.run import Run
 from attrib.analyzer.stage_spec import Stage
@@ -175,15 +176,14 @@ class _Replays:
                 s += 1
                 bar.update(1)
             t = stage.stop + w
-            base = self.baseline(t)
-            skipped = snapshot(self.skip, self.skip_optimizer[0])
+            base = _state(self.baseline(t), self.index)
+            skipped = _state(snapshot(self.skip, self.skip_optimizer[0]), self.index)
             if t == n:  # the replay itself: f exactly, no linearisation
-                estimate = evaluate(_state(skipped, self.index)[0]) - evaluate(
-                    _state(base, self.index)[0])
+                estimate = evaluate(skipped[0]) - evaluate(base[0])
                 check = {"perturbation": None, "update_change": None}
             else:
-                estimate = kept[t].source[k] + _dot(kept[t], self.index, skipped, base)
-                check = linearisation(self.run, base, skipped, self.index)
+                estimate = kept[t].source[k] + _dot(kept[t], skipped, base)
+                check = linearisation(self.run, base, skipped)
             change = None if previous is None else float(
                 np.linalg.norm(estimate - previous) / max(np.linalg.norm(estimate), 1e-300))
             notes = {"window": w, "converged": change is not None and change <= tol,
@@ -196,7 +196,10 @@ class _Replays:
         return estimate, notes
 
 
-def _state(saved: Snapshot, index: dict[str, int]) -> tuple[dict, dict, dict]:
+State = tuple[dict, dict, dict]  # θ, buffers, Adam's v by name (_state)
+
+
+def _state(saved: Snapshot, index: dict[str, int]) -> State:
     """θ, buffers (momentum_buffer or exp_avg; zero where absent) and Adam's v by name;
     `index`: each name's position in the parameters and the optimizer's state_dict."""
     values, state = saved
@@ -211,13 +214,11 @@ def _state(saved: Snapshot, index: dict[str, int]) -> tuple[dict, dict, dict]:
     return theta, m, v
 
 
-def _dot(adjoint: Adjoint, index: dict[str, int], skipped: Snapshot, base: Snapshot
-         ) -> np.ndarray:
+def _dot(adjoint: Adjoint, skipped: State, base: State) -> np.ndarray:
     """λ · (z^{−S} − z) over θ, buffers and v, per test point."""
     total = 0
-    for part, new, old in zip((adjoint.theta, adjoint.m, adjoint.v), _state(skipped, index),
-                              _state(base, index)):
-        for name in index:
+    for part, new, old in zip((adjoint.theta, adjoint.m, adjoint.v), skipped, base):
+        for name in new:
             if name in part:
                 a = part[name]
                 diff = (new[name] - old[name]).to(a.dtype).reshape(-1)
@@ -225,22 +226,18 @@ def _dot(adjoint: Adjoint, index: dict[str, int], skipped: Snapshot, base: Snaps
     return total.cpu().numpy()
 
 
-def linearisation(run: Run, base: Snapshot, skipped: Snapshot, index: dict[str, int]) -> dict:
+def linearisation(run: Run, base: State, skipped: State) -> dict:
     """How far the skip moved the state: ‖Δθ‖ / ‖θ‖, and for Adam the relative change of the
     update direction m / (√v + ε)."""
-    theta, m, v = _state(base, index)
-    new_theta, new_m, new_v = _state(skipped, index)
-    names = list(index)
-    out = {"perturbation": _norm({n: new_theta[n] - theta[n] for n in names}) / max(
-        _norm(theta), 1e-300), "update_change": None}
+    (theta, m, v), (new_theta, new_m, new_v) = base, skipped
+    names = list(theta)
+    out = {"perturbation": state_norm({n: new_theta[n] - theta[n] for n in names}) / max(
+        state_norm(theta), 1e-300), "update_change": None}
     if run.optimizer["kind"] != "sgd":
         eps = float(run.hparams(0, 1)["eps"][0, 0])
         before = {n: m[n] / (v[n].sqrt() + eps) for n in names}
         after = {n: new_m[n] / (new_v[n].sqrt() + eps) for n in names}
-        out["update_change"] = _norm({n: after[n] - before[n] for n in names}) / max(
-            _norm(before), 1e-300)
+        out["update_change"] = state_norm({n: after[n] - before[n] for n in names}) / max(
+            state_norm(before), 1e-300)
     return out
 
-
-def _norm(tensors: dict[str, torch.Tensor]) -> float:
-    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))

@@ -90,12 +90,13 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
             effects.append(evaluate({name: p.detach().clone()
                                      for name, p in zip(run.param_names, params)}) - f_baseline)
     recorded, start = run.reconstruct(n), run.reconstruct(first)
-    drift = _norm({k: baseline[k] - recorded[k].to(dtype) for k in baseline}) / max(
-        _norm({k: recorded[k] - start[k] for k in recorded}), 1e-300)
+    drift = state_norm({k: baseline[k] - recorded[k].to(dtype) for k in baseline}) / max(
+        state_norm({k: recorded[k] - start[k] for k in recorded}), 1e-300)
     return ReplayResult(np.stack(effects), drift, threshold)
 
 
-def _norm(tensors: dict[str, torch.Tensor]) -> float:
+def state_norm(tensors: dict[str, torch.Tensor]) -> float:
+    """‖·‖ over every tensor of a state (float64)."""
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))
 
 

@@ -79,6 +79,13 @@ def _effect(value: float, target: str | None, helps: int | None) -> str:
     return f"{'helpful' if (value > 0) == (helps > 0) else 'harmful'} ({moved})"
 
 
+def gaps_within_bound(completeness: pa.Table) -> np.ndarray:
+    """Per test point of a completeness() table: whether |gap| ≤ quadrature_error, allowing
+    float rounding (the bound holds exactly in real arithmetic)."""
+    return np.abs(completeness.column("gap").to_numpy()) <= \
+        completeness.column("quadrature_error").to_numpy() * (1 + 1e-9) + 1e-12
+
+
 @dataclass
 class PathKernelResult:
     """Influences as a long Arrow table (test_id, term, kept axes, value) plus f at both ends."""

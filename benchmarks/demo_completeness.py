@@ -19,6 +19,7 @@ import numpy as np
 from harness import print_table
 
 import attrib
+from attrib.analyzer.path_kernel import gaps_within_bound
 from attrib.demo import detect_stages, record, test_points
 from attrib.grokking import GrokConfig, OneLayerTransformer, modular_addition
 
@@ -45,8 +46,7 @@ def main() -> None:
             fixed = fixed or seconds
             table = result.completeness()
             relative = table["relative_gap"].to_numpy()
-            bounded = np.abs(table["gap"].to_numpy()) <= \
-                table["quadrature_error"].to_numpy() * (1 + 1e-9) + 1e-12
+            bounded = gaps_within_bound(table)
             rows.append({"rule": name, "seconds": round(seconds, 1),
                          "x_fixed": round(seconds / fixed, 2),
                          "nodes_per_segment": round(float(np.mean(result.nodes)), 2),

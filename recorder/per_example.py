@@ -138,8 +138,7 @@ def project(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int,
         dtype = c.right.dtype if isinstance(c, Outer) else c.values.dtype
         device = c.right.device if isinstance(c, Outer) else c.values.device
         return c.kron(r_l.to(device, dtype), r_r.to(device, dtype))
-    return projection.project(c.dense(), shape, "sjlt" if kind == "sjlt" else "dense", k, seed,
-                              name)
+    return projection.project(c.dense(), shape, kind, k, seed, name)  # kron unsplit: dense
 
 
 # -- closed-form rules ------------------------------------------------------------------------

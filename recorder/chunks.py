@@ -5,10 +5,11 @@ writer near 250 MiB/s whatever the codec (benchmarks/writer_throughput.py). A bl
 fills whole chunks along the step axis, and attrib's arrays use one fixed codec chain (bytes,
 optionally Blosc, optionally CRC32C), so the writer encodes each chunk itself (numcodecs' Blosc,
 google-crc32c: the libraries zarr itself calls) and writes it where zarr's default chunk key
-encoding puts it. The result is a chunk plain zarr reads; anything else (a block that starts
-mid-chunk after a resume, another codec) goes through zarr. A chunk is written in place, not via
-a temporary file and a rename: a fast-path chunk holds only steps past the committed ones, which
-no reader looks at until the manifest commits them, and a resume deletes such chunks first.
+encoding puts it, past the page cache where it can (recorder/direct_io.py). The result is a
+chunk plain zarr reads; anything else (a block that starts mid-chunk after a resume, another
+codec) goes through zarr. A chunk is written in place, not via a temporary file and a rename:
+a fast-path chunk holds only steps past the committed ones, which no reader looks at until the
+manifest commits them, and a resume deletes such chunks first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import Blosc
+
+from attrib.recorder import direct_io
 
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
             "bitshuffle": Blosc.BITSHUFFLE}
@@ -101,10 +104,9 @@ class ChunkWriter:
         if path.parent not in self._made:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(path.parent)
-        with open(path, "wb", buffering=0) as f:
-            f.write(data)
-            if self.checksum:
-                f.write(int(google_crc32c.value(data)).to_bytes(4, "little"))
+        trailer = (int(google_crc32c.value(data)).to_bytes(4, "little") if self.checksum
+                   else b"")
+        direct_io.write_file(path, data, trailer)
 
 
 def put_all(jobs: list[tuple[Path, np.ndarray, ChunkWriter]], pool: ThreadPoolExecutor) -> None:

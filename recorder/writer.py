@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from attrib.recorder import distributed
+from attrib.recorder import direct_io, distributed
 from attrib.recorder.store import ArraySpec, RunStore
 from attrib.recorder.tokens import FirstSeen, TokenBatch, tokens_table
 from attrib.schemas import format as fmt
@@ -118,8 +118,9 @@ class BackgroundWriter:
         depth = self.store.steps_per_chunk
 
         def buffers(of: list[ArraySpec]) -> dict[str, torch.Tensor]:
-            return {s.path: torch.zeros((depth, *s.step_shape), pin_memory=pin_memory,
-                                        dtype=getattr(torch, s.dtype)) for s in of}
+            return {s.path: direct_io.aligned_zeros((depth, *s.step_shape),
+                                                    getattr(torch, s.dtype), pin_memory)
+                    for s in of}
 
         with self._pool_lock:  # a block of the old pool still being written is dropped after
             self._pool += 1

@@ -1,7 +1,8 @@
 """Where the GPT's trajectory recording cost goes: the same recorded steps, writing the step
 arrays to the disk, to tmpfs (/dev/shm), or not at all (the store's append is skipped), each
 beside plain steps in one process (harness.run_block, close() included); and the floor: plain
-steps while a bare thread writes the same bytes per block (one file per tensor, no recorder).
+steps while a bare thread writes the same bytes per block the way the recorder writes chunks
+(one file per tensor, no recorder).
 Run: `python benchmarks/write_cost.py [--steps N]`.
 """
 
@@ -17,44 +18,52 @@ from pathlib import Path
 import torch
 from harness import WORKLOADS, print_table, run_block
 
+from attrib.recorder.direct_io import aligned_zeros, write_file
 from attrib.recorder.recorder import BLOCK_TARGET_BYTES, MAX_STEPS_PER_CHUNK
 from attrib.recorder.store import RunStore
 
 
 class BareWriter:
     """The floor of writing the trajectory: each step's parameters (the bytes of its gradients)
-    copied into a block buffer on the training thread, and every full block written by a
-    background thread, as the recorder blocks its steps; the last block is written and waited
-    for at the last step, as close() does."""
+    copied into a row of a block buffer on the training thread (two buffers, reused), and every
+    full block written by a background thread the way the recorder writes chunks
+    (recorder/direct_io.py: past the page cache where the file system allows), one file per
+    tensor; the last block is written and waited for at the last step, as close() does."""
 
     def __init__(self, directory: str, steps: int) -> None:
         self.directory, self.steps = Path(directory), steps
-        self.block: list[list[torch.Tensor]] = []
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.queue: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._write_all, daemon=True)
         self.thread.start()
-        self.depth = 0
+        self.block: list[torch.Tensor] = []
+        self.rows = self.depth = 0
 
     def __call__(self, step: int, model: torch.nn.Module) -> None:
         params = [p.detach() for p in model.parameters()]
         if not self.depth:
             per_step = sum(p.numel() * p.element_size() for p in params)
             self.depth = max(1, min(MAX_STEPS_PER_CHUNK, BLOCK_TARGET_BYTES // per_step))
-        self.block.append([p.clone() for p in params])
-        if len(self.block) == self.depth or step == self.steps - 1:
-            self.queue.put((step, self.block))
-            self.block = []
+            for _ in range(2):
+                self.free.put([aligned_zeros((self.depth, *p.shape), p.dtype) for p in params])
+        if not self.rows:
+            self.block = self.free.get()
+        torch._foreach_copy_([b[self.rows] for b in self.block], params)
+        self.rows += 1
+        if self.rows == self.depth or step == self.steps - 1:
+            self.queue.put((step, self.block, self.rows))
+            self.rows = 0
         if step == self.steps - 1:
             self.queue.put(None)
             self.thread.join()
 
     def _write_all(self) -> None:
         while (item := self.queue.get()) is not None:
-            step, block = item
-            for k in range(len(block[0])):
-                with open(self.directory / f"{step}_{k}", "wb", buffering=0) as f:
-                    for tensors in block:
-                        f.write(tensors[k].numpy().data)
+            step, block, rows = item
+            for k, buffer in enumerate(block):
+                write_file(self.directory / f"{step}_{k}",
+                           buffer[:rows].reshape(-1).view(torch.uint8).numpy())
+            self.free.put(block)
 
 
 def ratios(steps: int, where: str | None, repeats: int = 2) -> list[float]:

@@ -110,7 +110,7 @@ class ChunkWriter:
 
 
 def put_all(jobs: list[tuple[Path, np.ndarray, ChunkWriter]], pool: ThreadPoolExecutor) -> None:
-    """Write chunks on the pool's threads: the kernel's copies into the page cache (and Blosc)
-    run without the GIL, so two threads write about twice as fast as one on two cores."""
+    """Write chunks on the pool's threads: writes (and Blosc) run without the GIL, so two
+    threads keep two writes in flight and encode while the other waits for the device."""
     for future in [pool.submit(writer.put, path, chunk) for path, chunk, writer in jobs]:
         future.result()

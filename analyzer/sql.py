@@ -15,7 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from attrib.analyzer.results import RESULT_TABLES, result_files
-from attrib.analyzer.run import SNAPSHOT_TRIES, Run, open_run
+from attrib.analyzer.run import SNAPSHOT_TRIES, Run
 from attrib.schemas import format as fmt
 
 
@@ -206,8 +206,9 @@ def _on_a_snapshot(runs: str | Path | Run | list, query: str, timeout: float | N
     starts over on runs opened again (a few times), instead of failing on a file that was
     there when the views were made."""
     for attempt in range(SNAPSHOT_TRIES):
-        opened = _runs(runs)
+        opened: list[Run] = []
         try:
+            opened = _runs(runs)  # opening reads the parts' footers: a commit may remove one
             con = _open(opened, query)
             return _interruptible(con, timeout, functools.partial(answer, con))
         except duckdb.CatalogException as e:
@@ -219,9 +220,11 @@ def _on_a_snapshot(runs: str | Path | Run | list, query: str, timeout: float | N
                     "--method ..., attrib stages RUN ..., or attrib.analyze.save)") from e
             raise
         except (duckdb.Error, fmt.RunChanged) as e:
-            if attempt == SNAPSHOT_TRIES - 1 or not any(run.moved_on(e) for run in opened):
+            moved = isinstance(e, fmt.RunChanged) or any(run.moved_on(e) for run in opened)
+            if attempt == SNAPSHOT_TRIES - 1 or not moved:
                 raise
-            runs = [open_run(run.dir) for run in opened]
+            named = runs if isinstance(runs, list) else [runs]
+            runs = [r.dir if isinstance(r, Run) else r for r in named]  # opened again
     raise AssertionError("unreachable")
 
 

@@ -143,6 +143,45 @@ def test_a_reader_of_an_earlier_commit_finds_every_file_it_lists(tmp_path):
     assert on_disk == listed  # the final commit left no unlisted file behind
 
 
+def test_sql_opening_a_run_as_its_final_commit_removes_parts_opens_it_again(tmp_path,
+                                                                           monkeypatch):
+    """sql opens the run (reading each part's footer) then queries it: when the close's
+    compaction removes a part between reading the manifest and reading that part's footer,
+    the query starts over on the run as now committed instead of failing (CI once saw this
+    race under load)."""
+    import attrib.analyzer.run as run_module
+    model = mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    x, y = data()
+    rec = attrib.Recorder(tmp_path / "run", model, opt, steps_per_chunk=1)
+    for _ in range(6):
+        rec.examples(torch.arange(8))
+        torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+        opt.step()
+        opt.zero_grad()
+    deadline = time.monotonic() + 60  # the writer commits each block in the background
+
+    def listed() -> list[str]:
+        return attrib.open_run(tmp_path / "run").manifest["tables"]["steps"]
+
+    while len(listed()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parts = listed()
+    assert len(parts) > 1  # the close compacts them into one, removing these
+    real, calls = run_module.pq.read_metadata, []
+
+    def close_then_read(file, *args, **kwargs):
+        if not calls:
+            rec.close()  # the final commit, between the manifest read and this footer
+        calls.append(file)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.pq, "read_metadata", close_then_read)
+    counted = attrib.sql(tmp_path / "run", "SELECT count(*) AS n FROM steps")
+    assert counted.column("n")[0].as_py() == 6
+    assert not (tmp_path / "run" / parts[0]).exists()  # the race did happen
+
+
 def test_sigterm_commits_the_trained_steps_then_terminates(tmp_path):
     """SIGTERM (a cluster preempting the job) mid-training: the recorder commits every step
     trained so far and marks the run, then the process ends by the signal as it would have."""

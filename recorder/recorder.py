@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from attrib.analyzer.run import Run
-from attrib.recorder import distributed, factors, lifecycle
+from attrib.recorder import distributed, factors, lifecycle, residuals
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
@@ -1015,12 +1015,8 @@ class Recorder:
                 f"hold {self._example_capacity} per step (the first step's count); pass "
                 f"examples_per_step={data.rows} (or more) to Recorder; in a distributed run "
                 "every rank needs the same batch size")
-        residual, short = [], set()
-        # relative to the tensor's gradient, or to RESIDUAL_FLOOR of the whole step's when the
-        # tensor's is smaller: a gradient that is zero in exact arithmetic (attention's key
-        # bias; a bias whose every example's terms cancel) is float32 rounding of thousands of
-        # cancelling token terms, ~1e-7 of the step's norm, which would read as a large residual
-        floor = (RESIDUAL_FLOOR * grad_norm.double()).clamp_min(1e-300)
+        short: set[int] = set()
+        checked, befores, sums = [], [], []  # the tensors whose Σ_i c_i = G is checked
         for p, capture, g in zip(self.params, self.captures, consumed):
             if capture.full is not None and not self._block.lean:
                 scatter_rows(data.full.get(p.index, []), rows[f"{fmt.CONTRIB}/{p.key}"])
@@ -1029,25 +1025,25 @@ class Recorder:
             if (capture.tokens is not None and not self._block.lean
                     and not self._store_factors(p, capture.tokens, data, rows)):
                 short.add(p.index)
-            if not capture.any or self.ranks is not None:
-                # distributed: G averages every rank's examples, this rank sees its own only
-                residual.append(torch.tensor(math.nan))
+            # distributed: G averages every rank's examples, this rank sees its own only
+            if not capture.any or self.ranks is not None or g is None:
                 continue
-            if g is None:
-                residual.append(torch.tensor(0.0))
-                continue
-            if capture.check is not None:  # Σ_i R c_i against R G (see TensorCapture)
-                check = capture.check
-                before_clip = projection.project(
-                    g.detach()[None], tuple(g.shape), check.kind, check.k, check.seed,
-                    p.name)[0].double() / clip_factor
-            else:
-                before_clip = g.detach().double() / clip_factor
-            total = data.sums.get(p.index)
-            gap = before_clip if total is None else before_clip - total.double()
-            residual.append(torch.linalg.vector_norm(gap)
-                            / torch.maximum(torch.linalg.vector_norm(before_clip), floor))
-        norms = torch.stack([r.to(clip_factor.device).double() for r in residual])
+            check = capture.check  # Σ_i R c_i against R G (see TensorCapture)
+            checked.append(p.index)
+            befores.append(g.detach() if check is None else projection.project(
+                g.detach()[None], tuple(g.shape), check.kind, check.k, check.seed, p.name)[0])
+            sums.append(data.sums.get(p.index))
+        # relative to the tensor's gradient, or to RESIDUAL_FLOOR of the whole step's when the
+        # tensor's is smaller: a gradient that is zero in exact arithmetic (attention's key
+        # bias; a bias whose every example's terms cancel) is float32 rounding of thousands of
+        # cancelling token terms, ~1e-7 of the step's norm, which would read as a large residual
+        floor = (RESIDUAL_FLOOR * grad_norm.double()).clamp_min(1e-300)
+        norms = torch.tensor([math.nan if not c.any or self.ranks is not None else 0.0
+                              for c in self.captures], dtype=torch.float64,
+                             device=clip_factor.device)
+        if checked:
+            norms[torch.tensor(checked, device=norms.device)] = residuals.relative_gaps(
+                befores, sums, clip_factor, floor)
         if fmt.RESIDUAL_NORM in rows:
             rows[fmt.RESIDUAL_NORM].copy_(norms, non_blocking=True)
         if problem is None and not self._on_gpu:  # on a GPU this would wait for the step

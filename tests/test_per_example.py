@@ -572,3 +572,26 @@ def test_attention_has_a_closed_form_equal_to_per_sample_gradients(tmp_path, mak
     factored, x, y = record(tmp_path / "factored", make, tokens_data,
                             capture=attrib.Factored(dtype="float64"))
     assert_contributions_match(factored, make, x, y, rel=1e-10)
+
+
+def test_relative_gaps_match_a_float64_loop():
+    """The batched residual check (one concatenation for all tensors) against the plain
+    per-tensor float64 formula: mixed dtypes, a missing sum (gap 1), a gradient below the
+    floor (measured against the floor)."""
+    from attrib.recorder.residuals import relative_gaps
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g).double(),
+             torch.randn(4, generator=g).to(torch.bfloat16), torch.full((3,), 1e-12)]
+    sums = [grads[0] * 0.5 + 1e-3 * torch.randn(5, 3, generator=g), grads[1] / 2, None,
+            torch.zeros(3)]
+    alpha, floor = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1e-6, dtype=torch.float64)
+    expected = []
+    for grad_, total in zip(grads, sums):
+        before = grad_.double() / alpha
+        gap = before - (0 if total is None else total.double())
+        expected.append(float(gap.norm() / max(before.norm(), floor)))
+    got = relative_gaps(grads, sums, alpha, floor)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12,
+                               atol=0)
+    assert got[2] == 1.0 and got[1] == 0.0 and 0 < got[3] < 1e-5

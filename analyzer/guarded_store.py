@@ -71,7 +71,7 @@ class GuardedStore(LocalStore):
         """The bytes of `key`, checked; None when there is no such file."""
         path = Path(self.root) / key
         self._refuse_links(path.parent)
-        array = _chunk_owner(key)
+        array = chunk_owner(key)
         layout = self._layout(key, array) if array is not None else None
         limit = DOCUMENT_LIMIT if layout is None else layout.max_file_bytes
         data = fmt.read_untrusted(path, limit)
@@ -153,7 +153,7 @@ class GuardedStore(LocalStore):
                                   "edited")
 
 
-def _chunk_owner(key: str) -> str | None:
+def chunk_owner(key: str) -> str | None:
     """The array a chunk key belongs to ("grads/w/c/0/1" → "grads/w"; "x/c" is a 0-d array's
     one chunk; the "." separator too), None for any other key (documents)."""
     head, tail = key.rsplit("/", 1) if "/" in key else ("", key)

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from attrib.analyzer.guarded_store import chunk_owner
 from attrib.schemas import format as fmt
 
 if TYPE_CHECKING:
@@ -16,11 +17,12 @@ if TYPE_CHECKING:
 
 
 def _stored_bytes(path) -> tuple[int, int]:
-    """(chunk bytes, metadata bytes) on disk: zarr chunks live under each array's c/ folder."""
+    """(chunk bytes, metadata bytes) on disk: chunks are the files whose key zarr's default
+    chunk key encoding gives (c.<i>… or c/<i>/…), the rest documents."""
     chunks = metadata = 0
     for f in path.rglob("*"):
         if f.is_file():
-            if "c" in f.relative_to(path).parts[:-1]:
+            if chunk_owner(f.relative_to(path).as_posix()) is not None:
                 chunks += f.stat().st_size
             else:
                 metadata += f.stat().st_size

@@ -96,8 +96,9 @@ class ChunkWriter:
                              np.asarray(part, dtype=self.dtype), self))
         return jobs
 
-    def put(self, path: Path, chunk: np.ndarray) -> None:
-        """Encode one chunk and write it (see the module docstring for why in place)."""
+    def put(self, path: Path, chunk: np.ndarray) -> int:
+        """Encode one chunk and write it (see the module docstring for why in place); returns
+        the bytes written."""
         data: Any = chunk.reshape(-1).view(np.uint8)
         if self.blosc is not None:
             data = np.frombuffer(self.blosc.encode(chunk), dtype=np.uint8)
@@ -107,10 +108,12 @@ class ChunkWriter:
         trailer = (int(google_crc32c.value(data)).to_bytes(4, "little") if self.checksum
                    else b"")
         direct_io.write_file(path, data, trailer)
+        return data.nbytes + len(trailer)
 
 
-def put_all(jobs: list[tuple[Path, np.ndarray, ChunkWriter]], pool: ThreadPoolExecutor) -> None:
+def put_all(jobs: list[tuple[Path, np.ndarray, ChunkWriter]], pool: ThreadPoolExecutor) -> int:
     """Write chunks on the pool's threads: writes (and Blosc) run without the GIL, so two
-    threads keep two writes in flight and encode while the other waits for the device."""
-    for future in [pool.submit(writer.put, path, chunk) for path, chunk, writer in jobs]:
-        future.result()
+    threads keep two writes in flight and encode while the other waits for the device.
+    Returns the bytes written."""
+    return sum(future.result() for future in
+               [pool.submit(writer.put, path, chunk) for path, chunk, writer in jobs])

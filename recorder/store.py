@@ -8,9 +8,11 @@ dies between two commits leaves at worst unreferenced files behind, never a half
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
+import itertools
 import math
 import os
 import platform
@@ -40,6 +42,11 @@ RANK_SEQUENCES = 10**8  # part sequence numbers per rank
 # rows an array is created with: it grows by doubling (see _grow) and is cut to its committed
 # rows at close, so resizes (a zarr.json rewrite per array) are rare
 INITIAL_ROWS = 256
+# chunk files named c.<step chunk>.<i>... side by side in their array's folder (zarr's default
+# chunk key encoding with the "." separator): with "/" every block of steps made a folder per
+# array (two per matrix: c/<i>/0/), which on the development VM cost as much CPU as writing the
+# chunks (~0.5 ms per folder, ~200 per block of a small transformer; 2026-12-01)
+CHUNK_KEYS = {"name": "default", "separator": "."}
 WRITE_THREADS = 2  # threads writing chunks (see chunks.put_all)
 RETIRE_SECONDS = 60.0  # how long a file no commit lists is kept for readers of older commits
 COMPACT_ROWS = 1 << 22  # rows per merged Parquet file of a table at close (a step range each)
@@ -282,19 +289,21 @@ class RunStore:
             chunks=chunk_shape(spec.step_shape, np.dtype(spec.dtype).itemsize, depth,
                                row_block),
             fill_value=spec.fill_value,
+            chunk_key_encoding=CHUNK_KEYS,
             compressors=self.codecs.for_path(spec.path).compressor())
             for spec, rows, depth, row_block in arrays])
         return {spec.path: a for (spec, *_), a in zip(arrays, created)}
 
     # -- dense data -------------------------------------------------------------------------
-    def append_steps(self, first_step: int, values: dict[str, np.ndarray]) -> None:
+    def append_steps(self, first_step: int, values: dict[str, np.ndarray]) -> int:
         """Write a block of consecutive steps; arrays without values in `values` (dropped
-        per-example rows) grow with the others and read as their fill value there."""
+        per-example rows) grow with the others and read as their fill value there. Returns
+        the bytes its chunks take on disk."""
         if not values:  # a rank other than 0 that captures nothing per example
-            return
+            return 0
         n = next(iter(values.values())).shape[0]
         steps = slice(first_step, first_step + n)
-        self._write([(p, a, (steps, self.example_rows)
+        return self._write([(p, a, (steps, self.example_rows)
                       if self.example_rows is not None and fmt.per_example(p) else steps,
                       values.get(p))
                      for p, a in self.step_arrays.items()], first_step + n)
@@ -309,9 +318,10 @@ class RunStore:
         return index
 
     def _write(self, writes: list[tuple[str, zarr.Array, Any, np.ndarray | None]],
-               stop: int) -> None:
+               stop: int) -> int:
         """Grow the arrays to hold `stop` rows, then write each value: whole chunks directly
-        (recorder/chunks.py), anything else through zarr."""
+        (recorder/chunks.py), anything else through zarr. Returns the bytes of the chunks
+        written (those zarr wrote: of every chunk of their rows, as found on disk)."""
         _grow([a for _, a, _, _ in writes], stop)  # dropped rows too: they read as fill
         rest, jobs = [], []
         for path, array, where, value in writes:
@@ -326,10 +336,13 @@ class RunStore:
                 rest.append((array, where, value))
             else:
                 jobs += chunks
-        if jobs:
-            put_all(jobs, _pool())
+        written = put_all(jobs, _pool()) if jobs else 0
         if rest:
             _gather([a.async_array.setitem(w, v) for a, w, v in rest])
+            written += sum(_chunk_bytes(a, self.dir / fmt.STORE_DIR / a.path,
+                                        w[0] if isinstance(w, tuple) else w)
+                           for a, w, _ in rest)
+        return written
 
     def trim(self) -> None:
         """Cut the arrays to their committed rows: growth runs ahead of the steps (see _grow),
@@ -348,20 +361,8 @@ class RunStore:
         array_docs.resize([(a, (n, *a.shape[1:])) for a, n in cuts])
         for array, rows in cuts:
             first = -(-rows // array.chunks[0])  # the first chunk index wholly past `rows`
-            folder = self.dir / fmt.STORE_DIR / array.path / "c"
-            if folder.is_dir():
-                for entry in folder.iterdir():
-                    if entry.name.isdigit() and int(entry.name) >= first:
-                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-    def block_bytes(self, first_step: int, steps: int) -> int:
-        """Stored bytes of the chunks that hold steps [first_step, first_step + steps)."""
-        total = 0
-        for array in self.step_arrays.values():
-            depth = array.chunks[0]
-            for chunk in range(first_step // depth, -(-(first_step + steps) // depth)):
-                total += _tree_bytes(self.dir / fmt.STORE_DIR / array.path / "c" / str(chunk))
-        return total
+            for entry in _chunks_from(self.dir / fmt.STORE_DIR / array.path, first):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     # -- tables -----------------------------------------------------------------------------
     def write_table_part(self, table: str, data: pa.Table, first: int, last: int) -> int:
@@ -515,12 +516,35 @@ def _gather(coroutines: list) -> None:
     sync(run())
 
 
-def _tree_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
-        return 0  # zarr skips chunks equal to the fill value
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _chunks_from(folder: Path, first: int) -> list[Path]:
+    """An array's chunk files (or, in the "/" layout of earlier runs, chunk folders) whose
+    step-chunk index is `first` or later: c.<i>.… files or c/<i> folders."""
+    found = []
+    nested = folder / "c"
+    for directory, separator in ((folder, "."), (nested, None)):
+        if not directory.is_dir():
+            continue
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                head, _, rest = entry.name.partition(".")
+                index = head if separator is None else rest.split(".")[0]
+                if (separator is None or head == "c") and index.isdigit() \
+                        and int(index) >= first:
+                    found.append(Path(entry.path))
+    return found
+
+
+def _chunk_bytes(array: zarr.Array, folder: Path, steps: slice) -> int:
+    """Bytes on disk of the array's chunks that hold `steps` (zarr skips none: see
+    array_docs.writable), found by their keys in the array's own chunk key encoding."""
+    depth = array.chunks[0]
+    inner = [range(-(-n // c)) for n, c in zip(array.shape[1:], array.chunks[1:])]
+    total = 0
+    for index in itertools.product(range(steps.start // depth, -(-steps.stop // depth)),
+                                   *inner):
+        with contextlib.suppress(FileNotFoundError):
+            total += (folder / array.metadata.encode_chunk_key(index)).stat().st_size
+    return total
 
 
 def remove_run(run_dir: Path) -> None:

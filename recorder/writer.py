@@ -322,7 +322,8 @@ class BackgroundWriter:
         first, n = records[0].step, len(records)
         if first != self.committed_steps:
             raise RecordingError(f"step {first} arrived, expected step {self.committed_steps}")
-        self.store.append_steps(first, {p: b[:n].numpy() for p, b in block.buffers.items()})
+        written = self.store.append_steps(first, {p: b[:n].numpy()
+                                                  for p, b in block.buffers.items()})
         for record in records:
             if record.checkpoint is not None:
                 self._write_checkpoint(record.step + 1, record.checkpoint)
@@ -344,7 +345,7 @@ class BackgroundWriter:
                                         first, first + n - 1)
         self.committed_steps = first + n
         if self._primary:  # the steps table is rank 0's
-            return self._steps_rows(rows, first, n, block.lean, started)
+            return self._steps_rows(rows, n, written, block.lean, started)
         if block.lean:
             self._note_dropped(first, first + n - 1)
         return None
@@ -359,9 +360,9 @@ class BackgroundWriter:
         else:
             self._dropped.append([first, last])
 
-    def _steps_rows(self, rows: list[dict[str, Any]], first: int, n: int, lean: bool,
+    def _steps_rows(self, rows: list[dict[str, Any]], n: int, written: int, lean: bool,
                     started: float) -> pa.Table:
-        per_step = round(self.store.block_bytes(first, n) / n)
+        per_step = round(written / n)
         seconds = (time.perf_counter() - started) / n  # the Parquet write is not counted
         for row in rows:
             row["bytes_written"], row["write_seconds"] = per_step, seconds

@@ -24,7 +24,7 @@ def slow_disk(monkeypatch):
 
     def throttled(self, first_step, values):
         time.sleep(sum(v.nbytes for v in values.values()) / BANDWIDTH)
-        append(self, first_step, values)
+        return append(self, first_step, values)
 
     monkeypatch.setattr(RunStore, "append_steps", throttled)
 

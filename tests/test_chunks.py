@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
+from attrib.analyzer.guarded_store import chunk_owner
+from attrib.recorder import store as store_module
 from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore
 
 CODECS = [Codec(), Codec(checksum=False), Codec("lz4", 1, "noshuffle"), Codec("none"),
@@ -33,7 +35,7 @@ def test_directly_written_chunks_read_back_with_plain_zarr(tmp_path, codec, monk
     for path, value in written.items():
         np.testing.assert_array_equal(group[path][:], value)
     chunk_files = [f for f in (tmp_path / "store.zarr").rglob("*") if f.is_file()
-                   and "c" in f.relative_to(tmp_path / "store.zarr").parts]
+                   and chunk_owner(f.relative_to(tmp_path / "store.zarr").as_posix())]
     assert chunk_files and not [f for f in chunk_files if f.name.endswith(".partial")]
 
 
@@ -45,3 +47,44 @@ def test_a_block_starting_mid_chunk_goes_through_zarr(tmp_path):
     store.append_steps(2, {"grads/w": 2 * first[:2]})  # a resume cut the run at step 2
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "store.zarr/grads/w")[:4],
                                   np.concatenate([first[:2], 2 * first[:2]]))
+
+
+def _chunk_sizes(store_dir) -> int:
+    return sum(f.stat().st_size for f in store_dir.rglob("*")
+               if f.is_file() and chunk_owner(f.relative_to(store_dir).as_posix()))
+
+
+def test_append_steps_returns_the_bytes_its_chunks_take(tmp_path):
+    """bytes_written per step comes from what the writes returned, not from walking the
+    store: the fast path's and zarr's (a block starting mid-chunk) both match the disk."""
+    store = RunStore(tmp_path, {}, [], Codecs(per_example=Codec()))
+    store.create_step_arrays([ArraySpec("grads/w", (4, 2), "float32"),
+                              ArraySpec("contrib/w", (3, 4, 2), "float32")], 4, {})
+    rng = np.random.default_rng(0)
+    values = {"grads/w": rng.standard_normal((4, 4, 2)).astype("f4"),
+              "contrib/w": rng.standard_normal((4, 3, 4, 2)).astype("f4")}
+    assert store.append_steps(0, values) == _chunk_sizes(tmp_path / "store.zarr")
+    before = {f: f.stat().st_size for f in (tmp_path / "store.zarr").rglob("c.*")}
+    rewritten = store.append_steps(2, {p: v[:2] for p, v in values.items()})  # through zarr
+    assert rewritten == _chunk_sizes(tmp_path / "store.zarr") and rewritten > 0
+    assert set(before) == set((tmp_path / "store.zarr").rglob("c.*"))  # same chunk files
+
+
+@pytest.mark.parametrize("separator", [".", "/"])
+def test_a_cut_deletes_the_chunks_past_it_in_either_key_layout(tmp_path, separator,
+                                                              monkeypatch):
+    """Runs before 2026-12-01 keep chunks in c/<i>/… folders, later ones as c.<i>.… files: a
+    resume or the close's trim removes the chunks wholly past the cut in both."""
+    monkeypatch.setattr(store_module, "CHUNK_KEYS", {"name": "default", "separator": separator})
+    store = RunStore(tmp_path, {}, [], Codecs())
+    store.create_step_arrays([ArraySpec("grads/w", (4, 2), "float32")], 2, {})
+    store.append_steps(0, {"grads/w": np.ones((6, 4, 2), "f4")})
+    store.manifest["committed_steps"] = 3
+    store.trim()
+    array = zarr.open_array(tmp_path / "store.zarr/grads/w")
+    assert array.shape == (3, 4, 2) and array.metadata.chunk_key_encoding.separator == separator
+    keys = sorted(f.relative_to(tmp_path / "store.zarr/grads/w").as_posix()
+                  for f in (tmp_path / "store.zarr/grads/w").rglob("*")
+                  if f.is_file() and f.name != "zarr.json")
+    assert keys == ([f"c{separator}{i}{separator}0{separator}0" for i in (0, 1)])
+    np.testing.assert_array_equal(array[:], np.ones((3, 4, 2), "f4"))

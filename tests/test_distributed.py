@@ -316,7 +316,7 @@ def dropping_worker(rank: int, world: int, init: str, path: str) -> None:
 
         def slow(self, first_step, values):  # a block with rows takes 0.2 s, a lean one 0
             time.sleep(0.2 if values else 0)
-            append(self, first_step, values)
+            return append(self, first_step, values)
 
         RunStore.append_steps = slow
     with process_group(rank, world, init):

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attrib
+from attrib.analyzer.guarded_store import chunk_owner
 from attrib.analyzer.verify import verify
 from attrib.schemas import format as fmt
 
@@ -143,8 +144,9 @@ def grad_chunk(path: Path) -> tuple[str, Path]:
     """The first parameter's name and its gradients' first chunk file."""
     run = attrib.open_run(path)
     key = run.params.column("key")[0].as_py()
-    chunks = path / fmt.STORE_DIR / fmt.GRADS / key / "c"
-    return run.param_names[0], min(f for f in chunks.rglob("*") if f.is_file())
+    grads = path / fmt.STORE_DIR / fmt.GRADS
+    return run.param_names[0], min(f for f in (grads / key).rglob("*") if f.is_file()
+                                    and chunk_owner(f.relative_to(grads).as_posix()) == key)
 
 
 def refuses(read, match: str) -> str:

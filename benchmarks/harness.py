@@ -308,9 +308,12 @@ def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps (smoke test)")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "SETTING"), help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int,
+                        help="timed steps per block for every workload (default: the script's)")
     parser.add_argument("--setting", action="append", choices=list(settings),
                         help="measure only these settings (repeatable; default: all)")
+    parser.add_argument("--workload", action="append", choices=list(workloads or WORKLOADS),
+                        help="measure only these workloads (repeatable; default: all)")
     args = parser.parse_args()
     repeats = 1 if args.quick else 2
     if args.one:
@@ -319,9 +322,9 @@ def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None
         print(json.dumps(measure_here(work, args.one[1], settings[args.one[1]], count, repeats)))
         return
     rows = []
-    for name in workloads or list(WORKLOADS):
+    for name in args.workload or workloads or list(WORKLOADS):
         for setting in args.setting or settings:
-            count = (steps or {}).get(name)
+            count = args.steps or (steps or {}).get(name)
             rows.append(run_isolated(name, setting, *(["--quick"] if args.quick else []),
                                      *(["--steps", str(count)] if count else [])))
     print(f"# {os.path.basename(sys.argv[0])}: {time.strftime('%Y-%m-%d')}, {platform.node()}, "

@@ -96,7 +96,7 @@ def main() -> None:
         r = ratios(args.steps, where)
         rows.append({"step arrays written to": label, "ratio": round(statistics.median(r), 3)})
     append = RunStore.append_steps
-    RunStore.append_steps = lambda self, first, values: None
+    RunStore.append_steps = lambda self, first, values: 0  # no bytes written
     try:
         r = ratios(args.steps, None)
     finally:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 from harness import WORKLOADS
 
+from attrib.analyzer.guarded_store import chunk_owner
 from attrib.cli.render import aligned
 from attrib.recorder import direct_io
 from attrib.recorder.direct_io import aligned_zeros
@@ -59,7 +60,7 @@ def measure(workload: str, name: str, codec: Codec, blocks: int = 6):
     with tempfile.TemporaryDirectory() as tmp, _page_cache_only(name == BUFFERED):
         store = RunStore(Path(tmp), {}, [], Codecs.of(codec))
         store.create_step_arrays(specs, depth, {})
-        store.append_steps(0, values)  # warm-up: creates the chunk folders, first page faults
+        store.append_steps(0, values)  # warm-up: creates the chunk files, first page faults
         os.sync()  # no dirty pages left: measure the writer, not earlier rows' writeback
         times, cpu = [], []
         for b in range(1, blocks + 1):
@@ -68,7 +69,8 @@ def measure(workload: str, name: str, codec: Codec, blocks: int = 6):
             times.append(time.perf_counter() - started)
             cpu.append(time.process_time() - cpu_started)
         seconds = statistics.median(times)
-        stored = sum(f.stat().st_size for f in Path(tmp).rglob("*") if "c" in f.parts)
+        stored = sum(f.stat().st_size for f in Path(tmp).rglob("*")
+                     if f.is_file() and chunk_owner(f.relative_to(tmp).as_posix()))
     return {"workload": workload, "codec": name, "arrays": len(specs), "steps_per_block": depth,
             "MiB_per_s": round(raw / seconds / 2**20),
             "MiB_per_cpu_s": round(raw / statistics.median(cpu) / 2**20),

@@ -339,8 +339,7 @@ class RunStore:
         written = put_all(jobs, _pool()) if jobs else 0
         if rest:
             _gather([a.async_array.setitem(w, v) for a, w, v in rest])
-            written += sum(_chunk_bytes(a, self.dir / fmt.STORE_DIR / a.path,
-                                        w[0] if isinstance(w, tuple) else w)
+            written += sum(_chunk_bytes(a, self.dir / fmt.STORE_DIR / a.path, w)
                            for a, w, _ in rest)
         return written
 
@@ -357,7 +356,8 @@ class RunStore:
     def _cut(self, cuts: list[tuple[zarr.Array, int]]) -> None:
         """Shorten arrays to their rows, deleting the chunk files wholly past them. zarr's own
         resize visits every chunk key of the cut region, written or not: seconds for arrays
-        grown ahead (see _grow); only the chunk folders that exist are looked at here."""
+        grown ahead (see _grow); only the chunk files (or folders) that exist are looked at
+        here."""
         array_docs.resize([(a, (n, *a.shape[1:])) for a, n in cuts])
         for array, rows in cuts:
             first = -(-rows // array.chunks[0])  # the first chunk index wholly past `rows`
@@ -518,7 +518,9 @@ def _gather(coroutines: list) -> None:
 
 def _chunks_from(folder: Path, first: int) -> list[Path]:
     """An array's chunk files (or, in the "/" layout of earlier runs, chunk folders) whose
-    step-chunk index is `first` or later: c.<i>.… files or c/<i> folders."""
+    step-chunk index is `first` or later: c.<i>.… files or c/<i> folders; also the temporary
+    files a write through zarr left when killed (c.<uuid>.partial beside a 1-d array's
+    chunks), which no reader ever looks at."""
     found = []
     nested = folder / "c"
     for directory, separator in ((folder, "."), (nested, None)):
@@ -528,20 +530,25 @@ def _chunks_from(folder: Path, first: int) -> list[Path]:
             for entry in entries:
                 head, _, rest = entry.name.partition(".")
                 index = head if separator is None else rest.split(".")[0]
-                if (separator is None or head == "c") and index.isdigit() \
-                        and int(index) >= first:
+                ours = separator is None or head == "c"
+                if ours and ((index.isdigit() and int(index) >= first)
+                             or entry.name.endswith(".partial")):
                     found.append(Path(entry.path))
     return found
 
 
-def _chunk_bytes(array: zarr.Array, folder: Path, steps: slice) -> int:
-    """Bytes on disk of the array's chunks that hold `steps` (zarr skips none: see
-    array_docs.writable), found by their keys in the array's own chunk key encoding."""
+def _chunk_bytes(array: zarr.Array, folder: Path, where: slice | tuple[slice, slice]) -> int:
+    """Bytes on disk of the array's chunks that hold `where` (steps, or steps and this rank's
+    example rows: zarr skips no chunk, see array_docs.writable), found by their keys in the
+    array's own chunk key encoding."""
+    steps, rows = where if isinstance(where, tuple) else (where, None)
+    spans = [range(-(-n // c)) for n, c in zip(array.shape[1:], array.chunks[1:])]
+    if rows is not None:  # another rank's chunks along the example axis are not this write's
+        spans[0] = range(rows.start // array.chunks[1], -(-rows.stop // array.chunks[1]))
     depth = array.chunks[0]
-    inner = [range(-(-n // c)) for n, c in zip(array.shape[1:], array.chunks[1:])]
     total = 0
     for index in itertools.product(range(steps.start // depth, -(-steps.stop // depth)),
-                                   *inner):
+                                   *spans):
         with contextlib.suppress(FileNotFoundError):
             total += (folder / array.metadata.encode_chunk_key(index)).stat().st_size
     return total

@@ -88,3 +88,29 @@ def test_a_cut_deletes_the_chunks_past_it_in_either_key_layout(tmp_path, separat
                   if f.is_file() and f.name != "zarr.json")
     assert keys == ([f"c{separator}{i}{separator}0{separator}0" for i in (0, 1)])
     np.testing.assert_array_equal(array[:], np.ones((3, 4, 2), "f4"))
+
+
+def test_bytes_of_a_ranks_rows_leave_out_other_ranks_chunks(tmp_path):
+    """A distributed rank writes its example rows through zarr; the bytes it reports are of
+    its own chunks along the example axis, whether or not another rank wrote first."""
+    store = RunStore(tmp_path, {}, [], Codecs())
+    store.create_step_arrays([ArraySpec("contrib/w", (6, 5), "float32")], 2, {}, rank_rows=3)
+    rows = np.ones((2, 3, 5), "f4")
+    store.example_rows = slice(3, 6)
+    other = store.append_steps(0, {"contrib/w": rows})  # rank 1 first
+    store.example_rows = slice(0, 3)
+    own = store.append_steps(0, {"contrib/w": rows})
+    assert own == other == _chunk_sizes(tmp_path / "store.zarr") // 2
+
+
+def test_a_cut_removes_what_a_killed_zarr_write_left(tmp_path):
+    """zarr writes through c.<uuid>.partial beside a 1-d array's chunks; one left by a kill
+    is debris that the next cut removes, with the chunks past it."""
+    store = RunStore(tmp_path, {}, [], Codecs())
+    store.create_step_arrays([ArraySpec("loss", (), "float32")], 2, {})
+    store.append_steps(0, {"loss": np.ones(4, "f4")})
+    folder = tmp_path / "store.zarr" / "loss"
+    (folder / "c.1f0e2d.partial").write_bytes(b"half")
+    store.manifest["committed_steps"] = 2
+    store.trim()
+    assert sorted(f.name for f in folder.iterdir()) == ["c.0", "zarr.json"]

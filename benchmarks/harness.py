@@ -2,7 +2,10 @@
 
 Each (workload, setting) runs in its own subprocess, so its peak RSS is its own. Inside it,
 plain and recorded blocks of steps alternate (noise and drift hit both alike); the recorded time
-includes `close()`, so the background writer's backlog is paid for. A script defines SETTINGS
+includes `close()`, so the background writer's backlog is paid for. `fixed_s` is what a run
+pays once (the first recorded step beyond a plain one: creating the arrays; and `close()`:
+draining the writer, trimming the arrays), `steady_ratio` the ratio with it taken out: what a
+run of many more steps than the block's pays per step. A script defines SETTINGS
 (name → Recorder keyword arguments) and calls `main(__doc__, SETTINGS)`.
 """
 
@@ -189,10 +192,12 @@ def per_example_peer(name: str, model: torch.nn.Module):
 
 
 def run_block(work: Workload, steps: int, settings: dict | None, out_dir: str | None,
-              after_step: Callable[[int, torch.nn.Module], None] | None = None) -> float:
+              after_step: Callable[[int, torch.nn.Module], None] | None = None,
+              parts: dict[str, float] | None = None) -> float:
     """Seconds per step over `steps` AdamW steps with clipping (+ close() when recording);
     settings {"peer": "torch.func" | "opacus"} time a peer's per-example gradients instead;
-    `after_step(i, model)` runs after each timed step, inside the timing."""
+    `after_step(i, model)` runs after each timed step, inside the timing. `parts`, when
+    given, receives the seconds of the first timed step ("first") and of close() ("close")."""
     model = work.model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
@@ -223,8 +228,13 @@ def run_block(work: Workload, steps: int, settings: dict | None, out_dir: str | 
         step(rec, x, y, i)
         if after_step is not None:
             after_step(i, model)
+        if i == 0 and parts is not None:
+            parts["first"] = time.perf_counter() - started
+    closing = time.perf_counter()
     if rec is not None:
         rec.close()
+    if parts is not None:
+        parts["close"] = time.perf_counter() - closing
     return (time.perf_counter() - started) / steps
 
 
@@ -255,7 +265,7 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
     if "peer" in settings:
         return measure_peer(work, setting, settings, steps, repeats)
     row = {"workload": work.name, "recording": setting}
-    plain, recorded, writer = [run_block(work, steps, None, None)], [], []
+    plain, recorded, writer, fixed = [run_block(work, steps, None, None)], [], [], []
     baseline_rss = _peak_rss_mib()
     info: dict = {}
     try:
@@ -263,19 +273,23 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
             if r:
                 plain.append(run_block(work, steps, None, None))
             with tempfile.TemporaryDirectory() as tmp:
-                recorded.append(run_block(work, steps, settings, f"{tmp}/run"))
+                parts: dict[str, float] = {}
+                recorded.append(run_block(work, steps, settings, f"{tmp}/run", parts=parts))
+                fixed.append(parts["first"] + parts["close"] - plain[-1])
                 run = attrib.open_run(f"{tmp}/run")
                 info = run.info()
                 writer.append(sum(run.steps.column("write_seconds").to_pylist()) / steps)
     except ValueError as e:  # a setting the recorder refuses for this model (with the reason)
         return {**row, "note": str(e).split(";")[0]}
-    off, on, write = (statistics.median(v) for v in (plain, recorded, writer))
+    off, on, write, once = (statistics.median(v) for v in (plain, recorded, writer, fixed))
     return {
         **row,
         "params": info["numel"],
         "off_ms": round(off * 1e3, 2),
         "on_ms": round(on * 1e3, 2),
         "ratio": round(on / off, 2),
+        "fixed_s": round(once, 2),
+        "steady_ratio": round((on * steps - once) / (off * steps), 2),
         "raw_per_step": human_bytes(info["dense_bytes_raw"] / steps),
         "compression": round(info["compression_ratio"], 2),
         "bytes_per_param_step": round(info["bytes_per_param_step"], 2),

@@ -153,6 +153,12 @@ class GuardedStore(LocalStore):
                                   "edited")
 
 
+def chunk_files(root: Path) -> list[Path]:
+    """The chunk files under a store folder (either chunk key layout), documents left out."""
+    return [f for f in Path(root).rglob("*")
+            if f.is_file() and chunk_owner(f.relative_to(root).as_posix()) is not None]
+
+
 def chunk_owner(key: str) -> str | None:
     """The array a chunk key belongs to ("grads/w/c/0/1" → "grads/w"; "x/c" is a 0-d array's
     one chunk; the "." separator too), None for any other key (documents)."""

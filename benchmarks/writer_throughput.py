@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 from harness import WORKLOADS
 
-from attrib.analyzer.guarded_store import chunk_owner
+from attrib.analyzer.guarded_store import chunk_files
 from attrib.cli.render import aligned
 from attrib.recorder import direct_io
 from attrib.recorder.direct_io import aligned_zeros
@@ -69,8 +69,7 @@ def measure(workload: str, name: str, codec: Codec, blocks: int = 6):
             times.append(time.perf_counter() - started)
             cpu.append(time.process_time() - cpu_started)
         seconds = statistics.median(times)
-        stored = sum(f.stat().st_size for f in Path(tmp).rglob("*")
-                     if f.is_file() and chunk_owner(f.relative_to(tmp).as_posix()))
+        stored = sum(f.stat().st_size for f in chunk_files(Path(tmp)))
     return {"workload": workload, "codec": name, "arrays": len(specs), "steps_per_block": depth,
             "MiB_per_s": round(raw / seconds / 2**20),
             "MiB_per_cpu_s": round(raw / statistics.median(cpu) / 2**20),

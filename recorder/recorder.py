@@ -1016,6 +1016,7 @@ class Recorder:
                 f"examples_per_step={data.rows} (or more) to Recorder; in a distributed run "
                 "every rank needs the same batch size")
         short: set[int] = set()
+        initial: list[float] = []  # NaN where not checked at all, 0 where no gradient came
         checked, befores, sums = [], [], []  # the tensors whose Σ_i c_i = G is checked
         for p, capture, g in zip(self.params, self.captures, consumed):
             if capture.full is not None and not self._block.lean:
@@ -1026,7 +1027,9 @@ class Recorder:
                     and not self._store_factors(p, capture.tokens, data, rows)):
                 short.add(p.index)
             # distributed: G averages every rank's examples, this rank sees its own only
-            if not capture.any or self.ranks is not None or g is None:
+            unchecked = not capture.any or self.ranks is not None
+            initial.append(math.nan if unchecked else 0.0)
+            if unchecked or g is None:
                 continue
             check = capture.check  # Σ_i R c_i against R G (see TensorCapture)
             checked.append(p.index)
@@ -1038,9 +1041,7 @@ class Recorder:
         # bias; a bias whose every example's terms cancel) is float32 rounding of thousands of
         # cancelling token terms, ~1e-7 of the step's norm, which would read as a large residual
         floor = (RESIDUAL_FLOOR * grad_norm.double()).clamp_min(1e-300)
-        norms = torch.tensor([math.nan if not c.any or self.ranks is not None else 0.0
-                              for c in self.captures], dtype=torch.float64,
-                             device=clip_factor.device)
+        norms = torch.tensor(initial, dtype=torch.float64, device=clip_factor.device)
         if checked:
             norms[torch.tensor(checked, device=norms.device)] = residuals.relative_gaps(
                 befores, sums, clip_factor, floor)

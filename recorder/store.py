@@ -522,17 +522,16 @@ def _chunks_from(folder: Path, first: int) -> list[Path]:
     files a write through zarr left when killed (c.<uuid>.partial beside a 1-d array's
     chunks), which no reader ever looks at."""
     found = []
-    nested = folder / "c"
-    for directory, separator in ((folder, "."), (nested, None)):
+    for directory, flat in ((folder, True), (folder / "c", False)):
         if not directory.is_dir():
             continue
         with os.scandir(directory) as entries:
             for entry in entries:
                 head, _, rest = entry.name.partition(".")
-                index = head if separator is None else rest.split(".")[0]
-                ours = separator is None or head == "c"
-                if ours and ((index.isdigit() and int(index) >= first)
-                             or entry.name.endswith(".partial")):
+                if flat and head != "c":
+                    continue  # zarr.json, or another array's folder
+                index = rest.split(".")[0] if flat else head
+                if (index.isdigit() and int(index) >= first) or entry.name.endswith(".partial"):
                     found.append(Path(entry.path))
     return found
 

@@ -16,7 +16,7 @@ import torch
 from conftest import OPTIMIZERS, mlp, train
 
 import attrib
-from attrib.analyzer.guarded_store import chunk_owner
+from attrib.analyzer.guarded_store import chunk_files
 from attrib.analyzer.verify import verify
 from attrib.recorder import direct_io
 from attrib.recorder.direct_io import ALIGN
@@ -135,8 +135,7 @@ def test_a_recording_written_direct_equals_one_written_buffered(tmp_path, monkey
             train(path, model, OPTIMIZERS["adamw"](model.parameters()), steps=11,
                   capture=attrib.Full())
         store = path / "store.zarr"
-        return {str(f.relative_to(store)): f.read_bytes() for f in store.rglob("*")
-                if f.is_file() and chunk_owner(f.relative_to(store).as_posix())}
+        return {str(f.relative_to(store)): f.read_bytes() for f in chunk_files(store)}
 
     direct = record(tmp_path / "direct", True)
     assert any(directs)

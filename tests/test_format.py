@@ -51,8 +51,8 @@ def test_store_layout_and_metadata(recorded):
                 assert [c["name"] for c in codecs[1:]] == ["crc32c"]
             continue
         codecs = group[f"{fmt.CONTRIB}/{key}"].metadata.to_dict()["codecs"]
-        assert [c["name"] for c in codecs[1:]] == ["blosc", "crc32c"]  # full rows: zstd
-        assert codecs[1]["configuration"]["cname"] == "zstd"
+        assert [c["name"] for c in codecs[1:]] == ["blosc", "crc32c"]  # full rows: lz4
+        assert codecs[1]["configuration"]["cname"] == "lz4"
     assert fmt.DELTAS not in group and fmt.STATE not in group  # derived by replay, not stored
     assert group[f"{fmt.HPARAMS}/lr"].shape == (21, 1)
     assert group[fmt.FINGERPRINT].shape == (21, 2, len(trained.thetas[0]))

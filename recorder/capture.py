@@ -364,8 +364,8 @@ class ExampleCapture:
         elif check is capture.project:
             total = projected.sum(0)
         else:
-            total = pe.project(c, c.shape, check.kind, check.k, check.seed,  # c.shape: a
-                               self.names[index]).sum(0)  # resized weight fails at the step
+            total = pe.project_sum(c, c.shape, check.kind, check.k, check.seed,  # c.shape: a
+                                   self.names[index])  # resized weight fails at the step
         data.sums[index] = data.sums[index] + total if index in data.sums else total
         if capture.full is not None:
             data.full.setdefault(index, []).append(

@@ -45,6 +45,9 @@ class Dense:
         c = self.values.reshape(b, r_l.shape[1], r_r.shape[1])
         return (r_l @ c @ r_r.T).reshape(b, -1)
 
+    def kron_sum(self, r_l: torch.Tensor, r_r: torch.Tensor) -> torch.Tensor:
+        return (r_l @ self.total().reshape(r_l.shape[1], r_r.shape[1]) @ r_r.T).reshape(-1)
+
 
 @dataclass
 class Outer:
@@ -96,6 +99,14 @@ class Outer:
         left = r_l.T[self.ids] if self.ids is not None else self.left @ r_l.T  # (B, T, k_l)
         return (left.transpose(1, 2) @ (self.right @ r_r.T)).reshape(self.right.shape[0], -1)
 
+    def kron_sum(self, r_l: torch.Tensor, r_r: torch.Tensor) -> torch.Tensor:
+        """Σ_i of kron's rows without them: Σ_i Σ_t (R_l l_it)(R_r r_it)ᵀ is one product of
+        the factors' projections over all (example, token) pairs."""
+        n = self.right.shape[-1]
+        left = (r_l.T[self.ids.reshape(-1)] if self.ids is not None
+                else self.left.reshape(-1, self.left.shape[-1]) @ r_l.T)  # (B·T, k_l)
+        return (left.T @ (self.right.reshape(-1, n) @ r_r.T)).reshape(-1)
+
 
 PerExample = Dense | Outer
 LOW_RANK_OVERSAMPLE, LOW_RANK_ITERATIONS = 4, 2
@@ -131,14 +142,31 @@ def project(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int,
             ) -> torch.Tensor:
     """(B, k) projection of the contributions, by the contract in schemas/projection.py (the
     split a new recording fits to the shape)."""
-    view = projection.matrix_view(shape)
-    split = projection.split_for(kind, k, shape)
-    if split is not None:
-        r_l, r_r = projection.kron_factors(seed, name, split, *view)
-        dtype = c.right.dtype if isinstance(c, Outer) else c.values.dtype
-        device = c.right.device if isinstance(c, Outer) else c.values.device
-        return c.kron(r_l.to(device, dtype), r_r.to(device, dtype))
+    factors = _kron_factors(c, shape, kind, k, seed, name)
+    if factors is not None:
+        return c.kron(*factors)
     return projection.project(c.dense(), shape, kind, k, seed, name)  # kron unsplit: dense
+
+
+def project_sum(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int, name: str
+                ) -> torch.Tensor:
+    """(k,) projection of Σ_i c_i, as project(...).sum(0) up to rounding, without the rows
+    (the step's check sketch of factored rows)."""
+    factors = _kron_factors(c, shape, kind, k, seed, name)
+    if factors is not None:
+        return c.kron_sum(*factors)
+    return projection.project(c.total()[None], shape, kind, k, seed, name)[0]
+
+
+def _kron_factors(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int,
+                  name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """R_l, R_r on the contributions' device and dtype; None where the projection is dense."""
+    split = projection.split_for(kind, k, shape)
+    if split is None:
+        return None
+    values = c.right if isinstance(c, Outer) else c.values
+    return tuple(r.to(values.device, values.dtype) for r in
+                 projection.kron_factors(seed, name, split, *projection.matrix_view(shape)))
 
 
 # -- closed-form rules ------------------------------------------------------------------------

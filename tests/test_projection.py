@@ -22,6 +22,28 @@ def test_kron_equals_dense_projection_with_kronecker_matrix():
     torch.testing.assert_close(got, explicit, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["kron", "dense", "sjlt"])
+def test_projected_sum_equals_the_sum_of_projected_rows(kind):
+    """The check sketch of factored rows (project_sum) against the rows' own projections,
+    summed, and against the projection of the densified sum: token factors, an Embedding's
+    index rows, and dense rows, in float64."""
+    from attrib.recorder import per_example as pe
+    g = torch.Generator().manual_seed(0)
+    shape = (12, 20)
+    cases = [pe.Outer(torch.randn(5, 3, 12, generator=g, dtype=torch.float64),
+                      torch.randn(5, 3, 20, generator=g, dtype=torch.float64), shape),
+             pe.Outer(None, torch.randn(5, 3, 20, generator=g, dtype=torch.float64), shape,
+                      ids=torch.randint(0, 12, (5, 3), generator=g), vocab=12),
+             pe.Dense(torch.randn(5, *shape, generator=g, dtype=torch.float64))]
+    for c in cases:
+        got = pe.project_sum(c, shape, kind, 16, 3, "w")
+        rows = pe.project(c, shape, kind, 16, 3, "w").sum(0)
+        dense = projection.project(c.dense().sum(0)[None], shape, kind, 16, 3, "w")[0]
+        assert got.shape == (16,)
+        torch.testing.assert_close(got, rows, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-12)
+
+
 def test_projection_is_reproducible_from_seed_and_name():
     c = torch.randn(4, 300)
     a = projection.project(c, (300,), "dense", 64, seed=7, name="layer.weight")

@@ -11,10 +11,12 @@ clipping, the stage skipped) and applies the adjoint only from e + W on:
 with z = (θ, buffers, Adam's v) before the step and z_{e+W} from a baseline replay that shares
 everything before the stage, so replay drift cancels as in "replay". W = 0 is linear response;
 W = N − e is replay (its exact f difference is used there, so for a stage that ends at the
-run's end every window, 0 included, gives replay's value). One adjoint sweep keeps λ at every
-candidate point of every stage; `window="auto"` doubles W (0, 1, 2, 4, …) until two successive
+run's end every window, 0 included, gives replay's value). One adjoint sweep keeps λ at the
+candidate points of every stage; `window="auto"` doubles W (0, 1, 2, 4, …) until two successive
 estimates agree within `tol` (relative, over the test points) while the linearisation check
-passes, so each stage replays only as far as its nonlinearity reaches.
+passes, so each stage replays only as far as its nonlinearity reaches. The checks come first
+(replay alone), so λ is kept only where an estimate can be used, and not swept at all when no
+window of any stage passes its check before the run's end.
 
 The linearisation check (per candidate, in the diagnostics): `perturbation` = ‖Δθ‖ / ‖θ‖,
 and for Adam `update_change` = ‖Δ(m / (√v + ε))‖ / ‖m / (√v + ε)‖, how much of the update
@@ -88,31 +90,47 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
                    max_grad_norm: float | str | None = "recorded",
                    progress: bool = True) -> HybridResult:
     """Δf_S for every stage by the hybrid estimator (see the module docstring). `adjoint`:
-    ∇f at θ_N per test point; `evaluate(θ)`: f at the test points."""
+    ∇f at θ_N per test point; `evaluate(θ)`: f at the test points.
+
+    The auto window can only stop at a window whose linearisation check passes, so λ is kept
+    from the window before the first such one on; a stage where none passes before the run's
+    end is its replay and needs no λ, and when no stage needs one the adjoint sweep (the
+    costly part: Hessian-vector products per test point and step) is not run at all (Adam
+    near zero loss: the grokking demo's every stage)."""
     check_window(window, tol)
-    dtype, n = batches.dtype, run.n_steps
+    n = run.n_steps
     windows = [candidate_windows(s, n, window) for s in stages]
-    points = frozenset(s.stop + w for s, ws in zip(stages, windows) for w in ws if s.stop + w < n)
+    threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
+    replay = _Replays(run, batches, threshold, min(s.start for s in stages),
+                      {s.start for s in stages} | {s.stop + w for s, ws in zip(stages, windows)
+                                                   for w in ws})
+    done: dict[int, tuple[np.ndarray, dict]] = {}
+    if window == "auto":
+        with progress_bar(total=sum(ws[-1] for ws in windows), progress=progress,
+                          desc="hybrid (linearisation checks)", unit="step") as bar:
+            for k, (stage, tried) in enumerate(zip(stages, windows)):
+                first, replayed = replay.first_trusted(stage, tried, evaluate, bar)
+                windows[k] = tried[max(first - 1, 0):]
+                if replayed is not None:
+                    done[k] = replayed
+    points = frozenset(s.stop + w for k, (s, ws) in enumerate(zip(stages, windows))
+                       if k not in done for w in ws if s.stop + w < n)
     _check_memory(adjoint, len(points))
     kept: dict[int, Adjoint] = {}
     if points:  # no window ends before the run's end: replay alone, no adjoint needed
         # an explicit window 0 is linear response: its refusals (SGD's nonlinear first
         # momentum step under dampening) apply; a replayed window runs such a step exactly
-        sweep = AdjointSweep(run, batches, stages, adjoint, None, dtype, keep=points,
+        sweep = AdjointSweep(run, batches, stages, adjoint, None, batches.dtype, keep=points,
                              stage_effects=window == 0)
         sweep.sweep(progress)
         kept = sweep.kept
-    threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
-    replay = _Replays(run, batches, threshold, min(s.start for s in stages),
-                      {s.start for s in stages} | points | {n})
-    effects, diagnostics = [], []
-    with progress_bar(total=sum(ws[-1] for ws in windows), progress=progress,
-                      desc="hybrid (replay windows)", unit="step") as bar:
+    with progress_bar(total=sum(ws[-1] for k, ws in enumerate(windows) if k not in done),
+                      progress=progress, desc="hybrid (replay windows)", unit="step") as bar:
         for k, (stage, tried) in enumerate(zip(stages, windows)):
-            estimate, notes = replay.stage(k, stage, tried, kept, evaluate, tol, bar)
-            effects.append(estimate)
-            diagnostics.append({"stage": stage.name, **notes})
-    return HybridResult(np.stack(effects), diagnostics)
+            if k not in done:
+                done[k] = replay.stage(k, stage, tried, kept, evaluate, tol, bar)
+    return HybridResult(np.stack([done[k][0] for k in range(len(stages))]),
+                        [{"stage": stage.name, **done[k][1]} for k, stage in enumerate(stages)])
 
 
 KEPT_BUDGET_BYTES = 4 << 30  # adjoints the auto window may keep (λ per candidate point)
@@ -162,38 +180,61 @@ class _Replays:
             self.kept.setdefault(t, snapshot(self.base, self.base_optimizer[0]))
         return self.kept[t]
 
-    def stage(self, k: int, stage: Stage, tried: list[int], kept: dict[int, Adjoint],
-              evaluate: Callable[[dict], np.ndarray], tol: float, bar) -> tuple[np.ndarray, dict]:
-        """Replay with the stage skipped through its candidate windows; the estimate at the
-        first window that agrees with the previous one (auto), or at the one window given."""
-        n = self.run.n_steps
+    def _windows(self, stage: Stage, tried: list[int], bar):
+        """(window, baseline state, skipped state) at each window of `tried`, replaying the
+        run from before the stage with the stage skipped."""
         restore(self.skip, self.skip_optimizer[0], self.baseline(stage.start))
-        s, previous, notes = stage.stop, None, {}
+        s = stage.stop
         for w in tried:
             while s < stage.stop + w:
                 replay_step(self.run, self.batches, self.dynamics, self.skip_optimizer,
                             self.skip, s, self.threshold)
                 s += 1
                 bar.update(1)
-            t = stage.stop + w
-            base = _state(self.baseline(t), self.index)
-            skipped = _state(snapshot(self.skip, self.skip_optimizer[0]), self.index)
-            if t == n:  # the replay itself: f exactly, no linearisation
+            yield w, _state(self.baseline(s), self.index), _state(
+                snapshot(self.skip, self.skip_optimizer[0]), self.index)
+
+    def first_trusted(self, stage: Stage, tried: list[int], evaluate: Callable[[dict], np.ndarray],
+                      bar) -> tuple[int, tuple[np.ndarray, dict] | None]:
+        """The index of the first window whose linearisation check passes, or of the run's
+        end; there, with replay's estimate and notes (no adjoint involved)."""
+        for i, (w, base, skipped) in enumerate(self._windows(stage, tried, bar)):
+            if stage.stop + w == self.run.n_steps:
+                return i, (evaluate(skipped[0]) - evaluate(base[0]), {
+                    "window": w, "converged": False, "change": None, "perturbation": None,
+                    "update_change": None})
+            if _trusted(linearisation(self.run, base, skipped)):
+                return i, None
+        raise AssertionError("auto windows end at the run's end")
+
+    def stage(self, k: int, stage: Stage, tried: list[int], kept: dict[int, Adjoint],
+              evaluate: Callable[[dict], np.ndarray], tol: float, bar) -> tuple[np.ndarray, dict]:
+        """Replay with the stage skipped through its candidate windows; the estimate at the
+        first window that agrees with the previous one (auto), or at the one window given."""
+        previous, notes = None, {}
+        for w, base, skipped in self._windows(stage, tried, bar):
+            if stage.stop + w == self.run.n_steps:  # the replay itself: f exactly
                 estimate = evaluate(skipped[0]) - evaluate(base[0])
                 check = {"perturbation": None, "update_change": None}
             else:
-                estimate = kept[t].source[k] + _dot(kept[t], skipped, base)
+                estimate = kept[stage.stop + w].source[k] + _dot(kept[stage.stop + w], skipped,
+                                                                 base)
                 check = linearisation(self.run, base, skipped)
             change = None if previous is None else float(
                 np.linalg.norm(estimate - previous) / max(np.linalg.norm(estimate), 1e-300))
             notes = {"window": w, "converged": change is not None and change <= tol,
                      "change": change, **check}
-            trusted = check["update_change"] is None or check["update_change"] <= \
-                UPDATE_CHANGE_LIMIT
-            if len(tried) == 1 or (notes["converged"] and trusted) or t == n:
+            if (len(tried) == 1 or (notes["converged"] and _trusted(check))
+                    or stage.stop + w == self.run.n_steps):
                 return estimate, notes
             previous = estimate
         return estimate, notes
+
+
+def _trusted(check: dict) -> bool:
+    """Whether first order can be trusted from a window on (SGD: always; Adam: while the
+    perturbation changes the update direction by at most UPDATE_CHANGE_LIMIT)."""
+    return check["update_change"] is None or check["update_change"] <= UPDATE_CHANGE_LIMIT
 
 
 State = tuple[dict, dict, dict]  # θ, buffers, Adam's v by name (_state)

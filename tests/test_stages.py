@@ -413,6 +413,50 @@ def test_hybrid_auto_window_agrees_with_replay_where_linear_response_does_not(tm
         assert rows[("hybrid", stage)]["pearson"] > 0.999999
 
 
+def test_hybrid_keeps_adjoints_only_where_a_window_can_be_used(tmp_path, monkeypatch):
+    """AdamW on METHODS.md §4's nine stages. The linearisation checks run before the sweep,
+    which then keeps λ only from the window before each stage's first trusted one: the auto
+    window's estimate per stage still equals the fixed-window estimate at the window it chose.
+    Where no window passes its check (here: a limit none passes, as near zero loss), every
+    stage is its replay, bit for bit, and the adjoint sweep does not run at all."""
+    from attrib.analyzer import hybrid
+    from attrib.analyzer.linear_response import AdjointSweep
+    from attrib.analyzer.stages import stage_report
+    from attrib.setups import StageScenario, stage_scenario
+
+    scenario = stage_scenario(tmp_path / "adamw", "adamw")
+    args = (scenario.run, StageScenario.model, scenario.train, scenario.test)
+    common = dict(stages=scenario.stages, progress=False)
+
+    def effects(report, method):
+        rows = report.table.filter(pc.field("method") == method)
+        return {name: rows.filter(pc.field("stage") == name).sort_by("test_id")
+                .column("effect").to_numpy() for name in scenario.stages}
+
+    auto = stage_report(*args, method="hybrid", **common)
+    windows = {n["stage"]: n["window"] for n in auto.notes["hybrid"]}
+    linearised = {s: w for s, w in windows.items()
+                  if scenario.stages[s].stop + w < scenario.run.n_steps}
+    assert len(set(linearised.values())) >= 2  # stages stop at different windows
+    for w in sorted(set(linearised.values())):
+        fixed = effects(stage_report(*args, method="hybrid", window=w, **common), "hybrid")
+        for stage in (s for s, used in linearised.items() if used == w):
+            np.testing.assert_allclose(effects(auto, "hybrid")[stage], fixed[stage],
+                                       rtol=1e-10, atol=0, err_msg=f"{stage} W={w}")
+
+    def no_sweep(self, progress):
+        raise AssertionError("the adjoint sweep ran")
+
+    monkeypatch.setattr(hybrid, "UPDATE_CHANGE_LIMIT", -1.0)
+    monkeypatch.setattr(AdjointSweep, "sweep", no_sweep)
+    report = stage_report(*args, method=("hybrid", "replay"), **common)
+    replayed, replay = effects(report, "hybrid"), effects(report, "replay")
+    for name, steps in scenario.stages.items():
+        np.testing.assert_array_equal(replayed[name], replay[name])
+        notes = {n["stage"]: n for n in report.notes["hybrid"]}[name]
+        assert notes["window"] == scenario.run.n_steps - steps.stop
+
+
 def test_hybrid_refuses_bad_windows_and_runs_dampened_first_steps(run_dir):
     """Windows are step counts ≥ 0 or "auto", tolerances positive numbers (a NaN one turned
     every stage into a replay). SGD with dampening: linear response can't take a stage that

@@ -593,3 +593,28 @@ def test_relative_gaps_match_a_float64_loop():
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12,
                                atol=0)
     assert got[2] == 1.0 and got[1] == 0.0 and 0 < got[3] < 1e-5
+
+
+def test_half_precision_rows_record_in_float16_and_bfloat16_is_refused_up_front(tmp_path):
+    """Full/Factored(dtype="float16") store 2-byte rows that read back as the float32 rows
+    rounded to float16; dtype="bfloat16" is refused when the policy is made (it used to pass
+    and then stop recording at the first step: Zarr has no bfloat16)."""
+    for policy in (attrib.Full, attrib.Factored):
+        with pytest.raises(ValueError, match="dtype='float16'"):
+            policy(dtype="bfloat16")
+    rows = {}
+    for dtype in ("float32", "float16"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        with attrib.Recorder(tmp_path / dtype, model, opt, capture=attrib.Full(dtype=dtype),
+                             strict=True) as rec:
+            for _ in range(2):
+                rec.examples(torch.arange(8))
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        rows[dtype] = attrib.open_run(tmp_path / dtype).contribution_rows("0.weight")
+    assert rows["float16"].dtype == torch.float16
+    torch.testing.assert_close(rows["float16"], rows["float32"].half(), rtol=0, atol=0)

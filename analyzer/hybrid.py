@@ -97,7 +97,10 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     end is its replay and needs no λ, and when no stage needs one the adjoint sweep (the
     costly part: Hessian-vector products per test point and step) is not run at all. (On the
     grokking demo's run some windows pass the check without their estimates converging, so
-    the sweep still runs there.)"""
+    the sweep still runs there.) Such a stage's notes say window = N − e, converged False and
+    change None (no estimate to compare). The memory check counts only the points kept, so it
+    comes after the checks' replays; it refuses nothing that fits, where it used to count
+    every candidate up front.
     check_window(window, tol)
     n = run.n_steps
     windows = [candidate_windows(s, n, window) for s in stages]

@@ -100,7 +100,7 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     the sweep still runs there.) Such a stage's notes say window = N − e, converged False and
     change None (no estimate to compare). The memory check counts only the points kept, so it
     comes after the checks' replays; it refuses nothing that fits, where it used to count
-    every candidate up front.
+    every candidate up front."""
     check_window(window, tol)
     n = run.n_steps
     windows = [candidate_windows(s, n, window) for s in stages]

@@ -217,19 +217,18 @@ class _Replays:
         first window that agrees with the previous one (auto), or at the one window given."""
         previous, notes = None, {}
         for w, base, skipped in self._windows(stage, tried, bar):
-            if stage.stop + w == self.run.n_steps:  # the replay itself: f exactly
+            t = stage.stop + w
+            if t == self.run.n_steps:  # the replay itself: f exactly
                 estimate = evaluate(skipped[0]) - evaluate(base[0])
                 check = {"perturbation": None, "update_change": None}
             else:
-                estimate = kept[stage.stop + w].source[k] + _dot(kept[stage.stop + w], skipped,
-                                                                 base)
+                estimate = kept[t].source[k] + _dot(kept[t], skipped, base)
                 check = linearisation(self.run, base, skipped)
             change = None if previous is None else float(
                 np.linalg.norm(estimate - previous) / max(np.linalg.norm(estimate), 1e-300))
             notes = {"window": w, "converged": change is not None and change <= tol,
                      "change": change, **check}
-            if (len(tried) == 1 or (notes["converged"] and _trusted(check))
-                    or stage.stop + w == self.run.n_steps):
+            if len(tried) == 1 or (notes["converged"] and _trusted(check)) or t == self.run.n_steps:
                 return estimate, notes
             previous = estimate
         return estimate, notes

@@ -45,9 +45,6 @@ class Dense:
         c = self.values.reshape(b, r_l.shape[1], r_r.shape[1])
         return (r_l @ c @ r_r.T).reshape(b, -1)
 
-    def kron_sum(self, r_l: torch.Tensor, r_r: torch.Tensor) -> torch.Tensor:
-        return (r_l @ self.total().reshape(r_l.shape[1], r_r.shape[1]) @ r_r.T).reshape(-1)
-
 
 @dataclass
 class Outer:
@@ -151,8 +148,8 @@ def project(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int,
 def project_sum(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: int, name: str
                 ) -> torch.Tensor:
     """(k,) projection of Σ_i c_i, as project(...).sum(0) up to rounding, without the rows
-    (the step's check sketch of factored rows)."""
-    factors = _kron_factors(c, shape, kind, k, seed, name)
+    (the step's check sketch of factored rows). Dense rows: their sum, projected once."""
+    factors = _kron_factors(c, shape, kind, k, seed, name) if isinstance(c, Outer) else None
     if factors is not None:
         return c.kron_sum(*factors)
     return projection.project(c.total()[None], shape, kind, k, seed, name)[0]

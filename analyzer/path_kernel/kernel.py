@@ -31,6 +31,7 @@ from attrib.analyzer.aggregate import (
     data_influence,
     owned,
 )
+from attrib.analyzer.path_kernel.quadrature import MAX_NODES, Integrator
 from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
@@ -38,31 +39,13 @@ from attrib.recorder.optimizers import adam_update_scale, momentum_intake
 
 # replay: a v2 run's replay gap (stored θ − replayed θ at a checkpoint, part of that step's Δθ),
 # zero where the replay is bit for bit (the same kernels as training)
-TERMS = ("data", "residual", "regularization", "carry_in", "replay")
+# rounding: Σ_s ḡ_s·Δθ_s minus the other terms (the training dtype's rounding of the updates)
+TERMS = ("data", "residual", "regularization", "carry_in", "replay", "rounding")
 
 
 BLOCK_STEPS = None  # steps held in memory at once; None: the run's steps_per_chunk (each
 # stored chunk is then read once), fewer if their ḡ would exceed GBAR_BUDGET_BYTES
 GBAR_BUDGET_BYTES = 128 << 20
-ADAPTIVE = "adaptive"  # quadrature=: Gauss–Legendre q = 2, refined per segment (see _Integrator)
-MAX_NODES = 64  # gradient evaluations the adaptive rule may spend on one segment
-
-
-def quadrature_rule(spec: int | str) -> list[tuple[float, float]]:
-    """(node, weight) pairs on [0, 1]: Gauss–Legendre with q nodes, "midpoint:K", or "left"
-    (the segment's start only: plain-SGD path kernel = TracIn over every step); "adaptive"
-    starts from q = 2."""
-    if spec == ADAPTIVE:
-        return quadrature_rule(2)
-    if spec == "left":
-        return [(0.0, 1.0)]
-    if isinstance(spec, str) and spec.startswith("midpoint:"):
-        k = int(spec.removeprefix("midpoint:"))
-        return [((i + 0.5) / k, 1.0 / k) for i in range(k)]
-    nodes, weights = np.polynomial.legendre.leggauss(int(spec))
-    return [((x + 1) / 2, w / 2) for x, w in zip(nodes.tolist(), weights.tolist())]
-
-
 HELPFUL_SIGN = {"loss": -1, "margin": 1}  # the sign of a change of f that helps the model
 ORDERS = ("desc", "asc", "abs", "helpful", "harmful")
 
@@ -96,7 +79,8 @@ class PathKernelResult:
     by: tuple[str, ...]
     quadrature_error: np.ndarray  # per test point: Σ over segments of |Σ_q w ∇f·Δθ − Δf|
     similarity: pa.Table | None = None  # per layer: test points' kernel (similarity=True)
-    nodes: np.ndarray | None = None  # quadrature nodes each segment used, in step order
+    nodes: np.ndarray | None = None  # per segment, in step order: gradient evaluations
+    # per test point (their mean; the adaptive rule spends more where kinks are)
 
     def to_arrow(self) -> pa.Table:
         return self.table
@@ -178,10 +162,10 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     summed while streaming. Per-example terms need Full capture (exact) or Project capture
     (projected: an unbiased estimate, the residual term absorbs its error so totals stay exact).
     `quadrature`: Gauss–Legendre nodes per segment (2), "midpoint:K", "left", or "adaptive":
-    q = 2 on parts of the segment, bisected worst first while a part misses its exact
-    integral by more than its share of `tol` = (rtol, atol), i.e. rtol·|f(θ_N) − f(θ_0)| +
-    atol per test point over the run, up to `max_nodes` gradient evaluations per segment
-    (see _Integrator).
+    q = 2, and where a test point misses its share of `tol` = (rtol, atol), i.e.
+    rtol·|f(θ_N) − f(θ_0)| + atol per test point over the run, its own partition of the
+    segment, cut at its ReLU kinks and bisected, up to `max_nodes` gradient evaluations per
+    test point and segment (see quadrature.Integrator).
     `stride=K` integrates one ḡ per segment of K steps, shared by its steps: completeness stays
     exact, only the credit within a segment is approximated (K = 1, the default, is exact).
     `similarity=True` adds, per layer, the similarity of test points from the model's
@@ -207,30 +191,26 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     segments = range(0, run.n_steps, stride)
     f_initial, f_final = f_at(run, model, inputs, labels, target, dtype, 0), f_at(
         run, model, inputs, labels, target, dtype, run.n_steps)
-    integrator = _Integrator(model, names, inputs, labels, target, quadrature,
+    integrator = Integrator(model, names, inputs, labels, target, quadrature,
                              tolerance=(tol[0] * np.abs(f_final - f_initial) + tol[1])
                              / len(segments), max_nodes=max_nodes)
 
-    def forward(first: int, stop: int):
-        """θ_s and ḡ_s for steps [first, stop); `first` starts a segment."""
+    def forward(first: int, stop: int, theta_stop: dict[str, torch.Tensor]):
+        """θ_s and ḡ_s for steps [first, stop); `first` starts a segment. Each segment runs
+        along the chord between the θ its ends have (θ_stop: the next block's first), so
+        the segments' exact integrals telescope to f(θ_N) − f(θ_0) and the measured error
+        bounds the gap; summing the recorded Δθ instead would drift from θ by rounding."""
         gbars, thetas, gaps = [], [], []
-        segment_start, segment_delta = first, None
         for view in iter_steps(run, first, stop):
-            theta = {n: view.theta[n].to(dtype, copy=True) for n in names}
-            delta = {n: view.values["deltas"][n].to(dtype) for n in names}
-            thetas.append(theta)
+            thetas.append({n: view.theta[n].to(dtype, copy=True) for n in names})
             gaps.append((view.gap, view.buffer_gap))
-            if view.step == segment_start:
-                segment_delta = {n: torch.zeros_like(delta[n]) for n in names}
-            for n in names:
-                segment_delta[n] += delta[n]
-            if view.step + 1 < min(segment_start + stride, stop):
-                continue
-            start = thetas[segment_start - first]  # segment start → end: one ḡ for all its steps
-            gbar = integrator.segment(segment_start, start, segment_delta)
-            gbars.extend([gbar] * (view.step + 1 - segment_start))
-            segment_start = view.step + 1
-        return gbars, thetas, gaps
+        thetas.append(theta_stop)
+        for start in range(first, stop, stride):
+            end = min(start + stride, stop)
+            begin, finish = thetas[start - first], thetas[end - first]
+            gbar = integrator.segment(start, begin, {n: finish[n] - begin[n] for n in names})
+            gbars.extend([gbar] * (end - start))
+        return gbars, thetas[:-1], gaps
 
     # Blocks from the last to the first: each block's ḡ is computed forward from θ at its
     # start, then consumed by the backward recursion, whose state carries into the previous
@@ -247,14 +227,17 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     block = max(1, steps // stride) * stride
     with progress_bar(total=run.n_steps, progress=progress, desc="path-kernel influences",
               unit="step") as bar:
+        theta_stop = {n: v.to(dtype) for n, v in run.reconstruct(run.n_steps).items()}
         for first in reversed(range(0, run.n_steps, block)):
             stop = min(first + block, run.n_steps)
-            gbars, thetas, gaps = forward(first, stop)
+            gbars, thetas, gaps = forward(first, stop, theta_stop)
             recursion.steps(first, gbars, thetas, gaps)
+            theta_stop = thetas[0]
             del gbars, thetas, gaps
             release_freed_memory()
             bar.update(stop - first)
     recursion.carry_in()
+    recursion.rounding(integrator.along)
     return PathKernelResult(targets.with_target(rows.table(), target), f_initial, f_final,
                             tuple(by),
                             integrator.error.cpu().numpy(),
@@ -267,89 +250,6 @@ def f_at(run: Run, model: torch.nn.Module, inputs, labels, target: targets.Targe
     params = {n: v.to(dtype) for n, v in run.reconstruct(step).items()}
     with torch.no_grad():
         return targets.evaluate(model, params, inputs, labels, target).cpu().numpy()
-
-
-@dataclass
-class _Part:
-    """A part [a, b] of a segment: F at its ends, its rule's ∫_a^b ∇f, the rule's error
-    against F(b) − F(a) per test point, and how many times over its tolerance share that is."""
-
-    a: float
-    b: float
-    fa: torch.Tensor
-    fb: torch.Tensor
-    gbar: dict[str, torch.Tensor]
-    error: torch.Tensor
-    over: float
-
-
-class _Integrator:
-    """ḡ = ∫_0^1 ∇f(θ + tΔ) dt of a segment, per test point, with the error of its rule.
-
-    The integral of ∇f·Δ over any part [a, b] of the segment is known exactly, F(b) − F(a)
-    with F(t) = f(θ + tΔ) (forward passes only), so each segment's error |Σ_q w_q ∇f·Δ −
-    (F(1) − F(0))| is measured, not estimated; their sum bounds the completeness gap for any
-    rule. The adaptive rule bisects: a part whose Gauss–Legendre q = 2 misses its exact
-    integral by more than its share of the tolerance (its width times the segment's) is split
-    in two, the worst first, until every part is within its share or the segment has used
-    `max_nodes` gradient evaluations. Across a ReLU kink ∇f jumps, so a fixed rule converges
-    only like h there: bisection puts the nodes at the kinks and leaves smooth steps at two."""
-
-    def __init__(self, model: torch.nn.Module, names: list[str], inputs, labels,
-                 target: targets.Target, spec: int | str, tolerance: np.ndarray,
-                 max_nodes: int = MAX_NODES) -> None:
-        self.model, self.names, self.inputs, self.labels = model, names, inputs, labels
-        self.max_nodes = max_nodes
-        self.target = target
-        self.rule = quadrature_rule(spec)
-        self.adaptive = spec == ADAPTIVE
-        self.tolerance = torch.from_numpy(np.asarray(tolerance, dtype=np.float64))
-        self.error = torch.zeros(len(labels), dtype=torch.float64)
-        self.nodes: dict[int, int] = {}  # segment start → gradient evaluations used
-
-    def segment(self, start_step: int, theta: dict[str, torch.Tensor],
-                delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        def at(t: float) -> dict[str, torch.Tensor]:
-            return {n: theta[n] + t * delta[n] for n in self.names}
-
-        def part(a: float, b: float, fa: torch.Tensor, fb: torch.Tensor) -> _Part:
-            gbar = self._average(at, a, b)
-            along = sum(gbar[n].flatten(1) @ delta[n].reshape(-1) for n in self.names)
-            error = (along - (fb - fa)).abs().double().cpu()
-            return _Part(a, b, fa, fb, gbar, error,
-                         over=float((error / (self.tolerance * (b - a))).max()))
-
-        parts = [part(0.0, 1.0, self._f(at(0.0)), self._f(at(1.0)))]
-        used = len(self.rule)
-        while self.adaptive and used + 2 * len(self.rule) <= self.max_nodes:
-            worst = max(range(len(parts)), key=lambda i: parts[i].over)
-            p = parts[worst]
-            if p.over <= 1.0:
-                break
-            middle = (p.a + p.b) / 2
-            fm = self._f(at(middle))
-            parts[worst: worst + 1] = [part(p.a, middle, p.fa, fm), part(middle, p.b, fm, p.fb)]
-            used += 2 * len(self.rule)
-        gbar = {n: sum(p.gbar[n] for p in parts) for n in self.names}
-        self.error += sum(p.error for p in parts)
-        self.nodes[start_step] = used
-        return gbar
-
-    def _f(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return targets.evaluate(self.model, theta, self.inputs, self.labels, self.target)
-
-    def _average(self, at: Callable[[float], dict[str, torch.Tensor]], a: float,
-                 b: float) -> dict[str, torch.Tensor]:
-        """∫_a^b ∇f(θ + tΔ) dt by the rule on [a, b]."""
-        total: dict[str, torch.Tensor] = {}
-        for node, weight in self.rule:
-            grads = targets.gradients(self.model, at(a + (b - a) * node), self.inputs,
-                                      self.labels, self.target)
-            for n in self.names:
-                term = (weight * (b - a)) * grads[n]
-                total[n] = total[n] + term if n in total else term
-        return total
 
 
 def step_stage_names(run: Run, stages: dict[str, range] | None) -> list[str | None]:
@@ -412,6 +312,8 @@ class _Recursion:
         self.memory = {n: torch.zeros((n_test, *shape), dtype=dtype)
                        for n, shape in zip(self.names, self.shapes)}
         self.block: dict = {}  # the current block's stored arrays (see steps)
+        # per parameter: the sum of every term emitted so far (see rounding)
+        self.accounted = {n: torch.zeros(n_test, dtype=dtype) for n in self.names}
 
     def steps(self, first: int, gbars: list, thetas: list, gaps: list) -> None:
         """Process steps first + len(gbars) − 1 down to first.
@@ -434,12 +336,12 @@ class _Recursion:
             for name, gap in buffer_gaps.items():  # carried into steps s+1…: like a carry-in
                 if s + 1 < run.n_steps:
                     j = self.names.index(name)
-                    self.rows.add("replay", self._buffer_term(j, s + 1, gap), s, name)
+                    self._emit("replay", self._buffer_term(j, s + 1, gap), s, name)
             self.step(s, s - first, gbars[s - first], thetas[s - first])
             for name, gap in theta_gaps.items():  # ḡ_s · (stored − replayed θ_{s+1})
                 g = gbars[s - first][name]
-                self.rows.add("replay", g.reshape(g.shape[0], -1) @ gap.reshape(-1).to(dtype),
-                              s, name)
+                self._emit("replay", g.reshape(g.shape[0], -1) @ gap.reshape(-1).to(dtype),
+                           s, name)
         self.block = {}
 
     def step(self, s: int, i: int, gbar: dict, thetas: dict) -> None:
@@ -483,9 +385,10 @@ class _Recursion:
                                                           @ theta.reshape(-1))
                 else:  # coupled L2: λθ_s is part of the gradient d_s
                     reg = h["weight_decay"] * (flat_a @ theta.reshape(-1))
-                rows.add("regularization", reg, s, name)
+                self._emit("regularization", reg, s, name)
             consumed = self.block["grads"][name][i].reshape(-1)
             total = flat_a @ consumed
+            self.accounted[name] += total  # data + residual
             influence = data_influence(run, name, self.shapes[j], stored.get(name), flat_a,
                                         float(self.alpha[s]), dtype)
             if influence is not None:
@@ -518,8 +421,21 @@ class _Recursion:
             buffer = self.carry.get(name, {}).get(key)
             if buffer is None or self.first_active[j] < 0:
                 continue
-            self.rows.add("carry_in", self._buffer_term(j, self.first_active[j], buffer), None,
-                          name)
+            self._emit("carry_in", self._buffer_term(j, self.first_active[j], buffer), None, name)
+
+    def rounding(self, along: dict[str, torch.Tensor]) -> None:
+        """What the terms leave of Σ_s ḡ_s·Δθ_s, per parameter: the terms expand each update
+        by the optimizer's formula in the analysis dtype, while θ moved by that update rounded
+        in the training dtype. Where AdamW's decay and its gradient step nearly cancel (near
+        zero loss, at weight-decay equilibrium), float32 rounding of each is a large part of
+        Δθ: 1e-3 of Δf on the demo run. Emitted without a step, like carry_in."""
+        for name in self.names:
+            if name in along:
+                self.rows.add("rounding", along[name] - self.accounted[name], None, name)
+
+    def _emit(self, term: str, values: torch.Tensor, step: int | None, name: str) -> None:
+        self.rows.add(term, values, step, name)
+        self.accounted[name] += values
 
     def _buffer_term(self, j: int, step: int, buffer: torch.Tensor) -> torch.Tensor:
         """The effect on f of a momentum buffer / first moment held before `step`, through

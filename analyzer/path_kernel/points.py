@@ -1,0 +1,112 @@
+"""f, its gradient and its kinks at points θ + tΔ of one segment, each test point at its own t.
+
+The adaptive integrator refines each test point's partition of a segment separately (kinks
+sit at different t for different inputs), so these evaluate (test point, t) pairs in one
+vmapped call, in chunks that bound the memory of the per-pair parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import grad, vmap
+
+from attrib.analyzer import targets
+from attrib.analyzer.path_kernel.kinks import KinkRecorder
+
+PAIR_BUDGET_BYTES = 256 << 20  # per-pair parameters and gradients held at once
+
+
+class PathPoints:
+    """Evaluations along θ + tΔ for pairs (rows: test point indices, ts: positions in [0, 1]).
+    Gradients come back flattened, one row per pair, parameters in `names` order."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str], inputs: torch.Tensor,
+                 labels: torch.Tensor, target: targets.Target) -> None:
+        self.model, self.names, self.inputs, self.labels = model, names, inputs, labels
+        self.target = target
+        self.theta: dict[str, torch.Tensor] = {}
+        self.delta: dict[str, torch.Tensor] = {}
+        self.kink_shapes: list[torch.Size] | None = None  # None: not probed yet
+        self.kinks_seen = True  # False once the model shows no kinks vmap can record
+
+    def on(self, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
+        self.theta, self.delta = theta, delta
+
+    def at(self, t) -> dict[str, torch.Tensor]:
+        return {n: self.theta[n] + t * self.delta[n] for n in self.names}
+
+    def _f(self, params, x, y) -> torch.Tensor:
+        return targets.evaluate(self.model, params, x[None], y[None], self.target)[0]
+
+    def _chunks(self, rows: torch.Tensor, ts: torch.Tensor):
+        size = max(1, PAIR_BUDGET_BYTES // (4 * 8 * sum(v.numel() for v in self.theta.values())))
+        for lo in range(0, len(rows), size):
+            r, t = rows[lo: lo + size], ts[lo: lo + size]
+            yield t.to(next(iter(self.theta.values())).dtype), self.inputs[r], self.labels[r]
+
+    def values(self, rows: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """f per pair (forward passes only)."""
+        def one(t, x, y):
+            return self._f(self.at(t), x, y)
+
+        with torch.no_grad():
+            return torch.cat([self._vmapped(one, *chunk) for chunk in self._chunks(rows, ts)])
+
+    def gradients(self, rows: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """∇_θ f per pair, flattened: (pairs, number of parameters)."""
+        def one(t, x, y):
+            g = grad(self._f)(self.at(t), x, y)
+            return torch.cat([g[n].reshape(-1) for n in self.names])
+
+        return torch.cat([self._vmapped(one, *chunk) for chunk in self._chunks(rows, ts)])
+
+    def kinks(self, rows: torch.Tensor, ts: torch.Tensor, slopes: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per pair, every kinked activation's input minus its levels (pairs, K), and with
+        `slopes` ∂f/∂(activation output) lined up with them; None where the model has no
+        activation the recorder sees (or vmap can't batch it)."""
+        if not self.kinks_seen or self._probe_shapes() is None:
+            return None
+        shapes, levels = self.kink_shapes, []
+
+        def one(probes, t, x, y):
+            with KinkRecorder(probes) as recorder:
+                f = self._f(self.at(t), x, y)
+            levels[:] = recorder.levels
+            return f, recorder.flat_offsets(f)
+
+        offsets, found = [], []
+        for t, x, y in self._chunks(rows, ts):
+            probes = [t.new_zeros((len(t), *s)) for s in shapes]
+            if slopes:
+                d, z = vmap(grad(one, has_aux=True))(probes, t, x, y)
+                found.append(KinkRecorder.flat_slopes(list(d), levels))
+            else:
+                with torch.no_grad():
+                    z = vmap(one, in_dims=(None, 0, 0, 0))(None, t, x, y)[1]
+            offsets.append(z)
+        return torch.cat(offsets), (torch.cat(found) if slopes else None)
+
+    def _probe_shapes(self) -> list[torch.Size] | None:
+        """The kinked activations' input shapes for one test point (once per analysis)."""
+        if self.kink_shapes is None:
+            def one(t, x, y):
+                with KinkRecorder() as recorder:
+                    self._f(self.at(t), x, y)
+                self.kink_shapes = list(recorder.shapes)
+                return t
+
+            try:
+                with torch.no_grad():
+                    vmap(one)(*next(self._chunks(torch.zeros(1, dtype=torch.long),
+                                                 torch.zeros(1))))
+            except RuntimeError:  # no vmap rule (recurrent kernels): bisection only
+                self.kink_shapes = []
+            self.kinks_seen = bool(self.kink_shapes)
+        return self.kink_shapes if self.kinks_seen else None
+
+    def _vmapped(self, one, t, x, y) -> torch.Tensor:
+        try:
+            return vmap(one)(t, x, y)
+        except RuntimeError:  # a module with no vmap batching rule: one pair at a time
+            return torch.stack([one(*pair) for pair in zip(t, x, y)])

@@ -121,3 +121,39 @@ def test_illinois_steps_converge_superlinearly_on_a_curved_offset():
     for _ in range(12):
         bracket, t = refine(bracket, t, z(t))
     assert abs(float(t) - 0.25) < 1e-12
+
+
+class Statements(torch.nn.Module):
+    """ReLU applied as an in-place statement (the result unused) or through `input=`."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.out, self.style = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3), style
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.style == "statement":
+            h.relu_()
+        elif self.style == "keyword":
+            h = torch.relu(input=h)
+        else:
+            h = F.relu(h)
+        return self.out(h)
+
+
+def test_in_place_statements_and_keyword_inputs_record_the_same_kinks():
+    """`h.relu_()` whose result is unused must still carry the probe (the model reads h), and
+    `torch.relu(input=h)` passes its tensor by keyword: both equal the plain F.relu's."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2])
+    found = {}
+    for style in ("plain", "statement", "keyword"):
+        model = Statements(style).double()
+        theta = {k: v.detach() for k, v in model.named_parameters()}
+        points = PathPoints(model, list(theta), x, y, "loss")
+        points.on(theta, {k: torch.ones_like(v) for k, v in theta.items()})
+        found[style] = points.kinks(torch.arange(3), torch.full((3,), 0.5, dtype=torch.float64))
+    assert found["plain"][1].abs().max() > 0
+    for style in ("statement", "keyword"):
+        torch.testing.assert_close(found[style], found["plain"], rtol=0, atol=0)

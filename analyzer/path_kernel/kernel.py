@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from attrib.analyzer.aggregate import (
     data_influence,
     owned,
 )
-from attrib.analyzer.path_kernel.quadrature import MAX_NODES, Integrator
+from attrib.analyzer.path_kernel.quadrature import ADAPTIVE, MAX_NODES, Integrator
 from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 from attrib.analyzer.stream import iter_steps
@@ -65,8 +66,10 @@ def _effect(value: float, target: str | None, helps: int | None) -> str:
 def gaps_within_bound(completeness: pa.Table) -> np.ndarray:
     """Per test point of a completeness() table: whether |gap| ≤ quadrature_error, allowing
     float rounding (the bound holds exactly in real arithmetic)."""
+    ends = np.abs(completeness.column("f_initial").to_numpy()) + \
+        np.abs(completeness.column("f_final").to_numpy())
     return np.abs(completeness.column("gap").to_numpy()) <= \
-        completeness.column("quadrature_error").to_numpy() * (1 + 1e-9) + 1e-12
+        completeness.column("quadrature_error").to_numpy() * (1 + 1e-9) + 1e-12 * (1 + ends)
 
 
 @dataclass
@@ -81,16 +84,21 @@ class PathKernelResult:
     similarity: pa.Table | None = None  # per layer: test points' kernel (similarity=True)
     nodes: np.ndarray | None = None  # per segment, in step order: gradient evaluations
     # per test point (their mean; the adaptive rule spends more where kinks are)
+    rounding: np.ndarray | None = None  # per test point: the rounding term over all params
+    term_scale: np.ndarray | None = None  # per test point: Σ |each term before the split
+    # into examples| over steps and params, the size float32 rounding is relative to
 
     def to_arrow(self) -> pa.Table:
         return self.table
 
     def completeness(self) -> pa.Table:
         """Per test point: f(θ_0), f(θ_N), their difference, the sum of all terms, the gap,
-        and the quadrature error: over every segment, the rule's Σ_q w_q ∇f(θ_s + t_q Δθ)·Δθ
+        the quadrature error: over every segment, the rule's Σ_q w_q ∇f(θ_s + t_q Δθ)·Δθ
         against the exact integral f(θ_s + Δθ) − f(θ_s) (two forwards per segment), absolute
         values added. The terms of a segment sum to the first, so |gap| ≤ quadrature_error up
-        to float rounding, for any rule and model (ReLU kinks included)."""
+        to float rounding, for any rule and model (ReLU kinks included). And the rounding
+        term, part of the sum: what float32 rounding of the updates left out of the others
+        (a warning says when it is too large to be rounding)."""
         sums = self.table.group_by("test_id").aggregate([("value", "sum")]).sort_by("test_id")
         total = np.zeros(len(self.f_initial))
         total[sums.column("test_id").to_numpy()] = sums.column("value_sum").to_numpy()
@@ -99,7 +107,9 @@ class PathKernelResult:
                          "f_initial": self.f_initial, "f_final": self.f_final,
                          "delta_f": delta, "sum_terms": total, "gap": total - delta,
                          "relative_gap": np.abs(total - delta) / (np.abs(delta) + 1e-12),
-                         "quadrature_error": self.quadrature_error})
+                         "quadrature_error": self.quadrature_error,
+                         "rounding": (self.rounding if self.rounding is not None
+                                      else np.zeros(len(total)))})
 
     def top(self, axis: str = "example", test: int = 0, n: int = 10, order: str = "desc"
             ) -> pa.Table:
@@ -237,12 +247,39 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
             release_freed_memory()
             bar.update(stop - first)
     recursion.carry_in()
-    recursion.rounding(integrator.along)
-    return PathKernelResult(targets.with_target(rows.table(), target), f_initial, f_final,
-                            tuple(by),
-                            integrator.error.cpu().numpy(),
-                            recursion.similarity_table() if similarity else None,
-                            np.array([integrator.nodes[s] for s in segments]))
+    rounding = recursion.rounding(integrator.along)
+    result = PathKernelResult(targets.with_target(rows.table(), target), f_initial, f_final,
+                              tuple(by), integrator.error.cpu().numpy(),
+                              recursion.similarity_table() if similarity else None,
+                              np.array([integrator.nodes[s] for s in segments]),
+                              rounding.cpu().numpy(), recursion.scale.cpu().numpy())
+    _warn_where_incomplete(result, quadrature, tol, max_nodes)
+    return result
+
+
+ROUNDING_WARN = 1e-5  # rounding term over the terms' scale beyond which float32 can't explain it
+
+
+def _warn_where_incomplete(result: PathKernelResult, quadrature, tol: tuple[float, float],
+                           max_nodes: int) -> None:
+    """Say so when the adaptive rule ran out of budget on some test points, or when the
+    rounding term is larger than rounding can be (the terms then miss part of the updates)."""
+    delta = np.abs(result.f_final - result.f_initial)
+    if quadrature == ADAPTIVE:
+        over = result.quadrature_error > tol[0] * delta + tol[1]
+        if over.any():
+            worst = float(np.max(result.quadrature_error / (delta + 1e-300)))
+            warnings.warn(f"quadrature='adaptive' left {int(over.sum())} of {len(over)} test "
+                          f"points above tol={tol} (measured error up to {worst:.1e} of Δf): "
+                          f"raise max_nodes (now {max_nodes}) or lower stride; completeness() "
+                          "gives each one's gap and bound", stacklevel=3)
+    ratio = np.abs(result.rounding) / np.maximum(result.term_scale, 1e-300)
+    if (ratio > ROUNDING_WARN).any():
+        warnings.warn(f"the rounding term reaches {ratio.max():.1e} of the terms' scale, more "
+                      "than float32 rounding of the updates explains: the recorded trajectory "
+                      "and the optimizer's recursion disagree (hyperparameters or parameters "
+                      "changed outside the optimizer?); `attrib verify` checks the run",
+                      stacklevel=3)
 
 
 def f_at(run: Run, model: torch.nn.Module, inputs, labels, target: targets.Target,
@@ -312,8 +349,10 @@ class _Recursion:
         self.memory = {n: torch.zeros((n_test, *shape), dtype=dtype)
                        for n, shape in zip(self.names, self.shapes)}
         self.block: dict = {}  # the current block's stored arrays (see steps)
-        # per parameter: the sum of every term emitted so far (see rounding)
+        # per parameter: the sum of every term emitted so far (see rounding); per test point:
+        # the sum of their sizes
         self.accounted = {n: torch.zeros(n_test, dtype=dtype) for n in self.names}
+        self.scale = torch.zeros(n_test, dtype=dtype)
 
     def steps(self, first: int, gbars: list, thetas: list, gaps: list) -> None:
         """Process steps first + len(gbars) − 1 down to first.
@@ -389,6 +428,7 @@ class _Recursion:
             consumed = self.block["grads"][name][i].reshape(-1)
             total = flat_a @ consumed
             self.accounted[name] += total  # data + residual
+            self.scale += total.abs()
             influence = data_influence(run, name, self.shapes[j], stored.get(name), flat_a,
                                         float(self.alpha[s]), dtype)
             if influence is not None:
@@ -423,19 +463,25 @@ class _Recursion:
                 continue
             self._emit("carry_in", self._buffer_term(j, self.first_active[j], buffer), None, name)
 
-    def rounding(self, along: dict[str, torch.Tensor]) -> None:
+    def rounding(self, along: dict[str, torch.Tensor]) -> torch.Tensor:
         """What the terms leave of Σ_s ḡ_s·Δθ_s, per parameter: the terms expand each update
         by the optimizer's formula in the analysis dtype, while θ moved by that update rounded
         in the training dtype. Where AdamW's decay and its gradient step nearly cancel (near
         zero loss, at weight-decay equilibrium), float32 rounding of each is a large part of
-        Δθ: 1e-3 of Δf on the demo run. Emitted without a step, like carry_in."""
+        Δθ: 1e-3 of Δf on the demo run. Emitted without a step, like carry_in; returns its
+        sum over parameters per test point."""
+        total = torch.zeros_like(self.scale)
         for name in self.names:
             if name in along:
-                self.rows.add("rounding", along[name] - self.accounted[name], None, name)
+                rounding = along[name] - self.accounted[name]
+                self.rows.add("rounding", rounding, None, name)
+                total += rounding
+        return total
 
     def _emit(self, term: str, values: torch.Tensor, step: int | None, name: str) -> None:
         self.rows.add(term, values, step, name)
         self.accounted[name] += values
+        self.scale += values.abs()
 
     def _buffer_term(self, j: int, step: int, buffer: torch.Tensor) -> torch.Tensor:
         """The effect on f of a momentum buffer / first moment held before `step`, through

@@ -52,16 +52,22 @@ class KinkRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         levels = kink_levels(func, args, kwargs)
-        if levels is None or not isinstance(args[0], torch.Tensor):
+        z = args[0] if args else kwargs.get("input")
+        if levels is None or not isinstance(z, torch.Tensor):
             return func(*args, **kwargs)
-        z = args[0]
         self.offsets.append(torch.cat([(z - level).reshape(-1) for level in levels]))
         self.levels.append(len(levels))
         self.shapes.append(z.shape)
-        out = func(*args, **kwargs)
-        if self.probes is not None:
-            out = out + self.probes[len(self.shapes) - 1]
-        return out
+        if self.probes is None:
+            return func(*args, **kwargs)
+        probe = self.probes[len(self.shapes) - 1]
+        # on a copy, to tell an in-place call (relu_, inplace=True) by its result: the model
+        # then reads z itself, so z takes the probed output; autograd keeps the copy's result
+        copy = z.clone()
+        out = func(copy, *args[1:], **kwargs) if args else func(**{**kwargs, "input": copy})
+        if out is copy:
+            return z.copy_(out + probe)
+        return out + probe
 
     def flat_offsets(self, like: torch.Tensor) -> torch.Tensor:
         """Every recorded offset in one vector (empty when the model has no kinked activation)."""

@@ -18,7 +18,7 @@ PAIR_BUDGET_BYTES = 256 << 20  # per-pair parameters and gradients held at once
 
 class PathPoints:
     """Evaluations along θ + tΔ for pairs (rows: test point indices, ts: positions in [0, 1]).
-    Gradients come back flattened, one row per pair, parameters in `names` order."""
+    Gradient integrals come back flattened, one row per part, parameters in `names` order."""
 
     def __init__(self, model: torch.nn.Module, names: list[str], inputs: torch.Tensor,
                  labels: torch.Tensor, target: targets.Target) -> None:
@@ -38,8 +38,11 @@ class PathPoints:
     def _f(self, params, x, y) -> torch.Tensor:
         return targets.evaluate(self.model, params, x[None], y[None], self.target)[0]
 
+    def _pairs_per_chunk(self) -> int:
+        return max(1, PAIR_BUDGET_BYTES // (4 * 8 * sum(v.numel() for v in self.theta.values())))
+
     def _chunks(self, rows: torch.Tensor, ts: torch.Tensor):
-        size = max(1, PAIR_BUDGET_BYTES // (4 * 8 * sum(v.numel() for v in self.theta.values())))
+        size = self._pairs_per_chunk()
         for lo in range(0, len(rows), size):
             r, t = rows[lo: lo + size], ts[lo: lo + size]
             yield t.to(next(iter(self.theta.values())).dtype), self.inputs[r], self.labels[r]
@@ -52,13 +55,27 @@ class PathPoints:
         with torch.no_grad():
             return torch.cat([self._vmapped(one, *chunk) for chunk in self._chunks(rows, ts)])
 
-    def gradients(self, rows: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-        """∇_θ f per pair, flattened: (pairs, number of parameters)."""
+    def integrals(self, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  rule: list[tuple[float, float]]):
+        """∫_a^b ∇_θ f dt per part (row, a, b) by `rule` on [a, b], flattened, yielded in
+        chunks (start index, (parts in chunk, number of parameters)): the per-pair
+        parameters and gradients of one chunk stay within PAIR_BUDGET_BYTES, and the caller
+        can reduce each chunk before the next one exists."""
         def one(t, x, y):
             g = grad(self._f)(self.at(t), x, y)
             return torch.cat([g[n].reshape(-1) for n in self.names])
 
-        return torch.cat([self._vmapped(one, *chunk) for chunk in self._chunks(rows, ts)])
+        nodes = torch.tensor([x for x, _ in rule], dtype=a.dtype)
+        weights = torch.tensor([w for _, w in rule], dtype=a.dtype)
+        per_part = max(1, self._pairs_per_chunk() // len(rule))
+        for lo in range(0, len(rows), per_part):
+            r, aa, width = rows[lo: lo + per_part], a[lo: lo + per_part], \
+                (b - a)[lo: lo + per_part]
+            ts = (aa[:, None] + width[:, None] * nodes[None]).reshape(-1)
+            grads = torch.cat([self._vmapped(one, *chunk) for chunk in
+                               self._chunks(r.repeat_interleave(len(rule)), ts)])
+            yield lo, torch.einsum("pqk,q,p->pk", grads.view(len(r), len(rule), -1),
+                                   weights.to(grads), width.to(grads))
 
     def kinks(self, rows: torch.Tensor, ts: torch.Tensor, slopes: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -179,6 +179,12 @@ def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None)
 @click.option("--quadrature", default="2", show_default=True,
               help="Gauss-Legendre nodes per step, midpoint:K, left or adaptive "
                    "(path-kernel).")
+@click.option("--tol", type=float, default=1e-4, show_default=True,
+              help="Adaptive quadrature: allowed |Σ terms − Δf| relative to |Δf| per test point "
+                   "(plus 1e-6) (path-kernel).")
+@click.option("--max-nodes", type=int,
+              help="Adaptive quadrature: gradient evaluations per test point and segment "
+                   "(path-kernel; default 256).")
 @click.option("--stride", type=int, help="Steps per integration segment (path-kernel).")
 @click.option("--similarity", is_flag=True,
               help="Also the per-layer similarity of test points (path-kernel).")
@@ -194,9 +200,9 @@ def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str | None,
             loss_ref: str | None, accumulation: str, target: str, by: str, quadrature: str,
-            stride: int | None, similarity: bool, k: int | None, checkpoints: str | None,
-            damping: float | None, scheduler: str | None, name: str | None,
-            quiet: bool) -> None:
+            tol: float, max_nodes: int | None, stride: int | None, similarity: bool,
+            k: int | None, checkpoints: str | None, damping: float | None,
+            scheduler: str | None, name: str | None, quiet: bool) -> None:
     """Attribute f on a test set to RUN's training data; store the result in RUN/analysis/.
 
     Afterwards every result is a SQL view: attrib sql RUN "SELECT * FROM influence ..."
@@ -229,15 +235,18 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
         parameters.update(by=list(axes), train=train_ref, loss=loss_ref,
                           accumulation=accumulation)
     elif method == "path-kernel":
-        axes = tuple(a for a in by.split(",") if a)
+        from attrib.analyzer.path_kernel import MAX_NODES
+
+        axes, max_nodes = tuple(a for a in by.split(",") if a), max_nodes or MAX_NODES
         result = api.path_kernel(recorded, model_fn, test_set, target=target, by=axes,
                                  quadrature=int(quadrature) if quadrature.isdigit() else quadrature,
-                                 stride=stride, similarity=similarity, progress=not quiet)
+                                 tol=(tol, 1e-6), max_nodes=max_nodes, stride=stride,
+                                 similarity=similarity, progress=not quiet)
         tables = {"influence": result.table, "completeness": result.completeness()}
         if similarity:
             tables["similarity"] = result.similarity
-        parameters.update(by=list(axes), quadrature=quadrature, stride=stride or 1,
-                          similarity=similarity)
+        parameters.update(by=list(axes), quadrature=quadrature, tol=tol, max_nodes=max_nodes,
+                          stride=stride or 1, similarity=similarity)
     elif method == "projected":
         tables = {"influence": _projected(recorded, model_fn, test_set, target, scheduler)}
         parameters.update(engine="dask" if scheduler else "torch", scheduler=scheduler)

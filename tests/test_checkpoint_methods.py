@@ -119,6 +119,13 @@ def test_analyze_cli_stores_results_queryable_by_sql(recorded, tmp_path, monkeyp
     path_kernel = json.loads((recorded.dir / "analysis" / "path-kernel" / "analysis.json")
                              .read_text())
     assert (path_kernel["stride"], path_kernel["quadrature"]) == (1, "2")
+    adaptive = runner.invoke(main, ["analyze", str(recorded.dir), "--model", "userdefs:mlp",
+                                    "--data", "userdefs:test_set", "--quadrature", "adaptive",
+                                    "--tol", "1e-3", "--max-nodes", "8", "--name", "pk-a",
+                                    "--quiet"])
+    assert adaptive.exit_code == 0, adaptive.output
+    used = json.loads((recorded.dir / "analysis" / "pk-a" / "analysis.json").read_text())
+    assert (used["quadrature"], used["tol"], used["max_nodes"]) == ("adaptive", 1e-3, 8)
     ignored = runner.invoke(main, ["analyze", str(recorded.dir), "--method", "grad-dot",
                                    "--model", "userdefs:mlp", "--data", "userdefs:test_set",
                                    "--train", "userdefs:train_set", "--checkpoints", "all"])

@@ -85,8 +85,9 @@ class PathKernelResult:
     nodes: np.ndarray | None = None  # per segment, in step order: gradient evaluations
     # per test point (their mean; the adaptive rule spends more where kinks are)
     rounding: np.ndarray | None = None  # per test point: the rounding term over all params
-    term_scale: np.ndarray | None = None  # per test point: Σ |each term before the split
-    # into examples| over steps and params, the size float32 rounding is relative to
+    rounding_scale: np.ndarray | None = None  # per test point: what rounding in the training
+    # dtype can move the sum by, ε·(Σ |each term before the split into examples| over steps
+    # and params + Σ_s |ḡ_s|·|θ_{s+1}|): the updates' arithmetic and θ's storage
 
     def to_arrow(self) -> pa.Table:
         return self.table
@@ -205,6 +206,8 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                              tolerance=(tol[0] * np.abs(f_final - f_initial) + tol[1])
                              / len(segments), max_nodes=max_nodes)
 
+    stored = {"eps": torch.finfo(torch.float32).eps, "theta": torch.zeros(len(labels), dtype=dtype)}
+
     def forward(first: int, stop: int, theta_stop: dict[str, torch.Tensor]):
         """θ_s and ḡ_s for steps [first, stop); `first` starts a segment. Each segment runs
         along the chord between the θ its ends have (θ_stop: the next block's first), so
@@ -214,12 +217,16 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
         for view in iter_steps(run, first, stop):
             thetas.append({n: view.theta[n].to(dtype, copy=True) for n in names})
             gaps.append((view.gap, view.buffer_gap))
+            stored["eps"] = max(torch.finfo(view.theta[n].dtype).eps for n in names)
         thetas.append(theta_stop)
         for start in range(first, stop, stride):
             end = min(start + stride, stop)
             begin, finish = thetas[start - first], thetas[end - first]
             gbar = integrator.segment(start, begin, {n: finish[n] - begin[n] for n in names})
             gbars.extend([gbar] * (end - start))
+            for n in names:  # Σ_s |ḡ_s|·|θ_{s+1}|: what storing θ rounded can move f by
+                moved = sum(thetas[j - first][n].abs() for j in range(start + 1, end + 1))
+                stored["theta"] += gbar[n].abs().flatten(1) @ moved.reshape(-1)
         return gbars, thetas[:-1], gaps
 
     # Blocks from the last to the first: each block's ḡ is computed forward from θ at its
@@ -252,12 +259,13 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                               tuple(by), integrator.error.cpu().numpy(),
                               recursion.similarity_table() if similarity else None,
                               np.array([integrator.nodes[s] for s in segments]),
-                              rounding.cpu().numpy(), recursion.scale.cpu().numpy())
+                              rounding.cpu().numpy(),
+                              (stored["eps"] * (recursion.scale + stored["theta"])).cpu().numpy())
     _warn_where_incomplete(result, quadrature, tol, max_nodes)
     return result
 
 
-ROUNDING_WARN = 1e-5  # rounding term over the terms' scale beyond which float32 can't explain it
+ROUNDING_WARN = 100  # rounding term over rounding_scale beyond which rounding can't explain it
 
 
 def _warn_where_incomplete(result: PathKernelResult, quadrature, tol: tuple[float, float],
@@ -271,12 +279,12 @@ def _warn_where_incomplete(result: PathKernelResult, quadrature, tol: tuple[floa
             worst = float(np.max(result.quadrature_error / (delta + 1e-300)))
             warnings.warn(f"quadrature='adaptive' left {int(over.sum())} of {len(over)} test "
                           f"points above tol={tol} (measured error up to {worst:.1e} of Δf): "
-                          f"raise max_nodes (now {max_nodes}) or lower stride; completeness() "
-                          "gives each one's gap and bound", stacklevel=3)
-    ratio = np.abs(result.rounding) / np.maximum(result.term_scale, 1e-300)
+                          f"raise max_nodes (now {max_nodes}), lower stride or analyse in float64; "
+                          "completeness() gives each one's gap and bound", stacklevel=3)
+    ratio = np.abs(result.rounding) / np.maximum(result.rounding_scale, 1e-300)
     if (ratio > ROUNDING_WARN).any():
-        warnings.warn(f"the rounding term reaches {ratio.max():.1e} of the terms' scale, more "
-                      "than float32 rounding of the updates explains: the recorded trajectory "
+        warnings.warn(f"the rounding term reaches {ratio.max():.0f}x what rounding in the "
+                      "training dtype can produce: the recorded trajectory "
                       "and the optimizer's recursion disagree (hyperparameters or parameters "
                       "changed outside the optimizer?); `attrib verify` checks the run",
                       stacklevel=3)

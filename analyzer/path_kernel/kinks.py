@@ -66,7 +66,10 @@ class KinkRecorder(TorchFunctionMode):
         copy = z.clone()
         out = func(copy, *args[1:], **kwargs) if args else func(**{**kwargs, "input": copy})
         if out is copy:
-            return z.copy_(out + probe)
+            try:
+                return z.copy_(out + probe)
+            except RuntimeError:  # z not batched under vmap (from a buffer): it doesn't move
+                return out + probe  # along t, so no kink of it can matter
         return out + probe
 
     def flat_offsets(self, like: torch.Tensor) -> torch.Tensor:

@@ -185,7 +185,8 @@ def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None)
 @click.option("--max-nodes", type=int,
               help="Adaptive quadrature: gradient evaluations per test point and segment "
                    "(path-kernel; default 256).")
-@click.option("--stride", type=int, help="Steps per integration segment (path-kernel).")
+@click.option("--stride", help="Steps per integration segment, or auto: merged while the "
+              "quadrature error allows (path-kernel).")
 @click.option("--similarity", is_flag=True,
               help="Also the per-layer similarity of test points (path-kernel).")
 @click.option("--k", type=int, help="Project gradients to k per tensor (checkpoint methods; "
@@ -200,7 +201,7 @@ def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str | None,
             loss_ref: str | None, accumulation: str, target: str, by: str, quadrature: str,
-            tol: float, max_nodes: int | None, stride: int | None, similarity: bool,
+            tol: float, max_nodes: int | None, stride: str | None, similarity: bool,
             k: int | None, checkpoints: str | None, damping: float | None,
             scheduler: str | None, name: str | None, quiet: bool) -> None:
     """Attribute f on a test set to RUN's training data; store the result in RUN/analysis/.
@@ -238,15 +239,17 @@ def analyze(run: str, method: str, model_ref: str, data_ref: str, train_ref: str
         from attrib.analyzer.path_kernel import MAX_NODES
 
         axes, max_nodes = tuple(a for a in by.split(",") if a), max_nodes or MAX_NODES
+        segment = (int(stride) if stride.isdigit() else stride) if stride else 1
         result = api.path_kernel(recorded, model_fn, test_set, target=target, by=axes,
                                  quadrature=int(quadrature) if quadrature.isdigit() else quadrature,
-                                 tol=(tol, 1e-6), max_nodes=max_nodes, stride=stride,
+                                 tol=(tol, 1e-6), max_nodes=max_nodes,
+                                 stride=segment,
                                  similarity=similarity, progress=not quiet)
         tables = {"influence": result.table, "completeness": result.completeness()}
         if similarity:
             tables["similarity"] = result.similarity
         parameters.update(by=list(axes), quadrature=quadrature, tol=tol, max_nodes=max_nodes,
-                          stride=stride or 1, similarity=similarity)
+                          stride=segment, similarity=similarity)
     elif method == "projected":
         tables = {"influence": _projected(recorded, model_fn, test_set, target, scheduler)}
         parameters.update(engine="dask" if scheduler else "torch", scheduler=scheduler)

@@ -569,3 +569,21 @@ def test_progress_bars_stay_out_of_logs(relu_run, capfd):
     run, test = relu_run
     attrib.analyze.path_kernel(run, relu_mlp, test, progress=True)
     assert "path-kernel influences" not in capfd.readouterr().err
+
+
+def test_automatic_stride_merges_smooth_steps_and_stays_complete(run_dir):
+    """stride="auto" on a smooth MLP: segments grow while two nodes over the merged steps
+    meet their share of the tolerance, so there are fewer segments than steps (more at a
+    looser tolerance), and the result is as complete as stride 1."""
+    model = mlp()
+    train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), steps=60, clip=0.5)
+    run = attrib.open_run(run_dir)
+    auto = attrib.analyze.path_kernel(run, mlp, probe_points(), stride="auto", by=("step",),
+                                      progress=False)
+    assert_complete(auto)
+    loose = attrib.analyze.path_kernel(run, mlp, probe_points(), stride="auto", tol=(1e-2, 1e-6),
+                                       progress=False)
+    assert len(loose.nodes) < len(auto.nodes) < 0.6 * run.n_steps
+    assert (np.abs(loose.completeness()["relative_gap"].to_numpy()) <= 1e-2 + 1e-6).all()
+    with pytest.raises(ValueError, match="positive number of steps per segment or 'auto'"):
+        attrib.analyze.path_kernel(run, mlp, probe_points(), stride="often", progress=False)

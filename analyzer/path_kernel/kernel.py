@@ -47,6 +47,8 @@ TERMS = ("data", "residual", "regularization", "carry_in", "replay", "rounding")
 BLOCK_STEPS = None  # steps held in memory at once; None: the run's steps_per_chunk (each
 # stored chunk is then read once), fewer if their ḡ would exceed GBAR_BUDGET_BYTES
 GBAR_BUDGET_BYTES = 128 << 20
+AUTO = "auto"  # stride=: merge steps into a segment while the fixed rule meets their share
+AUTO_STRIDE = 32  # the longest segment stride="auto" tries
 HELPFUL_SIGN = {"loss": -1, "margin": 1}  # the sign of a change of f that helps the model
 ORDERS = ("desc", "asc", "abs", "helpful", "harmful")
 
@@ -159,7 +161,8 @@ def _constant(run: Run, names: tuple[str, ...]) -> None:
 
 def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                 target: targets.Target = "loss", by: tuple[str, ...] = ("example",),
-                quadrature: int | str = 2, stride: int | None = None, similarity: bool = False,
+                quadrature: int | str = 2, stride: int | str | None = None,
+                similarity: bool = False,
                 stages: dict[str, range] | None = None, dtype: torch.dtype = torch.float64,
                 progress: bool = True, tol: tuple[float, float] = (1e-4, 1e-6),
                 max_nodes: int = MAX_NODES
@@ -179,6 +182,8 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     test point and segment (see quadrature.Integrator).
     `stride=K` integrates one ḡ per segment of K steps, shared by its steps: completeness stays
     exact, only the credit within a segment is approximated (K = 1, the default, is exact).
+    `stride="auto"` grows segments (doubling up to 32 steps) while q = 2 over the merged steps
+    meets their share of `tol` for every test point, and halves them where it does not.
     `similarity=True` adds, per layer, the similarity of test points from the model's
     perspective (METHODS.md §2): Sim_ℓ(x, x') = Σ_s A_s(x)_ℓ · ∇ℓ(x'; θ_s)_ℓ, the path kernel
     restricted to layer ℓ with x' as a training example, and its cosine-style normalisation,
@@ -190,23 +195,25 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
         raise ValueError(f"by={by!r}: unknown axes {sorted(unknown)}; choose from {AXES}")
     if run.n_steps == 0:
         raise ValueError(f"{run.dir} has no committed steps to analyse")
-    stride = stride or 1
-    if stride < 1:
-        raise ValueError(f"stride={stride}: use a positive number of steps per segment")
+    automatic = stride == AUTO
+    stride = 1 if automatic else stride or 1
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride={stride!r}: use a positive number of steps per segment or "
+                         f"{AUTO!r}")
     run.require_trajectory("the path kernel (θ_s and the consumed gradient of every step)")
     kind = run.optimizer["kind"]
     _constant(run, ("momentum", "dampening") if kind == "sgd" else ("beta1", "beta2", "eps"))
     model = run.build_model(model_fn, dtype).eval()
     inputs, labels = targets.as_tensors(test_set, dtype)
     names = run.param_names
-    segments = range(0, run.n_steps, stride)
     f_initial, f_final = f_at(run, model, inputs, labels, target, dtype, 0), f_at(
         run, model, inputs, labels, target, dtype, run.n_steps)
     integrator = Integrator(model, names, inputs, labels, target, quadrature,
-                             tolerance=(tol[0] * np.abs(f_final - f_initial) + tol[1])
-                             / len(segments), max_nodes=max_nodes)
+                            tolerance=(tol[0] * np.abs(f_final - f_initial) + tol[1])
+                            / run.n_steps, max_nodes=max_nodes)
 
-    stored = {"eps": torch.finfo(torch.float32).eps, "theta": torch.zeros(len(labels), dtype=dtype)}
+    stored = {"eps": torch.finfo(torch.float32).eps, "length": stride,
+              "theta": torch.zeros(len(labels), dtype=dtype)}
 
     def forward(first: int, stop: int, theta_stop: dict[str, torch.Tensor]):
         """θ_s and ḡ_s for steps [first, stop); `first` starts a segment. Each segment runs
@@ -219,14 +226,23 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
             gaps.append((view.gap, view.buffer_gap))
             stored["eps"] = max(torch.finfo(view.theta[n].dtype).eps for n in names)
         thetas.append(theta_stop)
-        for start in range(first, stop, stride):
-            end = min(start + stride, stop)
+        start, length, grow = first, stored["length"], True
+        while start < stop:
+            end = min(start + length, stop)
             begin, finish = thetas[start - first], thetas[end - first]
-            gbar = integrator.segment(start, begin, {n: finish[n] - begin[n] for n in names})
+            gbar = integrator.segment(start, begin, {n: finish[n] - begin[n] for n in names},
+                                      steps=end - start, trial=automatic and end - start > 1)
+            if gbar is None:  # stride="auto": the merged steps miss their share; halve, and
+                length, grow = max(1, length // 2), False  # don't double right after
+                continue
             gbars.extend([gbar] * (end - start))
             for n in names:  # Σ_s |ḡ_s|·|θ_{s+1}|: what storing θ rounded can move f by
                 moved = sum(thetas[j - first][n].abs() for j in range(start + 1, end + 1))
                 stored["theta"] += gbar[n].abs().flatten(1) @ moved.reshape(-1)
+            start = end
+            if automatic:
+                length, grow = (min(2 * length, AUTO_STRIDE) if grow else length), True
+        stored["length"] = length  # the next block (earlier steps) starts from it
         return gbars, thetas[:-1], gaps
 
     # Blocks from the last to the first: each block's ḡ is computed forward from θ at its
@@ -258,7 +274,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     result = PathKernelResult(targets.with_target(rows.table(), target), f_initial, f_final,
                               tuple(by), integrator.error.cpu().numpy(),
                               recursion.similarity_table() if similarity else None,
-                              np.array([integrator.nodes[s] for s in segments]),
+                              np.array([integrator.nodes[s] for s in sorted(integrator.nodes)]),
                               rounding.cpu().numpy(),
                               (stored["eps"] * (recursion.scale + stored["theta"])).cpu().numpy())
     _warn_where_incomplete(result, quadrature, tol, max_nodes)

@@ -79,7 +79,8 @@ _FIELDS = ("row", "a", "b", "fa", "fb", "error", "over")
 
 class Integrator:
     """One segment at a time: `segment` returns ḡ per test point and adds its measured error to
-    `error`; `nodes[start]` is the mean number of gradient evaluations per test point."""
+    `error`; `nodes[start]` is the mean number of gradient evaluations per test point.
+    `tolerance` is per test point and step."""
 
     def __init__(self, model: torch.nn.Module, names: list[str], inputs, labels,
                  target: targets.Target, spec: int | str, tolerance: np.ndarray,
@@ -96,7 +97,11 @@ class Integrator:
         self.points = PathPoints(model, names, inputs, labels, target)
 
     def segment(self, start_step: int, theta: dict[str, torch.Tensor],
-                delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                delta: dict[str, torch.Tensor], steps: int = 1, trial: bool = False
+                ) -> dict[str, torch.Tensor] | None:
+        """ḡ over a segment of `steps` steps, whose share of the tolerance is `steps` times the
+        per-step one. With `trial`, None (and nothing recorded) when the fixed rule misses
+        the share for any test point: the caller then tries a shorter segment."""
         self.points.on(theta, delta)
         self.delta = torch.cat([delta[n].reshape(-1) for n in self.names])
         n = len(self.labels)
@@ -107,7 +112,9 @@ class Integrator:
         # no share below what rounding f in the analysis dtype can resolve: in float32 the
         # rule would otherwise bisect noise (58 evaluations per segment on a smooth MLP)
         floor = ROUNDING_FLOOR * torch.finfo(f0.dtype).eps * (f0.abs() + f1.abs())
-        self._share = torch.maximum(self.tolerance, floor.double().cpu())
+        self._share = torch.maximum(self.tolerance * steps, floor.double().cpu())
+        if trial and (error > self._share).any():
+            return None
         failing = torch.nonzero(error > self._share).flatten() if self.adaptive else []
         if len(failing):
             whole = _Parts(failing, torch.zeros(len(failing), dtype=f0.dtype),

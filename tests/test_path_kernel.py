@@ -584,6 +584,8 @@ def test_automatic_stride_merges_smooth_steps_and_stays_complete(run_dir):
     loose = attrib.analyze.path_kernel(run, mlp, probe_points(), stride="auto", tol=(1e-2, 1e-6),
                                        progress=False)
     assert len(loose.nodes) < len(auto.nodes) < 0.6 * run.n_steps
+    assert auto.segments[0] == 0 and len(auto.segments) == len(auto.nodes)
+    assert (np.diff(auto.segments) >= 1).all() and np.diff(auto.segments).max() > 1
     assert (np.abs(loose.completeness()["relative_gap"].to_numpy()) <= 1e-2 + 1e-6).all()
     with pytest.raises(ValueError, match="positive number of steps per segment or 'auto'"):
         attrib.analyze.path_kernel(run, mlp, probe_points(), stride="often", progress=False)

@@ -87,6 +87,7 @@ class PathKernelResult:
     nodes: np.ndarray | None = None  # per segment, in step order: gradient evaluations
     # per test point (their mean; the adaptive rule spends more where kinks are)
     rounding: np.ndarray | None = None  # per test point: the rounding term over all params
+    segments: np.ndarray | None = None  # each segment's first step, in order (with `nodes`)
     rounding_scale: np.ndarray | None = None  # per test point: what rounding in the training
     # dtype can move the sum by, ε·(Σ |each term before the split into examples| over steps
     # and params + Σ_s |ḡ_s|·|θ_{s+1}|): the updates' arithmetic and θ's storage
@@ -270,13 +271,15 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
             release_freed_memory()
             bar.update(stop - first)
     recursion.carry_in()
-    rounding = recursion.rounding(integrator.along)
+    rounding, starts = recursion.rounding(integrator.along), sorted(integrator.nodes)
     result = PathKernelResult(targets.with_target(rows.table(), target), f_initial, f_final,
                               tuple(by), integrator.error.cpu().numpy(),
                               recursion.similarity_table() if similarity else None,
-                              np.array([integrator.nodes[s] for s in sorted(integrator.nodes)]),
-                              rounding.cpu().numpy(),
-                              (stored["eps"] * (recursion.scale + stored["theta"])).cpu().numpy())
+                              nodes=np.array([integrator.nodes[s] for s in starts]),
+                              rounding=rounding.cpu().numpy(),
+                              segments=np.array(starts, dtype=np.int64),
+                              rounding_scale=(stored["eps"] * (recursion.scale + stored["theta"]))
+                              .cpu().numpy())
     _warn_where_incomplete(result, quadrature, tol, max_nodes)
     return result
 

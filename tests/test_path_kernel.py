@@ -45,7 +45,7 @@ def test_completeness_mlp_200_steps(run_dir, name):
     assert data.num_rows > 0 and pc.max(pc.abs(data["value"])).as_py() > 1e-4
 
 
-def transformer_run(run_dir, name, activation, record=True, **analysis):
+def transformer_run(run_dir, name, activation, record=True, steps=200, **analysis):
     def make():
         return TinyTransformer(activation=activation)
 
@@ -53,7 +53,7 @@ def transformer_run(run_dir, name, activation, record=True, **analysis):
     tokens = torch.randint(0, 12, (256, 6), generator=g)
     if record:
         model = make()
-        train(run_dir, model, OPTIMIZERS[name](model.parameters()), steps=200, inputs=tokens,
+        train(run_dir, model, OPTIMIZERS[name](model.parameters()), steps=steps, inputs=tokens,
               labels=tokens[:, 0] % 3, clip=0.5, batch=16)
     test_tokens = torch.randint(0, 12, (4, 6), generator=g)
     return attrib.analyze.path_kernel(attrib.open_run(run_dir), make,
@@ -75,7 +75,7 @@ def test_relu_transformer_adaptive_rule_closes_the_gap_two_nodes_leave(run_dir):
     """Across ReLU kinks two Gauss–Legendre nodes converge only like the part's width, and
     AdamW's steps here cross many: the gap is above 1e-4 of Δf and within the measured
     quadrature error. The adaptive rule, cutting at each test point's kinks, is complete."""
-    fixed = transformer_run(run_dir, "adamw", "relu").completeness().to_pylist()
+    fixed = transformer_run(run_dir, "adamw", "relu", steps=100).completeness().to_pylist()
     assert max(abs(r["gap"]) / abs(r["delta_f"]) for r in fixed) > 1e-4  # the effect is real
     for row in fixed:
         assert abs(row["gap"]) <= row["quadrature_error"], row

@@ -5,7 +5,6 @@ evaluations the adaptive rule needs (points)."""
 from attrib.analyzer.path_kernel.kernel import (
     TERMS,
     PathKernelResult,
-    f_at,
     gaps_within_bound,
     path_kernel,
     release_freed_memory,
@@ -13,5 +12,5 @@ from attrib.analyzer.path_kernel.kernel import (
 )
 from attrib.analyzer.path_kernel.quadrature import ADAPTIVE, MAX_NODES, quadrature_rule
 
-__all__ = ["ADAPTIVE", "MAX_NODES", "TERMS", "PathKernelResult", "f_at", "gaps_within_bound",
+__all__ = ["ADAPTIVE", "MAX_NODES", "TERMS", "PathKernelResult", "gaps_within_bound",
            "path_kernel", "quadrature_rule", "release_freed_memory", "step_stage_names"]

@@ -207,14 +207,17 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     model = run.build_model(model_fn, dtype).eval()
     inputs, labels = targets.as_tensors(test_set, dtype)
     names = run.param_names
-    f_initial, f_final = f_at(run, model, inputs, labels, target, dtype, 0), f_at(
-        run, model, inputs, labels, target, dtype, run.n_steps)
+    theta_0 = {n: v.to(dtype) for n, v in run.reconstruct(0).items()}
+    final = run.reconstruct(run.n_steps)  # θ_N in the training dtype, whose ε bounds rounding
+    eps = max(torch.finfo(v.dtype).eps for v in final.values())
+    theta_final = {n: v.to(dtype) for n, v in final.items()}
+    f_initial = f_at(model, theta_0, inputs, labels, target)
+    f_final = f_at(model, theta_final, inputs, labels, target)
     integrator = Integrator(model, names, inputs, labels, target, quadrature,
                             tolerance=(tol[0] * np.abs(f_final - f_initial) + tol[1])
                             / run.n_steps, max_nodes=max_nodes)
 
-    stored = {"eps": torch.finfo(torch.float32).eps, "length": stride,
-              "theta": torch.zeros(len(labels), dtype=dtype)}
+    stored = {"length": stride, "theta": torch.zeros(len(labels), dtype=dtype)}
 
     def forward(first: int, stop: int, theta_stop: dict[str, torch.Tensor]):
         """θ_s and ḡ_s for steps [first, stop); `first` starts a segment. Each segment runs
@@ -225,7 +228,6 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
         for view in iter_steps(run, first, stop):
             thetas.append({n: view.theta[n].to(dtype, copy=True) for n in names})
             gaps.append((view.gap, view.buffer_gap))
-            stored["eps"] = max(torch.finfo(view.theta[n].dtype).eps for n in names)
         thetas.append(theta_stop)
         start, length, grow = first, stored["length"], True
         while start < stop:
@@ -256,12 +258,12 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     train_gradient = ((lambda theta: targets.gradients(model, theta, inputs, labels, "loss"))
                       if similarity else None)
     recursion = _Recursion(run, kind, len(labels), dtype, rows, train_gradient, step_stages)
-    per_step = len(labels) * sum(v.numel() for v in run.reconstruct(0).values()) * 8
+    per_step = len(labels) * sum(v.numel() for v in theta_0.values()) * 8
     steps = BLOCK_STEPS or min(run.meta["steps_per_chunk"], max(1, GBAR_BUDGET_BYTES // per_step))
     block = max(1, steps // stride) * stride
     with progress_bar(total=run.n_steps, progress=progress, desc="path-kernel influences",
               unit="step") as bar:
-        theta_stop = {n: v.to(dtype) for n, v in run.reconstruct(run.n_steps).items()}
+        theta_stop = theta_final
         for first in reversed(range(0, run.n_steps, block)):
             stop = min(first + block, run.n_steps)
             gbars, thetas, gaps = forward(first, stop, theta_stop)
@@ -278,7 +280,7 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                               nodes=np.array([integrator.nodes[s] for s in starts]),
                               rounding=rounding.cpu().numpy(),
                               segments=np.array(starts, dtype=np.int64),
-                              rounding_scale=(stored["eps"] * (recursion.scale + stored["theta"]))
+                              rounding_scale=(eps * (recursion.scale + stored["theta"]))
                               .cpu().numpy())
     _warn_where_incomplete(result, quadrature, tol, max_nodes)
     return result
@@ -309,9 +311,8 @@ def _warn_where_incomplete(result: PathKernelResult, quadrature, tol: tuple[floa
                       stacklevel=3)
 
 
-def f_at(run: Run, model: torch.nn.Module, inputs, labels, target: targets.Target,
-         dtype: torch.dtype, step: int) -> np.ndarray:
-    params = {n: v.to(dtype) for n, v in run.reconstruct(step).items()}
+def f_at(model: torch.nn.Module, params: dict[str, torch.Tensor], inputs, labels,
+         target: targets.Target) -> np.ndarray:
     with torch.no_grad():
         return targets.evaluate(model, params, inputs, labels, target).cpu().numpy()
 

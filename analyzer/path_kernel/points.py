@@ -26,8 +26,7 @@ class PathPoints:
         self.target = target
         self.theta: dict[str, torch.Tensor] = {}
         self.delta: dict[str, torch.Tensor] = {}
-        self.kink_shapes: list[torch.Size] | None = None  # None: not probed yet
-        self.kinks_seen = True  # False once the model shows no kinks vmap can record
+        self.kink_shapes: list[torch.Size] | None = None  # None: not probed yet; []: no kinks
 
     def on(self, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
         self.theta, self.delta = theta, delta
@@ -67,11 +66,10 @@ class PathPoints:
 
         nodes = torch.tensor([x for x, _ in rule], dtype=a.dtype)
         weights = torch.tensor([w for _, w in rule], dtype=a.dtype)
-        per_part = max(1, self._pairs_per_chunk() // len(rule))
+        per_part, widths = max(1, self._pairs_per_chunk() // len(rule)), b - a
         for lo in range(0, len(rows), per_part):
-            r, aa, width = rows[lo: lo + per_part], a[lo: lo + per_part], \
-                (b - a)[lo: lo + per_part]
-            ts = (aa[:, None] + width[:, None] * nodes[None]).reshape(-1)
+            r, width = rows[lo: lo + per_part], widths[lo: lo + per_part]
+            ts = (a[lo: lo + per_part, None] + width[:, None] * nodes[None]).reshape(-1)
             grads = torch.cat([self._vmapped(one, *chunk) for chunk in
                                self._chunks(r.repeat_interleave(len(rule)), ts)])
             yield lo, torch.einsum("pqk,q,p->pk", grads.view(len(r), len(rule), -1),
@@ -82,9 +80,9 @@ class PathPoints:
         """Per pair, every kinked activation's input minus its levels (pairs, K), and with
         `slopes` ∂f/∂(activation output) lined up with them; None where the model has no
         activation the recorder sees (or vmap can't batch it)."""
-        if not self.kinks_seen or self._probe_shapes() is None:
+        shapes, levels = self._probe_shapes(), []
+        if not shapes:
             return None
-        shapes, levels = self.kink_shapes, []
 
         def one(probes, t, x, y):
             with KinkRecorder(probes) as recorder:
@@ -104,8 +102,9 @@ class PathPoints:
             offsets.append(z)
         return torch.cat(offsets), (torch.cat(found) if slopes else None)
 
-    def _probe_shapes(self) -> list[torch.Size] | None:
-        """The kinked activations' input shapes for one test point (once per analysis)."""
+    def _probe_shapes(self) -> list[torch.Size]:
+        """The kinked activations' input shapes for one test point (once per analysis); empty
+        when the model has none vmap lets the recorder see."""
         if self.kink_shapes is None:
             def one(t, x, y):
                 with KinkRecorder() as recorder:
@@ -119,8 +118,7 @@ class PathPoints:
                                                  torch.zeros(1))))
             except RuntimeError:  # no vmap rule (recurrent kernels): bisection only
                 self.kink_shapes = []
-            self.kinks_seen = bool(self.kink_shapes)
-        return self.kink_shapes if self.kinks_seen else None
+        return self.kink_shapes
 
     def _vmapped(self, one, t, x, y) -> torch.Tensor:
         try:

@@ -150,16 +150,11 @@ class Integrator:
         return total
 
     def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, offset = {}, 0
-        for n in self.names:
-            size = self.delta_shapes[n].numel()
-            out[n] = flat[:, offset: offset + size].reshape(len(flat), *self.delta_shapes[n])
-            offset += size
-        return out
-
-    @property
-    def delta_shapes(self) -> dict[str, torch.Size]:
-        return {n: self.points.delta[n].shape for n in self.names}
+        """{name: (test points, *shape)} views of flattened rows, in `names` order."""
+        shapes = [self.points.delta[n].shape for n in self.names]
+        pieces = flat.split([shape.numel() for shape in shapes], dim=1)
+        return {n: piece.reshape(len(flat), *shape)
+                for n, piece, shape in zip(self.names, pieces, shapes)}
 
     def _refine(self, whole: _Parts) -> None:
         """Per failing test point: split at its kinks, then bisect its worst part while the
@@ -173,7 +168,10 @@ class Integrator:
             total = (self._settled_error + open_error)[rows]
             budget = self.max_nodes - (q + self._spent[rows])
             done = (total <= self._share[rows]) | (budget < 2 * q)
-            self._settle(parts, done)
+            if done.any():
+                self._settle(rows[done], torch.stack([parts.gbar[i] for i in
+                                                      torch.nonzero(done).flatten().tolist()]),
+                             parts.error[done])
             parts = parts.take(torch.nonzero(~done).flatten())
             if not len(parts.row):
                 return
@@ -189,11 +187,10 @@ class Integrator:
             rest = torch.from_numpy(np.setdiff1d(np.arange(len(parts.row)), worst))
             parts = _Parts.join(parts.take(rest), halves)
 
-    def _settle(self, parts: _Parts, which: torch.Tensor) -> None:
+    def _settle(self, rows: torch.Tensor, gbar: torch.Tensor, error: torch.Tensor) -> None:
         """Add parts' integrals and errors to their test points' totals for the segment."""
-        for i in torch.nonzero(which).flatten().tolist():
-            self._total[parts.row[i]] += parts.gbar[i]
-        self._settled_error.index_add_(0, parts.row[which], parts.error[which])
+        self._total.index_add_(0, rows, gbar)
+        self._settled_error.index_add_(0, rows, error)
 
     def _split_at_kinks(self, whole: _Parts) -> _Parts:
         """Each test point's segment cut where a kink that can matter lies (at most as many as
@@ -247,8 +244,7 @@ class Integrator:
             error = (gbar @ self.delta - (fb[part] - fa[part])).abs().double().cpu()
             over = error / share[part].clamp_min(1e-300)
             settled = over <= 1
-            self._total.index_add_(0, row[part][settled], gbar[settled])
-            self._settled_error.index_add_(0, row[part][settled], error[settled])
+            self._settle(row[part][settled], gbar[settled], error[settled])
             kept = ~settled
             opened.append(_Parts(row[part][kept], a[part][kept], b[part][kept], fa[part][kept],
                                  fb[part][kept], error[kept], over[kept],

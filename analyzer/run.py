@@ -28,6 +28,7 @@ from attrib.analyzer.guarded_store import GuardedStore
 from attrib.analyzer.trajectory import Replay, TrajectoryError
 from attrib.schemas import format as fmt
 from attrib.schemas import projection
+from attrib.schemas.chunk_layout import PlainLayout
 from attrib.schemas.factored import FactorRows, densify
 
 T = TypeVar("T")
@@ -58,9 +59,11 @@ class Run:
         fmt.check_fields(self.manifest, self.dir / fmt.MANIFEST_FILE)
         self._held: np.ndarray | None = None  # see _examples_held
         self._part_rows: dict[str, int] = {}  # table → rows of its parts (table_files)
+        self._opened: dict[str, tuple[zarr.Array, PlainLayout | None]] = {}  # see _array
         store = fmt.inside(self.dir, fmt.STORE_DIR)
+        self._store = GuardedStore(store)
         try:
-            self.group = zarr.open_group(GuardedStore(store), mode="r", zarr_format=3)
+            self.group = zarr.open_group(self._store, mode="r", zarr_format=3)
         except fmt.FormatError:
             raise
         except Exception as e:
@@ -325,6 +328,17 @@ class Run:
         return found
 
     def _array(self, path: str) -> zarr.Array:
+        return self._opened_array(path)[0]
+
+    def _opened_array(self, path: str) -> tuple[zarr.Array, PlainLayout | None]:
+        """The array at `path`, checked, and its plain chunk layout (None: zarr decodes it);
+        opened once per Run, whose committed rows are fixed when it opens."""
+        if path not in self._opened:
+            array = self._open_array(path)
+            self._opened[path] = array, PlainLayout.of(array)
+        return self._opened[path]
+
+    def _open_array(self, path: str) -> zarr.Array:
         try:
             node = self.group[path]
         except KeyError:
@@ -381,7 +395,7 @@ class Run:
         """Values of a stored array; a chunk that fails to decode (its checksum, a truncated
         file) or is missing is a FormatError naming the array and rows, not a codec's internal
         error or the fill value."""
-        array = self._array(path)
+        array, layout = self._opened_array(path)
         rows = f"rows {where.start}–{where.stop}" if isinstance(where, slice) else f"row {where}"
         first, stop = ((where.start or 0, where.stop) if isinstance(where, slice)
                        else (where, where + 1))
@@ -391,7 +405,14 @@ class Run:
                                   f"{missing[0]!r} is missing (of {len(missing)} or more); the run "
                                   "is damaged, `attrib verify` lists what else is")
         with self.reading(f"{path} {rows}"):
-            return array[where]
+            if layout is None or (isinstance(where, slice) and where.step not in (None, 1)):
+                return array[where]
+            rows_held = array.shape[0]
+            first, stop = min(first, rows_held), min(rows_held if stop is None else stop,
+                                                     rows_held)
+            values = self._store.read_rows(layout, tuple(array.shape[1:]), first,
+                                           max(first, stop))
+            return values if isinstance(where, slice) else values[0]
 
     def missing_chunks(self, path: str, array: zarr.Array, start: int = 0,
                        stop: int | None = None) -> list[str]:

@@ -14,99 +14,61 @@ manifest commits them, and a resume deletes such chunks first.
 
 from __future__ import annotations
 
-import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
-from numcodecs import Blosc
 
 from attrib.recorder import direct_io
-
-_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
-            "bitshuffle": Blosc.BITSHUFFLE}
+from attrib.schemas.chunk_layout import PlainLayout
 
 
 class ChunkWriter:
     """Encodes and writes whole chunks of one array (None from `for_array` when its layout is
-    not the plain one this writer knows)."""
+    not the plain one, schemas/chunk_layout.py)."""
 
-    def __init__(self, directory: Path, chunks: tuple[int, ...], dtype: np.dtype, fill: Any,
-                 blosc: Blosc | None, checksum: bool, separator: str) -> None:
+    def __init__(self, directory: Path, layout: PlainLayout) -> None:
         self.directory = directory
-        self.chunks = chunks
-        self.dtype = dtype
-        self.fill = fill
-        self.blosc = blosc
-        self.checksum = checksum
-        self.separator = separator
+        self.layout = layout
         self._made: set[Path] = set()  # chunk folders known to exist
 
     @classmethod
     def for_array(cls, array: zarr.Array, store_dir: Path) -> ChunkWriter | None:
-        meta = array.metadata.to_dict()
-        codecs = meta.get("codecs", [])
-        names = [c.get("name") for c in codecs]
-        encoding = meta.get("chunk_key_encoding", {})
-        grid = meta.get("chunk_grid", {})
-        if (not names or names[0] != "bytes" or grid.get("name") != "regular"
-                or encoding.get("name") != "default"
-                or codecs[0].get("configuration", {}).get("endian", "little") != "little"):
-            return None
-        blosc = None
-        rest = names[1:]
-        if rest and rest[0] == "blosc":
-            config = codecs[1]["configuration"]
-            blosc = Blosc(cname=config["cname"], clevel=config["clevel"],
-                          shuffle=_SHUFFLE[config["shuffle"]], blocksize=config.get("blocksize", 0))
-            rest = rest[1:]
-        checksum = rest == ["crc32c"]
-        if rest and not checksum:
-            return None
-        separator = encoding.get("configuration", {}).get("separator", "/")
-        return cls(store_dir / array.path, tuple(array.chunks), array.dtype.newbyteorder("<"),
-                   array.fill_value, blosc, checksum, separator)
+        layout = PlainLayout.of(array)
+        return cls(store_dir / array.path, layout) if layout is not None else None
 
     def encode(self, first: int, values: np.ndarray) -> list[tuple[Path, np.ndarray]] | None:
         """(file, chunk) pairs for steps [first, first + len(values)) if they start at a chunk
         boundary (a last chunk they don't fill is padded with the fill value); None when zarr
         has to write them (a block that starts mid-chunk, after a resume)."""
-        depth = self.chunks[0]
+        layout = self.layout
+        depth = layout.chunks[0]
         if first % depth:
             return None
         inner = values.shape[1:]
-        counts = [math.ceil(n / c) for n, c in zip(inner, self.chunks[1:])]
         jobs = []
         for along in range(math.ceil(len(values) / depth)):
             steps = slice(along * depth, (along + 1) * depth)
-            for index in itertools.product(*(range(c) for c in counts)):
-                where = tuple(slice(i * c, min((i + 1) * c, n))
-                              for i, c, n in zip(index, self.chunks[1:], inner))
-                part = values[(steps, *where)]
-                if part.shape != self.chunks or not part.flags.c_contiguous:
-                    whole = np.full(self.chunks, self.fill, dtype=self.dtype)
+            for index in layout.inner_indices(inner):
+                part = values[(steps, *layout.region(index, inner))]
+                if part.shape != layout.chunks or not part.flags.c_contiguous:
+                    whole = np.full(layout.chunks, layout.fill, dtype=layout.dtype)
                     whole[tuple(slice(0, n) for n in part.shape)] = part
                     part = whole
-                key = self.separator.join(map(str, ("c", first // depth + along, *index)))
+                key = layout.key((first // depth + along, *index))
                 jobs.append((self.directory.joinpath(*key.split("/")),
-                             np.asarray(part, dtype=self.dtype), self))
+                             np.asarray(part, dtype=layout.dtype), self))
         return jobs
 
     def put(self, path: Path, chunk: np.ndarray) -> int:
         """Encode one chunk and write it (see the module docstring for why in place); returns
         the bytes written."""
-        data: Any = chunk.reshape(-1).view(np.uint8)
-        if self.blosc is not None:
-            data = np.frombuffer(self.blosc.encode(chunk), dtype=np.uint8)
+        data, trailer = self.layout.encode(chunk)
         if path.parent not in self._made:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(path.parent)
-        trailer = (int(google_crc32c.value(data)).to_bytes(4, "little") if self.checksum
-                   else b"")
         direct_io.write_file(path, data, trailer)
         return data.nbytes + len(trailer)
 

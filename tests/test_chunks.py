@@ -1,4 +1,5 @@
-"""The recorder writes whole Zarr chunks itself: plain zarr must read them back exactly, for
+"""The recorder writes whole Zarr chunks itself and the analyzer decodes them itself: plain
+zarr must read them back exactly, and the analyzer's reader must equal zarr's on any rows, for
 every codec attrib writes, uneven edge chunks and a short last block."""
 
 from __future__ import annotations
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 import zarr
 
-from attrib.analyzer.guarded_store import chunk_files
+from attrib.analyzer.guarded_store import GuardedStore, chunk_files
 from attrib.recorder import store as store_module
 from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore
+from attrib.schemas.chunk_layout import PlainLayout
 
 CODECS = [Codec(), Codec(checksum=False), Codec("lz4", 1, "noshuffle"), Codec("none"),
           Codec("none", checksum=False)]
@@ -34,8 +36,37 @@ def test_directly_written_chunks_read_back_with_plain_zarr(tmp_path, codec, monk
     assert group["active"].chunks == (3, 3)  # small: whole blocks, the short last one padded
     for path, value in written.items():
         np.testing.assert_array_equal(group[path][:], value)
+    guarded = GuardedStore(tmp_path / "store.zarr")
+    for path in written:  # the analyzer's reader, against zarr's
+        array = group[path]
+        layout = PlainLayout.of(array)
+        assert layout is not None and layout.checksum == codec.checksum
+        for first, stop in [(0, 8), (1, 2), (2, 7), (5, 8), (3, 3), (7, 8)]:
+            direct = guarded.read_rows(layout, tuple(array.shape[1:]), first, stop)
+            np.testing.assert_array_equal(direct, array[first:stop])
+            assert direct.dtype == array.dtype
     written = chunk_files(tmp_path / "store.zarr")
     assert written and not [f for f in written if f.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("codec", [Codec(), Codec("lz4", 1, "bitshuffle")],
+                         ids=["none", "lz4"])
+def test_the_direct_reader_refuses_a_damaged_chunk(tmp_path, codec):
+    """A flipped byte fails the CRC32C; a chunk that decodes to the wrong size is refused."""
+    store = RunStore(tmp_path, {}, [], Codecs.of(codec))
+    store.create_step_arrays([ArraySpec("grads/w", (4, 2), "float32")], 4, {})
+    store.append_steps(0, {"grads/w": np.ones((4, 4, 2), "f4")})
+    array = zarr.open_array(tmp_path / "store.zarr/grads/w", mode="r")
+    layout = PlainLayout.of(array)
+    chunk = next(f for f in chunk_files(tmp_path / "store.zarr"))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(ValueError, match="checksum"):
+        layout.decode(bytes(data))
+    unchecked = PlainLayout(layout.path, layout.chunks, layout.dtype, layout.fill,
+                            None, False, layout.separator)
+    with pytest.raises(ValueError, match="decodes to"):
+        unchecked.decode(b"\0" * 12)
 
 
 def test_a_block_starting_mid_chunk_goes_through_zarr(tmp_path):

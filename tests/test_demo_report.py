@@ -61,7 +61,7 @@ def test_demo_records_analyses_and_reports(demo_dir):
 
 
 def test_stages_are_found_where_train_then_test_accuracy_rise(tmp_path):
-    config = GrokConfig(steps=400)
+    config = GrokConfig(steps=100)
     run = record(config, modular_addition(config), tmp_path / "run", progress=False)
     stages = detect_stages(run)
     accuracy = {r["step"]: dict(r["metrics"]) for r in run.steps.to_pylist()}

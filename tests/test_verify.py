@@ -34,20 +34,29 @@ def test_a_sound_run_passes_every_check(run_dir):
     assert result.exit_code == 0 and "matches the fingerprints of θ, bit for bit" in result.output
 
 
-KILLED_TRAINING = textwrap.dedent("""
+KILLED_TRAININGS = textwrap.dedent("""
     import os, signal, sys, torch
+    torch.set_num_threads(1)  # no OpenMP pool in the parent: each fork starts clean
     sys.path.insert(0, {tests!r})
     import attrib
     from conftest import data, mlp
-    model = mlp(); opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    x, y = data()
-    rec = attrib.Recorder({path!r}, model, opt, checkpoint_every=5, steps_per_chunk=4)
-    for step in range({kill_at} + 1):
-        if step == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        rec.examples(torch.arange(32))
-        torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
-        opt.step(); opt.zero_grad()
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # its lazy imports, before forking
+    for kill_at in {kill_steps!r}:  # one interpreter, a fork per training: imports paid once
+        pid = os.fork()
+        if pid == 0:
+            model = mlp(); opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+            x, y = data()
+            rec = attrib.Recorder(f"{path}{{kill_at}}", model, opt, checkpoint_every=5,
+                                  steps_per_chunk=4)
+            for step in range(kill_at + 1):
+                if step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                rec.examples(torch.arange(32))
+                torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+                opt.step(); opt.zero_grad()
+            os._exit(3)  # not reached
+        _, status = os.waitpid(pid, 0)  # reaped: the run's writer is then seen as dead
+        print(kill_at, os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, flush=True)
 """)
 # Steps at which training kills itself: before the first block is full, on and beside block
 # (4 steps) and checkpoint (5) boundaries, and later; the writer thread is then somewhere in
@@ -60,12 +69,14 @@ def test_kill_9_at_many_points_leaves_a_run_that_verifies(tmp_path):
     depend on the machine's speed): each leaves a crashed run that verifies, whose steps
     table matches its committed steps, and which holds at least every block the bounded
     queue forced out (3 buffers of 4 steps: filling a block needs the one 3 before it done)."""
+    child = subprocess.run([sys.executable, "-c", KILLED_TRAININGS.format(
+        path=str(tmp_path / "run"), tests=os.path.dirname(__file__), kill_steps=KILL_STEPS)],
+        capture_output=True, timeout=300)
+    assert child.returncode == 0, child.stderr.decode()
+    killed = dict(line.split() for line in child.stdout.decode().splitlines())
+    assert killed == {str(k): str(int(signal.SIGKILL)) for k in KILL_STEPS}, killed
     for kill_at in KILL_STEPS:
         path = str(tmp_path / f"run{kill_at}")
-        child = subprocess.run([sys.executable, "-c", KILLED_TRAINING.format(
-            path=path, tests=os.path.dirname(__file__), kill_at=kill_at)], capture_output=True,
-            timeout=120)
-        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
         run = attrib.open_run(path)
         assert run.status == "crashed"
         assert failed(verify(path)) == {}, kill_at

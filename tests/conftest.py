@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import attrib
 
@@ -15,6 +17,19 @@ N_TRAIN, N_FEATURES, N_CLASSES = 256, 10, 3
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core
     torch.set_num_threads(1)
+
+# Multi-process tests start their ranks from a fork server that imported these once (a fresh
+# interpreter per rank paid ~3 s of imports each time, most of those tests' run time). It never
+# runs a torch op, so forking it is safe where forking a test process (its OpenMP pool, zarr's
+# event loop thread) would not be.
+multiprocessing.set_forkserver_preload(["torch", "attrib", "conftest"])
+
+
+def spawn(fn, args: tuple, nprocs: int) -> None:
+    """torch.multiprocessing.spawn's contract (fn(rank, *args); a rank's failure raises
+    here), its processes forked from the fork server."""
+    mp.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
+
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import data, mlp
+from conftest import data, mlp, spawn
 from test_path_kernel import assert_complete, probe_points
 from test_resume import assert_same_run
 
@@ -85,7 +85,7 @@ def worker(rank: int, world: int, init: str, path: str, capture=CAPTURE,
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     where = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(WORLD, str(where / "init"), str(where / "ddp")), nprocs=WORLD)
+    spawn(worker, args=(WORLD, str(where / "init"), str(where / "ddp")), nprocs=WORLD)
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     with attrib.Recorder(where / "single", model, opt, capture=CAPTURE, **SETTINGS) as rec:
@@ -172,7 +172,7 @@ def fsdp_worker(rank: int, world: int, init: str, path: str) -> None:
 
 
 def test_fsdp_is_refused(tmp_path):
-    mp.spawn(fsdp_worker, args=(1, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=1)
+    spawn(fsdp_worker, args=(1, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=1)
 
 
 def test_resuming_a_ddp_run_in_one_process_is_refused(runs):
@@ -190,7 +190,7 @@ def test_ddp_without_per_example_capture(runs, tmp_path):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     _, single = runs
-    mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), False, None,
+    spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), False, None,
                            mlp, allreduce_hook), nprocs=WORLD)
     run = attrib.open_run(tmp_path / "run")
     assert run.status == "complete" and run.n_steps == STEPS
@@ -206,7 +206,7 @@ def test_ddp_without_per_example_capture(runs, tmp_path):
 def test_a_rank_that_stops_recording_stops_the_run_not_training(tmp_path):
     """Rank 1 fails at step 6: it tells rank 0 at once (no wait for a timeout), training goes
     on, and the run keeps the blocks every rank had committed, marked incomplete."""
-    mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), CAPTURE, 6),
+    spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), CAPTURE, 6),
              nprocs=WORLD)
     run = attrib.open_run(tmp_path / "run")
     assert run.status == "incomplete" and "rank 1 stopped recording" in run.manifest["error"]
@@ -265,7 +265,7 @@ def test_resumed_ddp_run_equals_the_uninterrupted_one(runs, tmp_path, crash):
     args = (WORLD, str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path / "state"))
     if crash:
         with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
-            mp.spawn(stopping_worker, args=(*args, True), nprocs=WORLD)
+            spawn(stopping_worker, args=(*args, True), nprocs=WORLD)
         crashed = attrib.open_run(tmp_path / "run")
         assert crashed.status == "crashed" and crashed.n_steps == 8
         listed = {p for parts in crashed.manifest["tables"].values() for p in parts}
@@ -274,8 +274,8 @@ def test_resumed_ddp_run_equals_the_uninterrupted_one(runs, tmp_path, crash):
         assert any(fmt.part_fields(p.name)[1] == 8 for p in debris)  # rank 1's steps 8, 9
         (tmp_path / "init").unlink(missing_ok=True)  # the file rendezvous of the killed job
     else:
-        mp.spawn(stopping_worker, args=(*args, False), nprocs=WORLD)
-    mp.spawn(restarting_worker, args=(WORLD, str(tmp_path / "init2"), *args[2:]), nprocs=WORLD)
+        spawn(stopping_worker, args=(*args, False), nprocs=WORLD)
+    spawn(restarting_worker, args=(WORLD, str(tmp_path / "init2"), *args[2:]), nprocs=WORLD)
     run = attrib.open_run(tmp_path / "run")
     assert [r["step"] for r in run.manifest["resumes"]] == [5]
     resumed = run.manifest["resumes"][0]
@@ -329,7 +329,7 @@ def dropping_worker(rank: int, world: int, init: str, path: str) -> None:
 def test_a_rank_that_drops_examples_flags_the_steps_for_all(tmp_path):
     """A step is flagged in steps.examples_dropped when any rank dropped its rows; those
     steps' contributions are refused, the others sum to the gradient, completeness holds."""
-    mp.spawn(dropping_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run")),
+    spawn(dropping_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run")),
              nprocs=WORLD)
     run = attrib.open_run(tmp_path / "run")
     assert run.status == "complete" and run.n_steps == STEPS
@@ -361,7 +361,7 @@ def test_replay_of_a_ddp_run_with_dropout(tmp_path):
     """Each rank draws its own dropout masks from its own generator, and each rank's states
     are recorded: replay rebuilds every rank's forwards, so the rebuilt loss reproduces the
     recorded gradients and a replay that skips nothing retraces the run."""
-    mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), False, None,
+    spawn(worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "run"), False, None,
                            dropout_mlp), nprocs=WORLD)
     run = attrib.open_run(tmp_path / "run")
     assert set(run.table("rng").column("rank").to_pylist()) == set(range(WORLD))

@@ -9,9 +9,8 @@ import socket
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import data, mlp, tiny_gpt2
+from conftest import data, mlp, spawn, tiny_gpt2
 
 import attrib
 from attrib.analyzer.verify import verify
@@ -158,7 +157,7 @@ def test_huggingface_trainer_callback_under_ddp(tmp_path):
     with socket.socket() as s:  # a free port for the process group's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(hf_worker, args=(2, str(tmp_path / "run"), port), nprocs=2)
+    spawn(hf_worker, args=(2, str(tmp_path / "run"), port), nprocs=2)
     model = LossOutputModel()
     model.load_state_dict(torch.load(tmp_path / "run-final.pt", weights_only=True))
     run = attrib.open_run(tmp_path / "run")

@@ -73,21 +73,55 @@ def tensor_candidates(item: ShiftInput, clip: float | torch.Tensor,
     for offset, contribution in _disjoint(item.parts):
         for start in range(0, contribution.rows, chunk):
             c = contribution.slice(start, start + chunk).dense().reshape(-1, numel)
-            shifts = c * scale
-            # each example's top k, then the chunk's: the same set as a flat topk over the
-            # chunk (the top k always lies among the per-row top k's), ~19x faster on CPU
-            # where a flat topk is one sequential selection and rows run in parallel
-            per_row, columns = shifts.abs().topk(min(item.k, numel), dim=1)
-            magnitude, chosen = per_row.reshape(-1).topk(min(item.k, per_row.numel()))
-            row, index = chosen // per_row.shape[1], columns.reshape(-1)[chosen]
-            found = Candidates(magnitude, row + offset + start, index, shifts[row, index],
-                               c[row, index])
+            floor = best.magnitude[-1] if best is not None and len(best.magnitude) == \
+                item.k else None  # the k-th largest so far: later entries below can't enter
+            magnitude, row, index, shift = _chunk_top(c, scale, item.k, floor)
+            found = Candidates(magnitude, row + offset + start, index, shift, c[row, index])
             best = found if best is None else Candidates(
                 *(torch.cat(pair) for pair in zip(
                     (best.magnitude, best.row, best.flat, best.shift, best.grad),
                     (found.magnitude, found.row, found.flat, found.shift, found.grad)))
             ).top(item.k)
     return best
+
+
+def _chunk_top(c: torch.Tensor, scale: float | torch.Tensor, k: int,
+               floor: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The k largest |c ⊙ scale| entries of a chunk (rows: examples) that can still enter the
+    tensor's top k (`floor`: the k-th largest of earlier chunks), as magnitudes, rows, flat
+    indices and signed shifts. On the CPU through a threshold τ, the larger of `floor` and
+    the chunk's k-th largest row maximum (the k rows' maxima are k entries ≥ τ, so the top k
+    lie among the entries ≥ τ), found in two passes: 1.6-3.6x faster than the per-row top k
+    below on 264 x 4,096 and 128 x 50,176 chunks. Elsewhere (a GPU, where finding the entries
+    would wait for the step; NaN; τ = 0 or unknown, when most entries would pass) each row's
+    top k, then the chunk's: the same set, as the top k lies among the per-row top k's, and
+    ~19x faster than one flat top k on the CPU, which is one sequential selection where rows
+    run in parallel."""
+    numel = c.shape[1]
+    magnitudes = torch.mul(c, scale).abs_()
+    if c.device.type == "cpu":
+        row_max = magnitudes.amax(dim=1)
+        tau = row_max.topk(k).values[-1] if len(row_max) >= k else floor
+        if floor is not None and tau is not floor:
+            tau = torch.maximum(tau, floor)
+        if tau is not None and tau > 0 and not row_max.isnan().any():
+            rows = torch.nonzero(row_max >= tau).squeeze(1)  # often a few, past the first chunk
+            held = magnitudes[rows] if len(rows) < len(row_max) else magnitudes
+            row, index = torch.nonzero(held >= tau, as_tuple=True)
+            magnitude, chosen = held[row, index].topk(min(k, len(row)))
+            row, index = row[chosen], index[chosen]
+            if held is not magnitudes:
+                row = rows[row]
+            return magnitude, row, index, c[row, index] * _at(scale, index)
+    per_row, columns = magnitudes.topk(min(k, numel), dim=1)
+    magnitude, chosen = per_row.reshape(-1).topk(min(k, per_row.numel()))
+    row, index = chosen // per_row.shape[1], columns.reshape(-1)[chosen]
+    return magnitude, row, index, c[row, index] * _at(scale, index)
+
+
+def _at(scale: float | torch.Tensor, index: torch.Tensor) -> float | torch.Tensor:
+    """The scale of flat entries `index`: elementwise (a parameter's K) or one number."""
+    return scale[index] if isinstance(scale, torch.Tensor) and scale.dim() else scale
 
 
 def top_shifts(items: list[ShiftInput], scope: str, k: int, clip: float | torch.Tensor,

@@ -123,9 +123,27 @@ def test_chunked_candidates_equal_whole_tensor_ranking():
     chunked = tensor_candidates(item, 0.5, chunk_scalars=35)  # one example per chunk
     dense = torch.cat([first.dense(), second.dense()]).reshape(10, -1)
     expected = (dense * coefficient.reshape(-1) * 0.5).abs().reshape(-1).topk(9)
-    for got in (whole, chunked):
+    signed = (dense * coefficient.reshape(-1) * 0.5).reshape(-1)[expected.indices]
+    for got in (whole, chunked):  # 10 rows ≥ k: the threshold path; 1 row: per-row top k
         assert torch.equal(got.row * 35 + got.flat, expected.indices)
         torch.testing.assert_close(got.magnitude, expected.values)
+        torch.testing.assert_close(got.shift, signed)
+
+
+def test_candidates_where_few_rows_are_nonzero_or_a_value_is_nan():
+    """τ = 0 (fewer than k rows with a nonzero entry) and NaN take the per-row path: the same
+    entries a flat top k over the chunk picks."""
+    values = torch.zeros(40, 6)
+    values[3, 2], values[7, 5] = 2.0, -3.0
+    got = tensor_candidates(ShiftInput("w", (6,), [(0, Dense(values))], 0.5, k=4), 1.0)
+    assert got.magnitude.tolist()[:2] == [1.5, 1.0] and got.shift.tolist()[:2] == [-1.5, 1.0]
+    assert (got.row[:2].tolist(), got.flat[:2].tolist()) == ([7, 3], [5, 2])
+    values = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    values[5, 1] = float("nan")
+    got = tensor_candidates(ShiftInput("w", (6,), [(0, Dense(values))], 1.0, k=4), 1.0)
+    assert (int(got.row[0]), int(got.flat[0])) == (5, 1) and got.magnitude[0].isnan()
+    expected = values.abs().nan_to_num(float("inf")).reshape(-1).topk(4).indices
+    assert torch.equal(got.row * 6 + got.flat, expected)
 
 
 def test_parts_over_the_same_rows_are_summed_before_ranking():

@@ -495,10 +495,11 @@ class TinyGRU(torch.nn.Module):
         return self.head(out[-1])
 
 
-def test_completeness_on_a_gru(run_dir):
+def test_completeness_on_a_gru(run_dir, monkeypatch):
     """The path kernel on a recurrent model (per-example rows by recurrent.py's closed form):
     test gradients fall back to one test point at a time, and the terms sum to
-    f(θ_N) − f(θ_0)."""
+    f(θ_N) − f(θ_0); the similarity's gradients, vmapped over several steps elsewhere, fall
+    back to one step at a time and equal one call per step."""
     model = TinyGRU().double()
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 12, (128, 6), generator=g)
@@ -509,8 +510,15 @@ def test_completeness_on_a_gru(run_dir):
     test_tokens = torch.randint(0, 12, (3, 6), generator=g)
     run = attrib.open_run(run_dir)
     result = attrib.analyze.path_kernel(run, lambda: TinyGRU().double(),
-                                        (test_tokens, test_tokens[:, 0] % 3), progress=False)
+                                        (test_tokens, test_tokens[:, 0] % 3), progress=False,
+                                        similarity=True)
     assert_complete(result)
+    monkeypatch.setattr("attrib.analyzer.path_kernel.kernel.SIMILARITY_STEPS", 1)
+    stepwise = attrib.analyze.path_kernel(run, lambda: TinyGRU().double(),
+                                          (test_tokens, test_tokens[:, 0] % 3), progress=False,
+                                          similarity=True, by=("param",))
+    assert result.similarity.num_rows > 0
+    assert result.similarity.equals(stepwise.similarity)
     # TracIn on the same model (its gradients take the same one-point-at-a-time path): one
     # checkpoint's score is η ∇f(x) · ∇ℓ_i, checked for one pair by plain autograd
     scores = attrib.analyze.tracin(run, lambda: TinyGRU().double(), (tokens, tokens[:, 0] % 3),

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from torch.func import vmap
 
 from attrib.analyzer import targets
 from attrib.analyzer.aggregate import (
@@ -47,6 +48,10 @@ TERMS = ("data", "residual", "regularization", "carry_in", "replay", "rounding")
 BLOCK_STEPS = None  # steps held in memory at once; None: the run's steps_per_chunk (each
 # stored chunk is then read once), fewer if their ḡ would exceed GBAR_BUDGET_BYTES
 GBAR_BUDGET_BYTES = 128 << 20
+# similarity=True: the test points' gradients at up to this many steps' θ in one vmapped call
+# (per step, functorch's per-call overhead was most of the time: 15 of the demo's 84 s),
+# within this many bytes of gradients per call
+SIMILARITY_STEPS, SIMILARITY_BUDGET_BYTES = 16, 64 << 20
 AUTO = "auto"  # stride=: merge steps into a segment while the fixed rule meets their share
 AUTO_STRIDE = 32  # the longest segment stride="auto" tries
 HELPFUL_SIGN = {"loss": -1, "margin": 1}  # the sign of a change of f that helps the model
@@ -398,27 +403,48 @@ class _Recursion:
             "v": ({n: run.state(n, "exp_avg_sq", first, stop).to(dtype) for n in self.names}
                   if self.kind != "sgd" else {}),
         }
+        as_training = self._training_gradients(thetas)
         for s in range(stop - 1, first - 1, -1):
             theta_gaps, buffer_gaps = gaps[s - first]
             for name, gap in buffer_gaps.items():  # carried into steps s+1…: like a carry-in
                 if s + 1 < run.n_steps:
                     j = self.names.index(name)
                     self._emit("replay", self._buffer_term(j, s + 1, gap), s, name)
-            self.step(s, s - first, gbars[s - first], thetas[s - first])
+            self.step(s, s - first, gbars[s - first], thetas[s - first],
+                      as_training[s - first])
             for name, gap in theta_gaps.items():  # ḡ_s · (stored − replayed θ_{s+1})
                 g = gbars[s - first][name]
                 self._emit("replay", g.reshape(g.shape[0], -1) @ gap.reshape(-1).to(dtype),
                            s, name)
         self.block = {}
 
-    def step(self, s: int, i: int, gbar: dict, thetas: dict) -> None:
-        """Step s, the i-th of the loaded block."""
+    def _training_gradients(self, thetas: list[dict]) -> list[dict | None]:
+        """Per step of a block, the test points' gradients as training examples at θ_s (the
+        similarity's ∇ℓ(x'; θ_s)), None without similarity: several steps per vmapped call."""
+        if self.train_gradient is None:
+            return [None] * len(thetas)
+        per_step = sum(t.numel() for t in self.memory.values()) * self.dtype.itemsize
+        at_once = max(1, min(SIMILARITY_STEPS, SIMILARITY_BUDGET_BYTES // max(1, per_step)))
+        out: list[dict | None] = []
+        for lo in range(0, len(thetas), at_once):
+            part = [{n: t.to(self.dtype) for n, t in theta.items()}
+                    for theta in thetas[lo: lo + at_once]]
+            try:
+                stacked = vmap(self.train_gradient)({n: torch.stack([p[n] for p in part])
+                                                     for n in part[0]})
+            except RuntimeError:  # no batching rule (a recurrent kernel): step by step
+                out += [self.train_gradient(theta) for theta in part]
+                continue
+            out += [{n: v[k] for n, v in stacked.items()} for k in range(len(part))]
+        return out
+
+    def step(self, s: int, i: int, gbar: dict, thetas: dict, as_training: dict | None
+             ) -> None:
+        """Step s, the i-th of the loaded block; `as_training`: see _training_gradients."""
         run, rows, dtype = self.run, self.rows, self.dtype
         lo, hi = np.searchsorted(self.example_steps, [s, s + 1])
         ids = self.example_ids[lo:hi]
         stored = {n: c[i, : len(ids)] for n, c in self.block["contrib"].items()}
-        as_training = (self.train_gradient({n: t.to(dtype) for n, t in thetas.items()})
-                       if self.train_gradient is not None else None)
         data = StepData(rows, s, ids)
         for j, name in enumerate(self.names):
             if not self.active[s, j]:

@@ -119,6 +119,7 @@ class Replay:
         self.mismatch: dict[int, float] = {}  # step → largest relative gap of θ or any state
         self._grads: tuple[int, int, dict[str, torch.Tensor]] | None = None
         self._window: Window | None = None
+        self._snapshots: dict[int, _Snapshot] = {}  # step → θ and state, in one interval
 
     @cached_property
     def hparams(self) -> dict[str, np.ndarray]:
@@ -163,11 +164,47 @@ class Replay:
             raise IndexError(f"{self.run.dir} has no checkpoint at or before step {step}")
         start = self.run.checkpoint_steps[index]
         if self.position is None or self.position > step or self.position < start:
-            self.load(index)
+            if any(start <= s <= step for s in self._snapshots):
+                self._restore(max(s for s in self._snapshots if start <= s <= step))
+            else:
+                self._snapshots.clear()  # another interval
+                self.load(index)
         if self.position < step and not any(self.recorded):
             self.run.require_trajectory(f"θ at step {step}")
         while self.position < step:
             self.advance()
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        """Keep θ and the optimizer state at chunk boundaries passed on the way to a seek's
+        step, within SNAPSHOT_BUDGET_BYTES: analyses that walk a run backwards (the path
+        kernel's blocks) seek to ever earlier steps of one checkpoint interval, and each
+        seek replayed from the interval's start (3.6 replayed steps per step on the demo)."""
+        depth = int(self.run.meta.get("steps_per_chunk") or 1)
+        if self.position % depth or self.position in self.checkpoints:
+            return
+        state = {j: {k: v.clone() if isinstance(v, torch.Tensor) else v
+                     for k, v in self.optimizer.state.get(p, {}).items()}
+                 for j, p in enumerate(self.params)}
+        snapshot = _Snapshot([p.detach().clone() for p in self.params], state)
+        start = max(s for s in self.checkpoints if s <= self.position)
+        self._snapshots = {s: kept for s, kept in self._snapshots.items() if s >= start}
+        held = sum(s.nbytes for s in self._snapshots.values())
+        if held + snapshot.nbytes <= SNAPSHOT_BUDGET_BYTES:
+            self._snapshots[self.position] = snapshot
+
+    def _restore(self, step: int) -> None:
+        """θ and the optimizer state as a snapshot (see _snapshot) holds them."""
+        snapshot = self._snapshots[step]
+        self.optimizer.state.clear()
+        with torch.no_grad():
+            for j, p in enumerate(self.params):
+                p.copy_(snapshot.theta[j])
+                if snapshot.state[j]:
+                    self.optimizer.state[p] = {
+                        k: v.clone() if isinstance(v, torch.Tensor) else v
+                        for k, v in snapshot.state[j].items()}
+        self.position = step
 
     def advance(self) -> None:
         """One optimizer step from θ_position with the recorded gradient and settings, then
@@ -277,6 +314,23 @@ class Replay:
                     theta[name][i + 1] = p
         self._window = Window(start, stop, theta, state)
         return self._window
+
+
+SNAPSHOT_BUDGET_BYTES = 256 << 20  # θ and optimizer state kept inside one interval (seek)
+
+
+@dataclass
+class _Snapshot:
+    """θ (per parameter) and each parameter's optimizer state at one step."""
+
+    theta: list[torch.Tensor]
+    state: dict[int, dict]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.theta, *(v for entry in self.state.values() for v in entry.values()
+                                  if isinstance(v, torch.Tensor))]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _scalar_dtype() -> torch.dtype:

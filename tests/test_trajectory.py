@@ -114,6 +114,34 @@ def test_stream_yields_reconstructed_thetas(run_dir):
     assert seen == 16
 
 
+@pytest.mark.parametrize("name", ["sgd_nesterov", "adamw_amsgrad"])
+def test_seeking_backwards_replays_each_interval_once_and_exactly(run_dir, name, monkeypatch):
+    """Windows read from the last chunk to the first (as the path kernel walks a run) start
+    from snapshots the first seek into each checkpoint interval kept, not from the interval's
+    checkpoint again, and give θ and the state bit for bit as a fresh forward replay does."""
+    model = mlp()
+    trained = train(run_dir, model, OPTIMIZERS[name](model.parameters()), steps=40,
+                    checkpoint_every=20, steps_per_chunk=4)
+    run = attrib.open_run(run_dir)
+    steps = []
+    replay_step = type(run.replay)._step
+    monkeypatch.setattr(type(run.replay), "_step",
+                        lambda self: (steps.append(self.position), replay_step(self))[1])
+    backwards = {first: run.replay.window(first, first + 4) for first in range(36, -1, -4)}
+    # every window's 4 steps once, and the seeks to 36 and 16 from checkpoints 20 and 0;
+    # the other windows start at snapshots (from their checkpoints: 120 steps in all)
+    assert len(steps) == 40 + 16 + 16
+    fresh = attrib.open_run(run_dir).replay
+    for first in range(0, 40, 4):
+        forwards = fresh.window(first, first + 4)
+        for name_ in run.param_names:
+            assert torch.equal(backwards[first].theta[name_], forwards.theta[name_])
+            for key, value in forwards.state[name_].items():
+                assert torch.equal(backwards[first].state[name_][key], value)
+    assert torch.equal(backwards[36].theta[run.param_names[0]][-1],
+                       trained.thetas[40][run.param_names[0]])
+
+
 @pytest.mark.parametrize("name", ["sgd_nesterov", "adamw"])
 def test_resumed_optimizer_state_is_recorded_as_carry_in(run_dir, name):
     """An optimizer that already took steps: its buffers are the carry-in of METHODS.md §1."""

@@ -405,8 +405,9 @@ class Run:
                                   f"{missing[0]!r} is missing (of {len(missing)} or more); the run "
                                   "is damaged, `attrib verify` lists what else is")
         with self.reading(f"{path} {rows}"):
-            if layout is None or (isinstance(where, slice) and where.step not in (None, 1)):
-                return array[where]
+            if (layout is None or first < 0 or (stop is not None and stop < 0)
+                    or (isinstance(where, slice) and where.step not in (None, 1))):
+                return array[where]  # what the direct read does not take: zarr's semantics
             rows_held = array.shape[0]
             first, stop = min(first, rows_held), min(rows_held if stop is None else stop,
                                                      rows_held)

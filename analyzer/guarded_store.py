@@ -27,6 +27,7 @@ from attrib.schemas.chunk_layout import PlainLayout
 DOCUMENT_LIMIT = 1 << 20  # bytes of one array's zarr.json (attrib's are ~1 KB)
 CHUNK_LIMIT = 1 << 30  # decoded bytes of one chunk (attrib writes blocks of ~64 MiB)
 BLOSC_OVERHEAD = 16  # Blosc's header: a chunk encodes to at most its size plus this
+BLOSC_MEMCPYED = 0x2  # the header's flag for a frame that holds the chunk uncompressed
 CHECKSUM_BYTES = 4  # the CRC32C codec's trailer
 
 
@@ -167,14 +168,23 @@ class GuardedStore(LocalStore):
         return layout
 
     def _check_blosc(self, layout: ChunkLayout, data: bytes, path: Path) -> None:
-        """A Blosc frame's header (bytes 4-8: the decoded size) may not declare more than one
-        chunk: decoding allocates what the header says before it reads anything else."""
+        """A Blosc frame's header must describe exactly this frame and one chunk: c-blosc
+        allocates what bytes 4-8 (the decoded size) declare and reads as far as bytes 12-16
+        (the frame's size) say, or, for a frame stored uncompressed (flag 0x2), the decoded
+        size past the 16-byte header, before it checks anything else. A truncated frame whose
+        header was kept would otherwise decode from memory past the file's bytes."""
         frame = data[:-CHECKSUM_BYTES] if layout.checksum else data
-        declared = int.from_bytes(frame[4:8], "little") if len(frame) >= 16 else None
-        if declared is None or declared > layout.raw_bytes:
-            raise fmt.FormatError(f"{path} is not a Blosc frame of at most one chunk "
-                                  f"({layout.raw_bytes} bytes); the run is damaged or was "
-                                  "edited")
+        if len(frame) < BLOSC_OVERHEAD:
+            declared = stored = None
+        else:
+            declared = int.from_bytes(frame[4:8], "little")
+            stored = int.from_bytes(frame[12:16], "little")
+        uncompressed = len(frame) >= BLOSC_OVERHEAD and frame[2] & BLOSC_MEMCPYED
+        if (declared != layout.raw_bytes or stored != len(frame)
+                or (uncompressed and declared + BLOSC_OVERHEAD != stored)):
+            raise fmt.FormatError(f"{path} is not a Blosc frame of one chunk ({layout.raw_bytes} "
+                                  f"bytes) stored whole ({len(frame)} bytes here); the run is "
+                                  "damaged or was edited")
 
 
 def chunk_files(root: Path) -> list[Path]:

@@ -226,7 +226,20 @@ def test_bombs_are_refused_before_they_are_decoded(recorded, tmp_path):
     frame = Blosc(cname="zstd", clevel=9).encode(np.zeros(1 << 22, np.float32))
     assert len(frame) < chunk.stat().st_size
     chunk.write_bytes(frame + int(google_crc32c.value(frame)).to_bytes(4, "little"))
-    refuses(lambda: attrib.open_run(path).grads(name), "Blosc frame of at most one chunk")
+    refuses(lambda: attrib.open_run(path).grads(name), "not a Blosc frame of one chunk")
+    assert not read_or_explain(path)
+
+    path, name, chunk = fresh("truncated")  # no checksum, a frame that lost its tail: c-blosc
+    meta = path / fmt.STORE_DIR / fmt.GRADS / chunk.relative_to(path).parts[2] / "zarr.json"
+    document = json.loads(meta.read_text())  # would decode it from the memory past the bytes
+    document["codecs"] = [document["codecs"][0], {"name": "blosc", "configuration": {
+        "typesize": 4, "cname": "lz4", "clevel": 5, "shuffle": "noshuffle", "blocksize": 0}}]
+    meta.write_text(json.dumps(document))
+    values = np.frombuffer(chunk.read_bytes()[:-4], np.float32)  # the chunk, its CRC cut
+    chunk.write_bytes(Blosc(cname="lz4", clevel=5).encode(values)[:-5])
+    refuses(lambda: attrib.open_run(path).grads(name), "stored whole")
+    chunk.write_bytes(Blosc(cname="lz4", clevel=5).encode(values)[:16])  # a header alone
+    refuses(lambda: attrib.open_run(path).grads(name), "stored whole")
     assert not read_or_explain(path)
 
     path, name, chunk = fresh("large")

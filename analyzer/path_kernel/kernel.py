@@ -420,7 +420,9 @@ class _Recursion:
 
     def _training_gradients(self, thetas: list[dict]) -> list[dict | None]:
         """Per step of a block, the test points' gradients as training examples at θ_s (the
-        similarity's ∇ℓ(x'; θ_s)), None without similarity: several steps per vmapped call."""
+        similarity's ∇ℓ(x'; θ_s)), None without similarity: several steps per vmapped call,
+        whose batched products may round differently from one call per step (1e-15 relative
+        in float64, 1e-6 in float32)."""
         if self.train_gradient is None:
             return [None] * len(thetas)
         per_step = sum(t.numel() for t in self.memory.values()) * self.dtype.itemsize

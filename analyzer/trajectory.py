@@ -187,7 +187,8 @@ class Replay:
                      for k, v in self.optimizer.state.get(p, {}).items()}
                  for j, p in enumerate(self.params)}
         snapshot = _Snapshot([p.detach().clone() for p in self.params], state)
-        start = max(s for s in self.checkpoints if s <= self.position)
+        steps = self.run.checkpoint_steps  # sorted: the interval's start by bisection
+        start = steps[int(np.searchsorted(steps, self.position, side="right")) - 1]
         self._snapshots = {s: kept for s, kept in self._snapshots.items() if s >= start}
         held = sum(s.nbytes for s in self._snapshots.values())
         if held + snapshot.nbytes <= SNAPSHOT_BUDGET_BYTES:

@@ -2,12 +2,13 @@
 
 Records the default `attrib demo` run (a + b mod 23, 2,000 steps), then runs the demo's path
 kernel (32 test pairs, per example and layer, stride 10) with the fixed 2-node rule and the
-adaptive rule (the demo's, at the default tolerance 1e-4, and at 1e-3), and prints per rule its
+adaptive rule (the demo's, at the default tolerance 1e-4, at 1e-3, and the demo's in a float32
+analysis instead of float64), and prints per rule its
 time (and as a multiple of the fixed rule's), the gradient evaluations per test pair and
 segment (their mean over the run, and the largest segment's mean), the relative gaps
 |Σ terms − Δf| / |Δf| over the test pairs, how many gaps their measured quadrature error
 bounds, and the largest rounding term (float32 rounding of the updates, relative to Δf).
-Run: `python benchmarks/demo_completeness.py` (about 5 minutes on 2 cores).
+Run: `python benchmarks/demo_completeness.py` (about 7 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import torch
 from harness import print_table
 
 import attrib
@@ -28,7 +30,9 @@ from attrib.grokking import GrokConfig, OneLayerTransformer, modular_addition
 
 RULES = {"fixed, 2 nodes": {"quadrature": 2},
          "adaptive, tol 1e-3": {"quadrature": "adaptive", "tol": (1e-3, 1e-6)},
-         "adaptive, tol 1e-4 (the demo's)": {"quadrature": "adaptive"}}
+         "adaptive, tol 1e-4 (the demo's)": {"quadrature": "adaptive"},
+         "adaptive, tol 1e-4, float32 analysis": {"quadrature": "adaptive",
+                                                  "dtype": torch.float32}}
 
 
 def rounding(result, completeness) -> float:

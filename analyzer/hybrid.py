@@ -37,19 +37,11 @@ import torch
 from attrib.analyzer.dynamics import Dynamics
 from attrib.analyzer.linear_response import Adjoint, AdjointSweep
 from attrib.analyzer.progress import progress_bar
-from attrib.analyzer.replay import (
-    Snapshot,
-    clip_threshold,
-    load_state,
-    replay_step,
-    restore,
-    snapshot,
-    state_norm,
-)
+from attrib.analyzer.replay import clip_threshold, load_state, replay_step, state_norm
 from attrib.analyzer.run import Run
 from attrib.analyzer.stage_spec import Stage
 from attrib.analyzer.training import TrainingBatches
-from attrib.analyzer.trajectory import build_optimizer
+from attrib.analyzer.trajectory import Snapshot, build_optimizer, restore, snapshot
 
 UPDATE_CHANGE_LIMIT = 0.5  # Adam: beyond this the update direction is not a small change
 AUTO_TOL = 0.05  # successive auto-window estimates agreeing this closely (relative) stop it

@@ -11,7 +11,6 @@ everything before the stage, so numerical drift between replay and recording can
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.run import Run
 from attrib.analyzer.stage_spec import Stage
 from attrib.analyzer.training import ReplayError, TrainingBatches
-from attrib.analyzer.trajectory import build_optimizer, set_hparams
+from attrib.analyzer.trajectory import build_optimizer, restore, set_hparams, snapshot
 
 CLIP_AGREEMENT = 1e-4  # relative spread of the clipping threshold implied by clipped steps
 TORCH_CLIP_EPS = 1e-6  # clip_grad_norm_ divides max_norm by ‖G‖ + 1e-6
@@ -142,20 +141,3 @@ def replay_step(run: Run, batches: TrainingBatches, dynamics: Dynamics, built, p
     if threshold is not None:
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], threshold)
     optimizer.step()
-
-
-Snapshot = tuple[list[torch.Tensor], dict]  # parameter values, optimizer state_dict
-
-
-def snapshot(params, optimizer) -> Snapshot:
-    """A copy of the replay's state: parameter values and the optimizer's state."""
-    return [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
-
-
-def restore(params, optimizer, saved: Snapshot) -> None:
-    """Put a snapshot back (into these or other parameters of the same layout)."""
-    values, state = saved
-    with torch.no_grad():
-        for p, value in zip(params, values):
-            p.copy_(value)
-    optimizer.load_state_dict(copy.deepcopy(state))

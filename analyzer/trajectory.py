@@ -12,6 +12,7 @@ analyses name the gap as its own term.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -119,7 +120,7 @@ class Replay:
         self.mismatch: dict[int, float] = {}  # step → largest relative gap of θ or any state
         self._grads: tuple[int, int, dict[str, torch.Tensor]] | None = None
         self._window: Window | None = None
-        self._snapshots: dict[int, _Snapshot] = {}  # step → θ and state, in one interval
+        self._snapshots: dict[int, Snapshot] = {}  # step → θ and state, in one interval
 
     @cached_property
     def hparams(self) -> dict[str, np.ndarray]:
@@ -164,8 +165,10 @@ class Replay:
             raise IndexError(f"{self.run.dir} has no checkpoint at or before step {step}")
         start = self.run.checkpoint_steps[index]
         if self.position is None or self.position > step or self.position < start:
-            if any(start <= s <= step for s in self._snapshots):
-                self._restore(max(s for s in self._snapshots if start <= s <= step))
+            held = [s for s in self._snapshots if start <= s <= step]
+            if held:
+                restore(self.params, self.optimizer, self._snapshots[max(held)])
+                self.position = max(held)
             else:
                 self._snapshots.clear()  # another interval
                 self.load(index)
@@ -180,32 +183,25 @@ class Replay:
         step, within SNAPSHOT_BUDGET_BYTES: analyses that walk a run backwards (the path
         kernel's blocks) seek to ever earlier steps of one checkpoint interval, and each
         seek replayed from the interval's start (3.6 replayed steps per step on the demo)."""
-        depth = int(self.run.meta.get("steps_per_chunk") or 1)
-        if self.position % depth or self.position in self.checkpoints:
+        if self.position % self._chunk_steps or self.position in self.checkpoints:
             return
-        state = {j: {k: v.clone() if isinstance(v, torch.Tensor) else v
-                     for k, v in self.optimizer.state.get(p, {}).items()}
-                 for j, p in enumerate(self.params)}
-        snapshot = _Snapshot([p.detach().clone() for p in self.params], state)
         steps = self.run.checkpoint_steps  # sorted: the interval's start by bisection
         start = steps[int(np.searchsorted(steps, self.position, side="right")) - 1]
         self._snapshots = {s: kept for s, kept in self._snapshots.items() if s >= start}
-        held = sum(s.nbytes for s in self._snapshots.values())
-        if held + snapshot.nbytes <= SNAPSHOT_BUDGET_BYTES:
-            self._snapshots[self.position] = snapshot
+        if (len(self._snapshots) + 1) * self._snapshot_bytes() <= SNAPSHOT_BUDGET_BYTES:
+            self._snapshots[self.position] = snapshot(self.params, self.optimizer)
 
-    def _restore(self, step: int) -> None:
-        """θ and the optimizer state as a snapshot (see _snapshot) holds them."""
-        snapshot = self._snapshots[step]
-        self.optimizer.state.clear()
-        with torch.no_grad():
-            for j, p in enumerate(self.params):
-                p.copy_(snapshot.theta[j])
-                if snapshot.state[j]:
-                    self.optimizer.state[p] = {
-                        k: v.clone() if isinstance(v, torch.Tensor) else v
-                        for k, v in snapshot.state[j].items()}
-        self.position = step
+    def _snapshot_bytes(self) -> int:
+        """What a snapshot now holds: θ and every state tensor (at least what any earlier one
+        of the interval holds: state only appears as steps go on)."""
+        tensors = [*self.params, *(v for entry in self.optimizer.state.values()
+                                   for v in entry.values() if isinstance(v, torch.Tensor))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @cached_property
+    def _chunk_steps(self) -> int:
+        """Steps per stored chunk: gradients are read, and snapshots kept, that many at once."""
+        return int(self.run.meta.get("steps_per_chunk") or 1)
 
     def advance(self) -> None:
         """One optimizer step from θ_position with the recorded gradient and settings, then
@@ -264,7 +260,7 @@ class Replay:
     def _grads_of(self, s: int) -> dict[str, torch.Tensor]:
         """Step s's consumed gradients, read a chunk of steps at a time."""
         if self._grads is None or not self._grads[0] <= s < self._grads[1]:
-            depth = int(self.run.meta.get("steps_per_chunk") or 1)
+            depth = self._chunk_steps
             first = s - s % depth
             stop = min(self.run.n_steps, first + depth)
             self._grads = (first, stop, {n: self.run.grads(n, first, stop)
@@ -320,18 +316,21 @@ class Replay:
 SNAPSHOT_BUDGET_BYTES = 256 << 20  # θ and optimizer state kept inside one interval (seek)
 
 
-@dataclass
-class _Snapshot:
-    """θ (per parameter) and each parameter's optimizer state at one step."""
+Snapshot = tuple[list[torch.Tensor], dict]  # parameter values, optimizer state_dict
 
-    theta: list[torch.Tensor]
-    state: dict[int, dict]
 
-    @property
-    def nbytes(self) -> int:
-        tensors = [*self.theta, *(v for entry in self.state.values() for v in entry.values()
-                                  if isinstance(v, torch.Tensor))]
-        return sum(t.numel() * t.element_size() for t in tensors)
+def snapshot(params, optimizer) -> Snapshot:
+    """A copy of a replay's state: parameter values and the optimizer's state."""
+    return [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+
+
+def restore(params, optimizer, saved: Snapshot) -> None:
+    """Put a snapshot back (into these or other parameters of the same layout)."""
+    values, state = saved
+    with torch.no_grad():
+        for p, value in zip(params, values):
+            p.copy_(value)
+    optimizer.load_state_dict(copy.deepcopy(state))
 
 
 def _scalar_dtype() -> torch.dtype:

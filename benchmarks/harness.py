@@ -5,7 +5,10 @@ plain and recorded blocks of steps alternate (noise and drift hit both alike); t
 includes `close()`, so the background writer's backlog is paid for. `fixed_s` is what a run
 pays once (the first recorded step beyond a plain one: creating the arrays; and `close()`:
 draining the writer, trimming the arrays), `steady_ratio` the ratio with it taken out: what a
-run of many more steps than the block's pays per step. A script defines SETTINGS
+run of many more steps than the block's pays per step. The first Recorder of a process pins
+glibc's heap thresholds (recorder/allocator.py), which can speed up a plain loop too; the harness
+pins them before anything runs, so every plain block runs as fast as it can and the ratios
+never credit the recorder with that. A script defines SETTINGS
 (name → Recorder keyword arguments) and calls `main(__doc__, SETTINGS)`.
 """
 
@@ -29,6 +32,9 @@ import torch
 
 import attrib
 from attrib.cli.render import aligned, human_bytes
+from attrib.recorder.allocator import pin_heap_thresholds
+
+pin_heap_thresholds()  # see the module docstring
 
 
 @dataclass

@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from attrib.analyzer.run import Run
-from attrib.recorder import distributed, factors, lifecycle, residuals
+from attrib.recorder import allocator, distributed, factors, lifecycle, residuals
 from attrib.recorder import optimizers as optim_info
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
@@ -204,6 +204,7 @@ class Recorder:
             raise ValueError(f"buffers must be ≥ 1 (block buffers held in memory), got {buffers}")
         if backpressure not in BACKPRESSURE:
             raise ValueError(f"backpressure={backpressure!r}: choose one of {BACKPRESSURE}")
+        allocator.pin_heap_thresholds()
         model, self.ranks = distributed.unwrap(model)
         self._primary = self.ranks is None or self.ranks.primary
         self.path = Path(path)

@@ -19,8 +19,7 @@ import torch
 from harness import WORKLOADS, print_table, run_block
 
 from attrib.recorder.direct_io import aligned_zeros, write_file
-from attrib.recorder.recorder import BLOCK_TARGET_BYTES, MAX_STEPS_PER_CHUNK
-from attrib.recorder.store import RunStore
+from attrib.recorder.store import RunStore, block_steps
 
 
 class BareWriter:
@@ -43,7 +42,7 @@ class BareWriter:
         params = [p.detach() for p in model.parameters()]
         if not self.depth:
             per_step = sum(p.numel() * p.element_size() for p in params)
-            self.depth = max(1, min(MAX_STEPS_PER_CHUNK, BLOCK_TARGET_BYTES // per_step))
+            self.depth = block_steps(per_step)
             for _ in range(2):
                 self.free.put([aligned_zeros((self.depth, *p.shape), p.dtype) for p in params])
         if not self.rows:

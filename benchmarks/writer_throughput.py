@@ -29,8 +29,7 @@ from attrib.analyzer.guarded_store import chunk_files
 from attrib.cli.render import aligned
 from attrib.recorder import direct_io
 from attrib.recorder.direct_io import aligned_zeros
-from attrib.recorder.recorder import BLOCK_TARGET_BYTES, MAX_STEPS_PER_CHUNK
-from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore
+from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore, block_steps
 
 CODECS = {"zstd-3-bitshuffle": Codec(),
           "zstd-3-bitshuffle, no crc32c": Codec(checksum=False),
@@ -49,8 +48,7 @@ BUFFERED = "none (crc32c), page cache"  # the default codec written buffered, fo
 def measure(workload: str, name: str, codec: Codec, blocks: int = 6):
     shapes = {n: tuple(p.shape) for n, p in WORKLOADS[workload].model().named_parameters()}
     specs = [ArraySpec(f"grads/{n}", s, "float32") for n, s in shapes.items()]
-    depth = max(1, min(MAX_STEPS_PER_CHUNK, BLOCK_TARGET_BYTES // sum(s.step_bytes
-                                                                      for s in specs)))
+    depth = block_steps(sum(s.step_bytes for s in specs))
     rng = np.random.default_rng(0)
     values = {s.path: aligned_zeros((depth, *s.step_shape), torch.float32).numpy()
               for s in specs}  # aligned as the recorder's block buffers are

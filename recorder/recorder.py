@@ -31,7 +31,15 @@ from attrib.recorder.policies import Policy, TensorCapture, TopK, default_polici
 from attrib.recorder.resume import ResumePoint, prepare, still_recording
 from attrib.recorder.rng import RngCapture, stochastic_modules
 from attrib.recorder.shifts import ShiftInput, top_shifts
-from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore, now_iso, remove_run
+from attrib.recorder.store import (
+    ArraySpec,
+    Codec,
+    Codecs,
+    RunStore,
+    block_steps,
+    now_iso,
+    remove_run,
+)
 from attrib.recorder.tokens import TokenBatch, token_batch, vocabulary_array, vocabulary_table
 from attrib.recorder.writer import BackgroundWriter, Block, RecordingError, StepRecord
 from attrib.schemas import format as fmt
@@ -42,8 +50,6 @@ from attrib.schemas.format import FormatError
 RESIDUAL_FLOOR = 1e-5  # see _store_examples
 RESIDUAL_WARN = 1e-3  # a residual norm above this is a use the capture missed (float32 sums
 # of many examples round to ~1e-6; see residual_warning for half precision)
-BLOCK_TARGET_BYTES = 64 << 20  # uncompressed bytes per committed block
-MAX_STEPS_PER_CHUNK = 64
 BLOCK_BUFFERS = 3  # one being filled, up to two being written: bounds host memory
 DEFAULT_STAGE = "default"
 # When every block buffer is being written: training waits (nothing is lost), or the next
@@ -415,8 +421,7 @@ class Recorder:
         world = self.ranks.world if self.ranks is not None else 1
         specs = self._array_specs(examples * world)
         per_step = sum(a.step_bytes for a in specs)
-        depth = self._steps_per_chunk or max(1, min(MAX_STEPS_PER_CHUNK,
-                                                    BLOCK_TARGET_BYTES // per_step))
+        depth = self._steps_per_chunk or block_steps(per_step)
         store = self._writer.store
         meta = {"steps_per_chunk": depth, "examples_per_step": examples * world,
                 "capture": self._capture_meta()}

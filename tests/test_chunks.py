@@ -1,6 +1,7 @@
 """The recorder writes whole Zarr chunks itself and the analyzer decodes them itself: plain
 zarr must read them back exactly, and the analyzer's reader must equal zarr's on any rows, for
-every codec attrib writes, uneven edge chunks and a short last block."""
+every codec attrib writes, uneven edge chunks and a short last block; blocks of steps are sized
+so that large arrays get chunks deeper than one step."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import zarr
 
 from attrib.analyzer.guarded_store import GuardedStore, chunk_files
 from attrib.recorder import store as store_module
-from attrib.recorder.store import ArraySpec, Codec, Codecs, RunStore
+from attrib.recorder.store import (
+    BLOCK_TARGET_BYTES,
+    MAX_STEPS_PER_CHUNK,
+    ArraySpec,
+    Codec,
+    Codecs,
+    RunStore,
+    block_steps,
+    chunk_shape,
+)
 from attrib.schemas.chunk_layout import PlainLayout
 
 CODECS = [Codec(), Codec(checksum=False), Codec("lz4", 1, "noshuffle"), Codec("none"),
@@ -143,3 +153,19 @@ def test_a_cut_removes_what_a_killed_zarr_write_left(tmp_path):
     store.manifest["committed_steps"] = 2
     store.trim()
     assert sorted(f.name for f in folder.iterdir()) == ["c.0", "zarr.json"]
+
+
+@pytest.mark.parametrize("step_bytes", [1, 1000, 700_000, 1 << 20, 2_350_000, 8_700_000,
+                                        30 << 20, 100 << 20])
+def test_blocks_have_a_count_of_steps_whose_divisors_fit_large_arrays(step_bytes):
+    depth = block_steps(step_bytes)
+    limit = max(1, min(MAX_STEPS_PER_CHUNK, BLOCK_TARGET_BYTES // step_bytes))
+    assert 1 <= depth <= limit and depth > limit // 2  # at most half the budget given up
+    odd = depth
+    while odd % 2 == 0:
+        odd //= 2
+    assert odd in (1, 3)  # 2^k or 3·2^k: never a prime like 29
+    # the MLP's 784 × 256 weight gradient (784 KiB a step) then takes chunks ≥ 2 steps deep
+    # whenever the block has more than 4 steps (a prime block of 29 had given it 1-step chunks)
+    if depth > 4:
+        assert chunk_shape((784, 256), 4, depth)[0] >= 2

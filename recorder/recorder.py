@@ -26,6 +26,7 @@ import torch
 from attrib.analyzer.run import Run
 from attrib.recorder import allocator, distributed, factors, lifecycle, residuals
 from attrib.recorder import optimizers as optim_info
+from attrib.recorder import per_example as pe
 from attrib.recorder.capture import ExampleCapture, StepData, scatter_rows
 from attrib.recorder.policies import Policy, TensorCapture, TopK, default_policies, resolve
 from attrib.recorder.resume import ResumePoint, prepare, still_recording
@@ -1039,8 +1040,8 @@ class Recorder:
                 continue
             check = capture.check  # Σ_i R c_i against R G (see TensorCapture)
             checked.append(p.index)
-            befores.append(g.detach() if check is None else projection.project(
-                g.detach()[None], tuple(g.shape), check.kind, check.k, check.seed, p.name)[0])
+            befores.append(g.detach() if check is None else pe.project_tensor(
+                g.detach(), check.kind, check.k, check.seed, p.name))
             sums.append(data.sums.get(p.index))
         # relative to the tensor's gradient, or to RESIDUAL_FLOOR of the whole step's when the
         # tensor's is smaller: a gradient that is zero in exact arithmetic (attention's key

@@ -267,17 +267,25 @@ def measure_peer(work: Workload, setting: str, settings: dict, steps: int,
             "note": "peer: per-example gradients in memory, nothing stored"}
 
 
-def measure_here(work: Workload, setting: str, settings: dict, steps: int, repeats: int) -> dict:
+def measure_here(work: Workload, setting: str, settings: dict, steps: int, repeats: int,
+                 versus: tuple[str, dict] | None = None) -> dict:
+    """One row; with `versus` (a setting's name and keywords), blocks recorded that way
+    alternate with the plain and recorded ones in this process, and `vs_ms`, `vs_ratio`
+    compare the two recordings directly."""
     if "peer" in settings:
         return measure_peer(work, setting, settings, steps, repeats)
     row = {"workload": work.name, "recording": setting}
     plain, recorded, writer, fixed = [run_block(work, steps, None, None)], [], [], []
+    reference: list[float] = []
     baseline_rss = _peak_rss_mib()
     info: dict = {}
     try:
         for r in range(repeats):
             if r:
                 plain.append(run_block(work, steps, None, None))
+            if versus is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    reference.append(run_block(work, steps, versus[1], f"{tmp}/run"))
             with tempfile.TemporaryDirectory() as tmp:
                 parts: dict[str, float] = {}
                 recorded.append(run_block(work, steps, settings, f"{tmp}/run", parts=parts))
@@ -302,6 +310,8 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
         "writer_ms": round(write * 1e3, 2),
         "floor_ratio": round((off + write) / off, 2),
         "extra_peak_rss": f"{_peak_rss_mib() - baseline_rss:.0f} MiB",
+        **({"versus": versus[0], "vs_ms": round(statistics.median(reference) * 1e3, 2),
+            "vs_ratio": round(on / statistics.median(reference), 2)} if versus else {}),
     }
 
 
@@ -334,22 +344,32 @@ def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None
                         help="measure only these settings (repeatable; default: all)")
     parser.add_argument("--workload", action="append", choices=list(workloads or WORKLOADS),
                         help="measure only these workloads (repeatable; default: all)")
+    parser.add_argument("--versus", choices=list(settings),
+                        help="also record each block this way, interleaved in the same "
+                             "process, and report on_ms against it (vs_ratio)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats per row (default 2)")
     args = parser.parse_args()
-    repeats = 1 if args.quick else 2
+    repeats = 1 if args.quick else args.repeats or 2
     if args.one:
         work = WORKLOADS[args.one[0]]
         count = 4 if args.quick else args.steps or work.steps
-        print(json.dumps(measure_here(work, args.one[1], settings[args.one[1]], count, repeats)))
+        versus = (args.versus, settings[args.versus]) if args.versus else None
+        print(json.dumps(measure_here(work, args.one[1], settings[args.one[1]], count, repeats,
+                                      versus)))
         return
     rows = []
     for name in args.workload or workloads or list(WORKLOADS):
         for setting in args.setting or settings:
             count = args.steps or (steps or {}).get(name)
             rows.append(run_isolated(name, setting, *(["--quick"] if args.quick else []),
-                                     *(["--steps", str(count)] if count else [])))
+                                     *(["--steps", str(count)] if count else []),
+                                     *(["--versus", args.versus] if args.versus else []),
+                                     *(["--repeats", str(repeats)] if args.repeats else [])))
     print(f"# {os.path.basename(sys.argv[0])}: {time.strftime('%Y-%m-%d')}, {platform.node()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
-          f"{torch.__version__}; {repeats} interleaved repeats per row, AdamW + clipping")
+          f"{torch.__version__}; {repeats} interleaved repeats per row, AdamW + clipping"
+          + (f"; vs_ratio: on_ms against {args.versus!r} blocks interleaved in the same process"
+             if args.versus else ""))
     columns = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
                      if k in rows[0] else len(rows[0]))
     print(aligned(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]),

@@ -14,8 +14,9 @@ the top, which is then over the threshold, and glibc returns several MiB every s
 
 Pinning the thresholds at the values the adaptive rule itself reaches on large models
 (M_MMAP_THRESHOLD at its 32 MiB ceiling, M_TRIM_THRESHOLD at twice that) ends it: ~0 faults
-per steady step, and the GPT's recorded step 1.63x -> 1.30x the plain one with Project(1024,
-kron). The cost: a process keeps up to 64 MiB of freed heap instead of returning it. Done once
+per steady step, system time halved (the GPT's recorded step with Project(1024, kron): a median
+1.53x the plain one against 1.64x unpinned, three alternated runs each, within the VM's noise).
+The cost: a process keeps up to 64 MiB of freed heap instead of returning it. Done once
 per process, on glibc only, and not where the user tuned malloc through its environment
 variables or set ATTRIB_TUNE_MALLOC=0.
 """

@@ -270,8 +270,9 @@ def measure_peer(work: Workload, setting: str, settings: dict, steps: int,
 def measure_here(work: Workload, setting: str, settings: dict, steps: int, repeats: int,
                  versus: tuple[str, dict] | None = None) -> dict:
     """One row; with `versus` (a setting's name and keywords), blocks recorded that way
-    alternate with the plain and recorded ones in this process, and `vs_ms`, `vs_ratio`
-    compare the two recordings directly."""
+    alternate with the plain and recorded ones in this process (before the recorded block on
+    even repeats, after it on odd ones), and `vs_ms`, `vs_ratio` compare the two recordings
+    directly; `extra_peak_rss` is then the larger of the two recordings' peaks."""
     if "peer" in settings:
         return measure_peer(work, setting, settings, steps, repeats)
     row = {"workload": work.name, "recording": setting}
@@ -283,9 +284,8 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
         for r in range(repeats):
             if r:
                 plain.append(run_block(work, steps, None, None))
-            if versus is not None:
-                with tempfile.TemporaryDirectory() as tmp:
-                    reference.append(run_block(work, steps, versus[1], f"{tmp}/run"))
+            if versus is not None and r % 2 == 0:  # alternate which of the two goes first
+                reference.append(_recorded_block(work, steps, versus[1]))
             with tempfile.TemporaryDirectory() as tmp:
                 parts: dict[str, float] = {}
                 recorded.append(run_block(work, steps, settings, f"{tmp}/run", parts=parts))
@@ -293,6 +293,8 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
                 run = attrib.open_run(f"{tmp}/run")
                 info = run.info()
                 writer.append(sum(run.steps.column("write_seconds").to_pylist()) / steps)
+            if versus is not None and r % 2 == 1:
+                reference.append(_recorded_block(work, steps, versus[1]))
     except ValueError as e:  # a setting the recorder refuses for this model (with the reason)
         return {**row, "note": str(e).split(";")[0]}
     off, on, write, once = (statistics.median(v) for v in (plain, recorded, writer, fixed))
@@ -313,6 +315,11 @@ def measure_here(work: Workload, setting: str, settings: dict, steps: int, repea
         **({"versus": versus[0], "vs_ms": round(statistics.median(reference) * 1e3, 2),
             "vs_ratio": round(on / statistics.median(reference), 2)} if versus else {}),
     }
+
+
+def _recorded_block(work: Workload, steps: int, settings: dict) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_block(work, steps, settings, f"{tmp}/run")
 
 
 def print_table(description: str, rows: list[dict], max_rows: int = 100) -> None:
@@ -349,6 +356,8 @@ def main(doc: str, settings: dict[str, dict], workloads: list[str] | None = None
                              "process, and report on_ms against it (vs_ratio)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per row (default 2)")
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     repeats = 1 if args.quick else args.repeats or 2
     if args.one:
         work = WORKLOADS[args.one[0]]

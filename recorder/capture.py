@@ -50,6 +50,8 @@ class StepData:
     factors: dict[int, list[tuple[int, pe.Outer]]] = field(default_factory=dict)  # Factored
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # Σ_i c_i per parameter
     seconds: float = 0.0  # time spent computing contributions during backward
+    checked: bool = True  # whether this step's Σ_i c_i = G is checked (Recorder(check_every))
+    reached: set[int] = field(default_factory=set)  # parameters some call gave rows to
 
 
 def assign_modules(model: nn.Module, names: list[str], captures: list[TensorCapture],
@@ -156,6 +158,7 @@ class ExampleCapture:
         for handle in self._handles:
             handle.remove()
         self.coupling.remove()
+        pe.release_factors()
 
     def _note_model_input(self, module, args, kwargs) -> None:
         """The leading sizes of the model call's first tensor input: a call on the declared
@@ -177,9 +180,10 @@ class ExampleCapture:
         self._offset = self._data.rows
         self._data.rows += n
 
-    def end_step(self) -> StepData:
-        """Hand over this step's data and start collecting the next step's."""
-        data, self._data = self._data, StepData(rows=0)
+    def end_step(self, check_next: bool = True) -> StepData:
+        """Hand over this step's data and start collecting the next step's (whose sums Σ_i c_i
+        are computed only when `check_next`)."""
+        data, self._data = self._data, StepData(rows=0, checked=check_next)
         self._batch = None
         self.coupling.active = False
         return data
@@ -189,7 +193,7 @@ class ExampleCapture:
         data influence would silently become residual), or None when nothing is missing."""
         failed = {i for g in self.groups if g.failed for i in g.params.values()}
         missing = [self.names[i] for i, (capture, on) in enumerate(zip(self.captures, active))
-                   if on and capture.any and i not in data.sums and i not in failed
+                   if on and capture.any and i not in data.reached and i not in failed
                    and i not in self.unsupported]
         mismatch, self._mismatch = self._mismatch, None
         lost, self._lost = self._lost, None
@@ -353,12 +357,26 @@ class ExampleCapture:
         """One call's contributions to tensor `index` into the step's data, as its capture
         says (factors.settle calls it again for a tensor its first step moved off Factored)."""
         capture = self.captures[index]
+        data.reached.add(index)
         projected = None
         if capture.project is not None:
             p = capture.project
             projected = pe.project(c, self.shapes[index], p.kind, p.k, p.seed, self.names[index])
             data.projected.setdefault(index, []).append((offset, projected.float()))
-        check = capture.check
+        if data.checked:
+            self._add_sum(index, c, projected, data)
+        if capture.full is not None:
+            data.full.setdefault(index, []).append(
+                (offset, c.dense().to(getattr(torch, capture.full_dtype))))
+        if capture.factored is not None:  # an Outer (see factorable()), kept exact until the
+            data.factors.setdefault(index, []).append((offset, c))  # step's end (factors.py)
+        if capture.topk is not None:  # densified chunk by chunk at the step (recorder/shifts.py)
+            data.topk.setdefault(index, []).append((offset, c))
+
+    def _add_sum(self, index: int, c: pe.PerExample, projected: torch.Tensor | None,
+                 data: StepData) -> None:
+        """Add the call's Σ_i c_i, on the tensor's check projection, to the step's sum."""
+        capture, check = self.captures[index], self.captures[index].check
         if check is None:
             total = c.total()
         elif check is capture.project:
@@ -367,13 +385,6 @@ class ExampleCapture:
             total = pe.project_sum(c, c.shape, check.kind, check.k, check.seed,  # c.shape: a
                                    self.names[index])  # resized weight fails at the step
         data.sums[index] = data.sums[index] + total if index in data.sums else total
-        if capture.full is not None:
-            data.full.setdefault(index, []).append(
-                (offset, c.dense().to(getattr(torch, capture.full_dtype))))
-        if capture.factored is not None:  # an Outer (see factorable()), kept exact until the
-            data.factors.setdefault(index, []).append((offset, c))  # step's end (factors.py)
-        if capture.topk is not None:  # densified chunk by chunk at the step (recorder/shifts.py)
-            data.topk.setdefault(index, []).append((offset, c))
 
 
 def declared_shared(groups: list[ModuleGroup], patterns: Sequence[str]) -> frozenset[str]:

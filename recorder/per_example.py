@@ -179,6 +179,11 @@ def _kron_factors(shape: tuple[int, ...], kind: str, k: int, seed: int, name: st
     return _kron_factors_on(shape, kind, k, seed, name, like.device, like.dtype)
 
 
+def release_factors() -> None:
+    """Drop the cached factors (a recording's close: on a GPU they hold device memory)."""
+    _kron_factors_on.cache_clear()
+
+
 @lru_cache(maxsize=1024)
 def _kron_factors_on(shape: tuple[int, ...], kind: str, k: int, seed: int, name: str,
                      device: torch.device, dtype: torch.dtype

@@ -56,8 +56,10 @@ def test_pinned_thresholds_stop_the_heap_from_faulting_every_step():
     assert pinned["faults_per_step"] < unpinned["faults_per_step"] / 10
 
 
-@pytest.mark.parametrize("setting", ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"])
+@pytest.mark.parametrize("setting", [("MALLOC_TRIM_THRESHOLD_", "1048576"),
+                                     ("MALLOC_MMAP_THRESHOLD_", "1048576"),
+                                     ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")])
 def test_a_user_who_tuned_malloc_keeps_their_settings(monkeypatch, setting):
     monkeypatch.setattr(allocator, "_done", False)
-    monkeypatch.setenv(setting, "1048576")
+    monkeypatch.setenv(*setting)
     assert not allocator.pin_heap_thresholds()

@@ -3,6 +3,8 @@ unless strict=True, and the run says what happened."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -408,3 +410,52 @@ def test_capture_without_examples_at_the_first_step_names_the_fix(run_dir):
     assert attrib.open_run(run_dir).status != "complete"
     with pytest.raises(RecordingError, match=fix):
         train(run_dir.parent / "strict", strict=True)
+
+
+class _LeaksFromStep(torch.nn.Module):
+    """An MLP whose output layer is also used in plain code (outside its module's forward)
+    from the step `leak_from` on."""
+
+    def __init__(self, leak_from: int) -> None:
+        super().__init__()
+        self.body, self.leak_from, self.step = mlp(), leak_from, 0
+
+    def forward(self, x):
+        out = self.body(x)
+        if self.step >= self.leak_from:
+            out = out + 0.1 * (x[:, :3] @ self.body[0].weight[:3, :3].T)
+        return out
+
+
+def test_the_check_runs_every_step_first_then_every_check_every_th(run_dir):
+    """Σ_i c_i = G is checked on each of the first 16 steps and every check_every-th after
+    (residual_norm NaN between); a use the hooks miss that starts on an unchecked step is
+    said at the next checked one, and check_every=1 checks every step."""
+    def record(path, check_every, leak_from):
+        model = _LeaksFromStep(leak_from)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        inputs, labels = data()
+        with warnings.catch_warnings(record=True) as said, \
+                attrib.Recorder(path, model, opt, capture=attrib.Full(),
+                                check_every=check_every) as rec:
+            warnings.simplefilter("always")
+            for step in range(40):
+                model.step = step
+                rec.examples(torch.arange(16))
+                torch.nn.functional.cross_entropy(model(inputs[:16]), labels[:16]).backward()
+                opt.step()
+                opt.zero_grad()
+        return attrib.open_run(path).residual_norms(), [str(w.message) for w in said]
+
+    norms, said = record(run_dir / "sampled", 10, leak_from=22)
+    checked = [s for s in range(40) if not np.isnan(norms[s]).all()]
+    assert checked == [*range(16), 20, 30]
+    assert np.nanmax(norms[:21]) < 1e-5 and norms[30, 0] > 1e-3  # 0.weight leaks from 22 on
+    assert any("step 30: the per-example rows of ['body.0.weight'] explain only part" in m
+               for m in said)
+    every, said = record(run_dir / "every", 1, leak_from=22)
+    assert not np.isnan(every).any() and every[22, 0] > 1e-3
+    assert any("step 22: the per-example rows of ['body.0.weight']" in m for m in said)
+    with pytest.raises(ValueError, match="check_every must be ≥ 1"):
+        attrib.Recorder(run_dir / "bad", mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1),
+                        check_every=0)

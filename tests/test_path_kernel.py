@@ -505,7 +505,7 @@ def test_completeness_on_a_gru(run_dir, monkeypatch):
     tokens = torch.randint(0, 12, (128, 6), generator=g)
     train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), steps=30, inputs=tokens,
           labels=tokens[:, 0] % 3, clip=0.5, batch=8, capture=attrib.Full(dtype="float64"),
-          strict=True)
+          strict=True, check_every=1)
     assert float(attrib.open_run(run_dir).residual_norms().max()) < 1e-10  # GRU rows exact
     test_tokens = torch.randint(0, 12, (3, 6), generator=g)
     run = attrib.open_run(run_dir)

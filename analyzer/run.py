@@ -634,7 +634,8 @@ class Run:
                      for group in (fmt.FACTOR_LEFT, fmt.FACTOR_RIGHT))
 
     def residual_norms(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """‖G_s − Σ_i c_{s,i}‖ / ‖G_s‖ per (step, parameter); NaN where nothing is captured."""
+        """‖G_s − Σ_i c_{s,i}‖ / ‖G_s‖ per (step, parameter); NaN where nothing is captured
+        or the recorder did not check the step (Recorder(check_every=...))."""
         return self._steps_of(fmt.RESIDUAL_NORM, start, stop)
 
     def checkpoint(self, index: int) -> dict[str, torch.Tensor]:

@@ -72,7 +72,7 @@ def _per_example(capture: dict[str, Any]) -> str:
     text = "; ".join(f"{label} on {n} tensor{'s' if n > 1 else ''}"
                      for label, n in capture["policies"].items())
     if capture["residual_max"] is not None:
-        text += f"; max residual ‖G − Σc‖/‖G‖ {capture['residual_max']:.1e}"
+        text += f"; max residual ‖G − Σc‖/‖G‖ {capture['residual_max']:.1e} (checked steps)"
     if capture["residual_params"]:
         text += f"; not separable (residual): {', '.join(capture['residual_params'])}"
     if capture["shift_rows"]:

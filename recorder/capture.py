@@ -180,6 +180,10 @@ class ExampleCapture:
         self._offset = self._data.rows
         self._data.rows += n
 
+    def expect_step(self, checked: bool) -> None:
+        """Collect the first step after attaching or resuming afresh, checked or not."""
+        self._data = StepData(rows=0, checked=checked)
+
     def end_step(self, check_next: bool = True) -> StepData:
         """Hand over this step's data and start collecting the next step's (whose sums Σ_i c_i
         are computed only when `check_next`)."""

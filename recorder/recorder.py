@@ -177,8 +177,11 @@ class Recorder:
 
     `check_every`: the per-example rows are checked against the consumed gradient
     (Σ_i c_i = G, or its projection) on every step of the first CHECK_EVERY and then every
-    `check_every`-th; 1 checks every step. The check only warns (and fills residual_norm);
-    the analyses' residual term is exact on every step either way.
+    `check_every`-th (default CHECK_EVERY; with strict=True, 1: every step). A gap warns, or
+    raises under strict=True, and fills residual_norm; a missed use that happens only on some
+    steps can go unseen between checks. Steps whose rows are missing altogether (no
+    rec.examples(), a failed module, too few factor slots) read 1 on every step. The analyses'
+    residual term is exact on every step either way.
 
     `resume=True` continues the run in `path` at its last committed step, after the training
     script restored its own checkpoint; `resume=STEP` continues from an earlier step and
@@ -203,7 +206,7 @@ class Recorder:
         capture: Policy | list[Policy] | bool | None = None,
         shared: str | Sequence[str] = (),
         examples_per_step: int | None = None,
-        check_every: int = CHECK_EVERY,
+        check_every: int | None = None,
         strict: bool = False,
         rng: bool | None = None,
         vocabulary: Sequence[str] | dict[int, str] | None = None,
@@ -219,8 +222,9 @@ class Recorder:
                              f"{steps_per_chunk}")
         if buffers < 1:
             raise ValueError(f"buffers must be ≥ 1 (block buffers held in memory), got {buffers}")
-        if check_every < 1:
-            raise ValueError(f"check_every must be ≥ 1 (1 checks every step), got {check_every}")
+        if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
+            raise ValueError(f"check_every must be an integer ≥ 1 (1 checks every step), got "
+                             f"{check_every!r}")
         if backpressure not in BACKPRESSURE:
             raise ValueError(f"backpressure={backpressure!r}: choose one of {BACKPRESSURE}")
         allocator.pin_heap_thresholds()
@@ -242,7 +246,8 @@ class Recorder:
         self.captures = self._resolve_capture(capture)
         self._steps_per_chunk = steps_per_chunk
         self._examples_per_step = examples_per_step
-        self.check_every = check_every
+        # strict refuses a missed use wherever it happens: it checks every step by default
+        self.check_every = check_every or (1 if strict else CHECK_EVERY)
         self._buffers = buffers
         self._on_gpu = any(p.param.is_cuda for p in self.params)
         self._stochastic = stochastic_modules(model)
@@ -304,6 +309,8 @@ class Recorder:
                 self._continue(point)
             else:
                 self._checkpoint_now()
+            if self._capture is not None:  # the first step follows the check schedule too
+                self._capture.expect_step(self._checks(self.step))
             self._handles = [
                 optimizer.register_step_pre_hook(self._pre_step),
                 optimizer.register_step_post_hook(self._post_step),
@@ -568,6 +575,7 @@ class Recorder:
                            else [p.name for p in self.params if self._recorded[p.index]]),
             "grad_dtype": self.grad_dtype,
             "checkpoint_every": self.checkpoint_every,
+            "check_every": self.check_every,
             "steps_per_chunk": None,  # set at the first step
             "examples_per_step": None,
             "every_chunk_stored": True,  # array_docs.writable: all-fill chunks are written too
@@ -1047,9 +1055,11 @@ class Recorder:
             if (capture.tokens is not None and not self._block.lean
                     and not self._store_factors(p, capture.tokens, data, rows)):
                 short.add(p.index)
-            # (a run's first step is collected before _checks is asked: ranks excluded here too)
-            unchecked = not capture.any or not data.checked or self.ranks is not None
-            initial.append(math.nan if unchecked else 0.0)
+            unchecked = not capture.any or not data.checked
+            # rows missing altogether read 1 checked or not: no sums needed to know that
+            lost = (capture.any and self.ranks is None and g is not None
+                    and (p.index not in data.reached or p.index in short))
+            initial.append(1.0 if lost and unchecked else math.nan if unchecked else 0.0)
             if unchecked or g is None:
                 continue
             check = capture.check  # Σ_i R c_i against R G (see TensorCapture)

@@ -456,6 +456,39 @@ def test_the_check_runs_every_step_first_then_every_check_every_th(run_dir):
     every, said = record(run_dir / "every", 1, leak_from=22)
     assert not np.isnan(every).any() and every[22, 0] > 1e-3
     assert any("step 22: the per-example rows of ['body.0.weight']" in m for m in said)
-    with pytest.raises(ValueError, match="check_every must be ≥ 1"):
+    with pytest.raises(ValueError, match="check_every must be an integer ≥ 1"):
         attrib.Recorder(run_dir / "bad", mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1),
                         check_every=0)
+
+
+def test_strict_checks_every_step_and_lost_rows_read_one_on_unchecked_steps(run_dir):
+    """strict=True checks every step unless told otherwise, so a use the hooks miss on one late
+    step raises there; without strict, a step whose rows are missing altogether (no
+    rec.examples() before its backward) reads 1 in residual_norm even when unchecked."""
+    model = _LeaksFromStep(leak_from=10**9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    inputs, labels = data()
+    with pytest.raises(attrib.RecordingError, match=r"step 19: the per-example rows of "
+                                                    r"\['body.0.weight'\] explain only part"), \
+            attrib.Recorder(run_dir / "strict", model, opt, capture=attrib.Full(),
+                            strict=True) as rec:
+        for step in range(20):
+            model.step, model.leak_from = step, (19 if step == 19 else 10**9)  # one late step
+            rec.examples(torch.arange(16))
+            torch.nn.functional.cross_entropy(model(inputs[:16]), labels[:16]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = _LeaksFromStep(leak_from=10**9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match="without rec.examples"), \
+            attrib.Recorder(run_dir / "lost", model, opt, capture=attrib.Full()) as rec:
+        for step in range(24):
+            if step != 20:  # step 20 (unchecked: not < 16, not a multiple of 16) loses its rows
+                rec.examples(torch.arange(16))
+            torch.nn.functional.cross_entropy(model(inputs[:16]), labels[:16]).backward()
+            opt.step()
+            opt.zero_grad()
+    norms = attrib.open_run(run_dir / "lost").residual_norms()
+    assert (norms[20] == 1).all() and np.isnan(norms[[17, 21]]).all()
+    assert attrib.open_run(run_dir / "lost").meta["check_every"] == 16

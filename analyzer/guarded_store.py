@@ -174,14 +174,13 @@ class GuardedStore(LocalStore):
         size past the 16-byte header, before it checks anything else. A truncated frame whose
         header was kept would otherwise decode from memory past the file's bytes."""
         frame = data[:-CHECKSUM_BYTES] if layout.checksum else data
-        if len(frame) < BLOSC_OVERHEAD:
-            declared = stored = None
-        else:
+        whole = len(frame) >= BLOSC_OVERHEAD
+        if whole:
             declared = int.from_bytes(frame[4:8], "little")
             stored = int.from_bytes(frame[12:16], "little")
-        uncompressed = len(frame) >= BLOSC_OVERHEAD and frame[2] & BLOSC_MEMCPYED
-        if (declared != layout.raw_bytes or stored != len(frame)
-                or (uncompressed and declared + BLOSC_OVERHEAD != stored)):
+            whole = (declared == layout.raw_bytes and stored == len(frame)
+                     and (not frame[2] & BLOSC_MEMCPYED or declared + BLOSC_OVERHEAD == stored))
+        if not whole:
             raise fmt.FormatError(f"{path} is not a Blosc frame of one chunk ({layout.raw_bytes} "
                                   f"bytes) stored whole ({len(frame)} bytes here); the run is "
                                   "damaged or was edited")

@@ -176,17 +176,16 @@ class Replay:
             self.run.require_trajectory(f"θ at step {step}")
         while self.position < step:
             self.advance()
-            self._snapshot()
+            self._snapshot(start)
 
-    def _snapshot(self) -> None:
+    def _snapshot(self, start: int) -> None:
         """Keep θ and the optimizer state at chunk boundaries passed on the way to a seek's
-        step, within SNAPSHOT_BUDGET_BYTES: analyses that walk a run backwards (the path
-        kernel's blocks) seek to ever earlier steps of one checkpoint interval, and each
-        seek replayed from the interval's start (3.6 replayed steps per step on the demo)."""
+        step, within SNAPSHOT_BUDGET_BYTES, for the checkpoint interval starting at `start`:
+        analyses that walk a run backwards (the path kernel's blocks) seek to ever earlier
+        steps of one interval, and each seek replayed from the interval's start (3.6 replayed
+        steps per step on the demo)."""
         if self.position % self._chunk_steps or self.position in self.checkpoints:
             return
-        steps = self.run.checkpoint_steps  # sorted: the interval's start by bisection
-        start = steps[int(np.searchsorted(steps, self.position, side="right")) - 1]
         self._snapshots = {s: kept for s, kept in self._snapshots.items() if s >= start}
         if (len(self._snapshots) + 1) * self._snapshot_bytes() <= SNAPSHOT_BUDGET_BYTES:
             self._snapshots[self.position] = snapshot(self.params, self.optimizer)

@@ -160,13 +160,8 @@ def project_sum(c: PerExample, shape: tuple[int, ...], kind: str, k: int, seed: 
 def project_tensor(values: torch.Tensor, kind: str, k: int, seed: int, name: str
                    ) -> torch.Tensor:
     """(k,) projection R v of one tensor shaped as the parameter (the step's gradient, for
-    the check Σ_i R c_i = R G), with the factors project() uses."""
-    shape = tuple(values.shape)
-    factors = _kron_factors(shape, kind, k, seed, name, values)
-    if factors is None:
-        return projection.project(values[None], shape, kind, k, seed, name)[0]
-    r_l, r_r = factors
-    return (r_l @ values.reshape(r_l.shape[1], -1) @ r_r.T).reshape(-1)
+    the check Σ_i R c_i = R G): project() of it as a single row."""
+    return project(Dense(values[None]), tuple(values.shape), kind, k, seed, name)[0]
 
 
 def _values(c: PerExample) -> torch.Tensor:

@@ -8,8 +8,8 @@ clipping, the stage skipped) and applies the adjoint only from e + W on:
 
     Δf_S ≈ λ_{e+W} · (z^{−S}_{e+W} − z_{e+W}) + (Adam's step-count sources from e + W on)
 
-with z = (θ, buffers, Adam's v) before the step and z_{e+W} from a baseline replay that shares
-everything before the stage, so replay drift cancels as in "replay". W = 0 is linear response;
+with z = (θ, buffers, Adam's v) before the step and z_{e+W} from the baseline that shares
+everything before the stage (analyzer/baseline.py), as in "replay". W = 0 is linear response;
 W = N − e is replay (its exact f difference is used there, so for a stage that ends at the
 run's end every window, 0 included, gives replay's value). One adjoint sweep keeps λ at the
 candidate points of every stage; `window="auto"` doubles W (0, 1, 2, 4, …) until two successive
@@ -34,10 +34,11 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
+from attrib.analyzer.baseline import Baseline
 from attrib.analyzer.dynamics import Dynamics
 from attrib.analyzer.linear_response import Adjoint, AdjointSweep
 from attrib.analyzer.progress import progress_bar
-from attrib.analyzer.replay import clip_threshold, load_state, replay_step, state_norm
+from attrib.analyzer.retraining import clip_threshold, replay_step, state_norm
 from attrib.analyzer.run import Run
 from attrib.analyzer.stage_spec import Stage
 from attrib.analyzer.training import TrainingBatches
@@ -145,20 +146,16 @@ def _check_memory(adjoint: dict[str, torch.Tensor], points: int) -> None:
 
 
 class _Replays:
-    """A baseline replay that advances on demand and keeps its state at the points asked for,
-    and the skipped-stage replays that start from its state before each stage."""
+    """The baseline (analyzer/baseline.py), and the skipped-stage replays that start from its
+    state before each stage."""
 
     def __init__(self, run: Run, batches: TrainingBatches, threshold: float | None, first: int,
                  points: set[int]) -> None:
         self.run, self.batches, self.threshold = run, batches, threshold
         self.dynamics = Dynamics(run)
-        self.points, self.kept = points, {}
+        self.base = Baseline(run, batches, threshold, first, points)
         named = dict(batches.model.named_parameters())
-        self.base = [named[n].detach().clone().requires_grad_(True) for n in run.param_names]
-        self.base_optimizer = build_optimizer(run, self.base)
-        load_state(run, self.base_optimizer[0], self.base, first, batches.dtype)
-        self.position = first
-        self.skip = [p.detach().clone().requires_grad_(True) for p in self.base]
+        self.skip = [named[n].detach().clone().requires_grad_(True) for n in run.param_names]
         self.skip_optimizer = build_optimizer(run, self.skip)
         order = [id(p) for group in self.skip_optimizer[0].param_groups for p in group["params"]]
         # name → its index in the optimizer's state_dict (groups may reorder the tensors)
@@ -166,15 +163,7 @@ class _Replays:
 
     def baseline(self, t: int) -> Snapshot:
         """The baseline's state before step t (t one of `points`)."""
-        while self.position < t:
-            if self.position in self.points:
-                self.kept.setdefault(self.position, snapshot(self.base, self.base_optimizer[0]))
-            replay_step(self.run, self.batches, self.dynamics, self.base_optimizer, self.base,
-                        self.position, self.threshold)
-            self.position += 1
-        if t == self.position:
-            self.kept.setdefault(t, snapshot(self.base, self.base_optimizer[0]))
-        return self.kept[t]
+        return self.base.state(t)
 
     def _windows(self, stage: Stage, tried: list[int], bar):
         """(window, baseline state, skipped state) at each window of `tried`, replaying the

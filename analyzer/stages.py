@@ -80,9 +80,11 @@ def stage_report(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, t
                  max_grad_norm: float | str | None = "recorded",
                  dtype: torch.dtype = torch.float64, progress: bool = True,
                  window: int | str = "auto", window_tol: float = AUTO_TOL) -> StageReport:
-    """`stages()` with notes: replay drift (‖θ_N^{replay} − θ_N‖ / ‖θ_N − θ_start‖) and the
-    clipping threshold replay applied, gradient check of the rebuilt losses, and per stage the
-    hybrid's window and linearisation check (notes["hybrid"])."""
+    """`stages()` with notes: replay drift (‖θ_N^{baseline} − θ_N‖ / ‖θ_N − θ_start‖), the
+    baseline replay compared against ("recorded": the retraining retraced the recording bit for
+    bit over its first steps, so the recording stood in; "retrained"), the clipping threshold
+    replay applied, gradient check of the rebuilt losses, and per stage the hybrid's window and
+    linearisation check (notes["hybrid"])."""
     with torch.random.fork_rng(devices=[]):  # replayed generator states stay in here
         return _stage_report(run, model_fn, train_set, test_set, target, stages, method,
                              loss_fn, accumulation, max_grad_norm, dtype, progress, window,
@@ -144,6 +146,7 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
             effects = replayed.effects
             notes["replay_drift"], notes["max_grad_norm"] = replayed.drift, \
                 replayed.max_grad_norm
+            notes["baseline"] = replayed.baseline
         tables.append(effects_table(chosen, effects, name))
     return StageReport(pa.concat_tables(tables), notes)
 

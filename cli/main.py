@@ -370,8 +370,11 @@ def stages_command(run: str, model_ref: str, data_ref: str, train_ref: str,
     agreement = api.agreement(report.table) if "replay" in chosen and len(chosen) > 1 else None
     click.echo(render.stage_summary(report.table, agreement))
     if "replay_drift" in report.notes:
+        stood_in = report.notes.get("baseline") == "recorded"
         click.echo(f"\nreplay retraces the recording to {report.notes['replay_drift']:.1e} "
-                   "(‖θ_N replayed − θ_N recorded‖ / ‖θ_N − θ_start‖)")
+                   "(‖θ_N replayed − θ_N recorded‖ / ‖θ_N − θ_start‖)"
+                   + ("; bit for bit over its first steps, so the recording stood in for the "
+                      "rest of the baseline" if stood_in else ""))
     if plot:
         click.echo(f"chart: {stage_effects_chart(report.table, plot)}")
     click.echo(f"stored in {folder}; query it: attrib sql {run} "

@@ -146,6 +146,50 @@ def test_replay_equals_retraining_that_skips_the_stage(run_dir, optimizer):
                                    atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # skipped steps
+def test_the_recording_stands_in_for_the_baseline_only_where_retraining_retraces_it(
+        run_dir, monkeypatch):
+    """After a verification window (4 steps here), a retraining that retraced the recording
+    bit for bit hands over to the recorded trajectory: the same effects, bit for bit, as
+    retraining the whole baseline. A retraining that differs in the last bits (a loss scaled
+    by 1 + 1e-13) must not: it keeps retraining, and still matches brute force."""
+    from attrib.analyzer import baseline
+    from attrib.analyzer.stages import stage_report
+
+    inputs, labels = data()
+    inputs = inputs.double()
+    model = mlp(torch.float64)
+    train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), steps=24, inputs=inputs,
+          labels=labels, clip=None, batch=16, capture=False)
+    run = attrib.open_run(run_dir)
+    test = (inputs[200:210], labels[200:210])
+    stages = {"late": STAGES["late"], "early": STAGES["early"], "middle": STAGES["middle"]}
+
+    def effects(window: int, loss_fn=None):
+        monkeypatch.setattr(baseline, "VERIFY_STEPS", window)
+        report = stage_report(run, lambda: mlp(torch.float64), (inputs, labels), test,
+                              stages=stages, method="replay", loss_fn=loss_fn, progress=False)
+        return report.table.sort_by([("stage", "ascending"), ("test_id", "ascending")]), \
+            report.notes
+
+    handed_over, notes = effects(4)
+    assert notes["baseline"] == "recorded" and notes["replay_drift"] == 0
+    retrained, _ = effects(10**6)  # the window covers the run: every step retrained
+    np.testing.assert_array_equal(handed_over.column("effect").to_numpy(),
+                                  retrained.column("effect").to_numpy())
+
+    scaled, notes = effects(4, lambda out, y: torch.nn.functional.cross_entropy(out, y)
+                            * (1 + 1e-13))
+    assert notes["baseline"] == "retrained" and 0 < notes["replay_drift"] < 1e-9
+    f = lambda p: targets.evaluate(mlp(torch.float64), p, *test, "loss").detach().numpy()  # noqa: E731
+    full = f(brute_force(run_dir, None, "adamw"))
+    for name, steps in stages.items():
+        want = f(brute_force(run_dir, steps, "adamw")) - full
+        rows = scaled.filter(pc.field("stage") == name)
+        np.testing.assert_allclose(rows.column("effect").to_numpy(), want, rtol=1e-9,
+                                   atol=1e-12)
+
+
 def test_frozen_equals_torch_sgd_fed_the_recorded_gradients(run_dir):
     """Frozen-gradient estimator vs torch.optim.SGD (Nesterov, weight decay) fed every
     recorded gradient and LR except the stage's (before the stage it retraces the run)."""

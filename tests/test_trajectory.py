@@ -115,10 +115,17 @@ def test_stream_yields_reconstructed_thetas(run_dir):
 
 
 @pytest.mark.parametrize("name", ["sgd_nesterov", "adamw_amsgrad"])
-def test_seeking_backwards_replays_each_interval_once_and_exactly(run_dir, name, monkeypatch):
-    """Windows read from the last chunk to the first (as the path kernel walks a run) start
-    from snapshots the first seek into each checkpoint interval kept, not from the interval's
-    checkpoint again, and give θ and the state bit for bit as a fresh forward replay does."""
+@pytest.mark.parametrize("intervals_fit", [True, False])
+def test_reading_backwards_replays_each_step_once_or_each_interval_once_and_exactly(
+        run_dir, name, intervals_fit, monkeypatch):
+    """Windows read from the last chunk to the first (as the path kernel walks a run) come
+    from whole checkpoint intervals replayed once each; where those don't fit the window
+    budget, from snapshots the first seek into each interval kept (not from the interval's
+    checkpoint again). Either way θ and the state are bit for bit a fresh forward replay's."""
+    from attrib.analyzer import trajectory
+
+    if not intervals_fit:
+        monkeypatch.setattr(trajectory, "WINDOW_BUDGET_BYTES", 0)
     model = mlp()
     trained = train(run_dir, model, OPTIMIZERS[name](model.parameters()), steps=40,
                     checkpoint_every=20, steps_per_chunk=4)
@@ -128,12 +135,17 @@ def test_seeking_backwards_replays_each_interval_once_and_exactly(run_dir, name,
     monkeypatch.setattr(type(run.replay), "_step",
                         lambda self: (steps.append(self.position), replay_step(self))[1])
     backwards = {first: run.replay.window(first, first + 4) for first in range(36, -1, -4)}
-    # every window's 4 steps once, and the seeks to 36 and 16 from checkpoints 20 and 0;
-    # the other windows start at snapshots (from their checkpoints: 120 steps in all)
-    assert len(steps) == 40 + 16 + 16
-    fresh = attrib.open_run(run_dir).replay
-    for first in range(0, 40, 4):
-        forwards = fresh.window(first, first + 4)
+    # intervals: every step once. Otherwise every window's 4 steps once, and the seeks to 36
+    # and 16 from checkpoints 20 and 0; the other windows start at snapshots
+    assert len(steps) == (40 if intervals_fit else 40 + 16 + 16)
+    if intervals_fit:
+        assert sorted(steps) == list(range(40))
+    backwards["across"] = run.replay.window(17, 23)  # joins two intervals
+    monkeypatch.setattr(trajectory, "WINDOW_BUDGET_BYTES", 0)  # the reference: replayed
+    fresh = attrib.open_run(run_dir).replay  # from each window's start, forwards
+    for first, (start, stop) in [(f, (f, f + 4)) for f in range(0, 40, 4)] + [
+            ("across", (17, 23))]:
+        forwards = fresh.window(start, stop)
         for name_ in run.param_names:
             assert torch.equal(backwards[first].theta[name_], forwards.theta[name_])
             for key, value in forwards.state[name_].items():

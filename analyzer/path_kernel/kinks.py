@@ -24,8 +24,13 @@ RELU = (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tenso
         F.leaky_relu, F.leaky_relu_)
 
 
+KINKED = frozenset((*RELU, F.relu6, F.hardtanh, F.hardtanh_))  # every function kink_levels knows
+
+
 def kink_levels(func, args: tuple, kwargs: dict) -> tuple[float, ...] | None:
     """The input values at which `func`'s slope jumps, None for every other function."""
+    if func not in KINKED:
+        return None
     if func in RELU:
         return (0.0,)
     if func is F.relu6:
@@ -51,6 +56,8 @@ class KinkRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in KINKED:  # every op of the forward passes here: the fast way out
+            return func(*args, **kwargs)
         levels = kink_levels(func, args, kwargs)
         z = args[0] if args else kwargs.get("input")
         if levels is None or not isinstance(z, torch.Tensor):
@@ -116,7 +123,8 @@ def refine(bracket: tuple[torch.Tensor, ...], t: torch.Tensor, z_t: torch.Tensor
 
 
 def locate(offset_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t: torch.Tensor,
-           z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+           z0: torch.Tensor, z1: torch.Tensor, tolerance: torch.Tensor | float = LOCATE_TOL
+           ) -> torch.Tensor:
     """Crossings in (0, 1), refined from first guesses t by Illinois steps until each moves by
     less than LOCATE_TOL; offset_at(which, t) gives the offsets of crossings `which` at t (a
     forward pass each). A cut δ from its kink leaves an error ~ jump·δ, and along a long
@@ -131,9 +139,13 @@ def locate(offset_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t: t
         narrowed, moved = refine(tuple(b[moving] for b in bracket), t[moving], z_t)
         for whole, part in zip(bracket, narrowed):
             whole[moving] = part
-        settled = ((moved - t[moving]).abs() <= LOCATE_TOL) | (z_t == 0)
+        settled = ((moved - t[moving]).abs() <= _at(tolerance, moving)) | (z_t == 0)
         t[moving] = torch.where(z_t == 0, t[moving], moved)
         moving = moving[~settled]
         if not len(moving):
             break
     return t
+
+
+def _at(tolerance: torch.Tensor | float, which: torch.Tensor) -> torch.Tensor | float:
+    return tolerance[which] if isinstance(tolerance, torch.Tensor) else tolerance

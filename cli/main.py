@@ -176,8 +176,9 @@ def _projected(recorded, model_fn, test_set, target: str, scheduler: str | None)
 @click.option("--by", default="example", show_default=True,
               help="Axes kept, comma-separated: example, step, stage, param, layer "
                    "(path-kernel, linear-response).")
-@click.option("--quadrature", default="2", show_default=True,
-              help="Gauss-Legendre nodes per step, midpoint:K, left or adaptive "
+@click.option("--quadrature", default="adaptive", show_default=True,
+              help="adaptive (two Gauss-Legendre nodes, refined where a test point misses "
+                   "its share of --tol), or a fixed rule: nodes per step, midpoint:K or left "
                    "(path-kernel).")
 @click.option("--tol", type=float, default=1e-4, show_default=True,
               help="Adaptive quadrature: allowed |Σ terms − Δf| relative to |Δf| per test point "

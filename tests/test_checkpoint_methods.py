@@ -118,7 +118,7 @@ def test_analyze_cli_stores_results_queryable_by_sql(recorded, tmp_path, monkeyp
     assert (used["checkpoints"], used["gradients"], used["target"]) == ("all", "exact", "loss")
     path_kernel = json.loads((recorded.dir / "analysis" / "path-kernel" / "analysis.json")
                              .read_text())
-    assert (path_kernel["stride"], path_kernel["quadrature"]) == (1, "2")
+    assert (path_kernel["stride"], path_kernel["quadrature"]) == (1, "adaptive")
     adaptive = runner.invoke(main, ["analyze", str(recorded.dir), "--model", "userdefs:mlp",
                                     "--data", "userdefs:test_set", "--quadrature", "adaptive",
                                     "--tol", "1e-3", "--max-nodes", "8", "--name", "pk-a",

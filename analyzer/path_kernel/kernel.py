@@ -167,7 +167,7 @@ def _constant(run: Run, names: tuple[str, ...]) -> None:
 
 def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
                 target: targets.Target = "loss", by: tuple[str, ...] = ("example",),
-                quadrature: int | str = 2, stride: int | str | None = None,
+                quadrature: int | str = ADAPTIVE, stride: int | str | None = None,
                 similarity: bool = False,
                 stages: dict[str, range] | None = None, dtype: torch.dtype = torch.float64,
                 progress: bool = True, tol: tuple[float, float] = (1e-4, 1e-6),
@@ -181,11 +181,13 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     layer; a stage is a recorded rec.stage() name, a layer a parameter's module); the rest are
     summed while streaming. Per-example terms need Full capture (exact) or Project capture
     (projected: an unbiased estimate, the residual term absorbs its error so totals stay exact).
-    `quadrature`: Gauss–Legendre nodes per segment (2), "midpoint:K", "left", or "adaptive":
-    q = 2, and where a test point misses its share of `tol` = (rtol, atol), i.e.
-    rtol·|f(θ_N) − f(θ_0)| + atol per test point over the run, its own partition of the
-    segment, cut at its ReLU kinks and bisected, up to `max_nodes` gradient evaluations per
-    test point and segment (see quadrature.Integrator).
+    `quadrature`: "adaptive" (the default): Gauss–Legendre q = 2, and where a test point
+    misses its share of `tol` = (rtol, atol), i.e. rtol·|f(θ_N) − f(θ_0)| + atol per test
+    point over the run, its own partition of the segment, cut at its ReLU kinks and bisected,
+    up to `max_nodes` gradient evaluations per test point and segment (see
+    quadrature.Integrator); where two nodes meet the share (smooth models) it costs what the
+    fixed rule does. Or a fixed rule: Gauss–Legendre nodes per segment (an int),
+    "midpoint:K" or "left".
     `stride=K` integrates one ḡ per segment of K steps, shared by its steps: completeness stays
     exact, only the credit within a segment is approximated (K = 1, the default, is exact).
     `stride="auto"` grows segments (doubling up to 32 steps) while q = 2 over the merged steps

@@ -595,8 +595,6 @@ class Recorder:
         return {p.name: c.describe() for p, c in zip(self.params, self.captures) if c.any}
 
     def _params_table(self):
-        import pyarrow as pa
-
         rows = [{"index": p.index, "name": p.name, "key": p.key, "shape": list(p.param.shape),
                  "numel": p.param.numel(), "dtype": str(p.param.dtype).removeprefix("torch."),
                  "layer_type": p.layer_type, "module": p.module, "group": p.group}
@@ -1033,7 +1031,7 @@ class Recorder:
                         consumed: list[torch.Tensor | None], clip_factor: torch.Tensor,
                         grad_norm: torch.Tensor, hparams: list[dict[str, float]]):
         """Per-example rows of this step, the invariant Σ_i c_i = G checked per tensor, and
-        the step's TopK shifts table (None without a TopK policy)."""
+        the step's TopK shifts (per policy; None without one), whose table the writer makes."""
         problem = self._capture.uncaptured(data, [g is not None for g in consumed])
         if problem is not None:
             self._say(problem, f"step {self.step}: {problem}. The step's per-example data is "
@@ -1156,9 +1154,8 @@ class Recorder:
         if not groups:
             return None
         ids = np.concatenate(self._examples) if self._examples else np.zeros(0, np.int64)
-        tables = [top_shifts(items, policy.scope, policy.k, clip_factor, self.step,
-                             self._epoch, ids) for policy, items in groups.items()]
-        return pa.concat_tables(tables)
+        return [top_shifts(items, policy.scope, policy.k, clip_factor, self.step, self._epoch,
+                           ids) for policy, items in groups.items()]
 
 
 def _clip_factor(consumed: list[torch.Tensor], pre_norms: list[torch.Tensor]):

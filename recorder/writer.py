@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from attrib.recorder import direct_io, distributed
+from attrib.recorder.shifts import StepShifts
 from attrib.recorder.store import ArraySpec, RunStore
 from attrib.recorder.tokens import FirstSeen, TokenBatch, tokens_table
 from attrib.schemas import format as fmt
@@ -42,7 +43,7 @@ class StepRecord:
     examples: list[np.ndarray] = field(default_factory=list)  # example ids per micro-batch
     example_values: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per micro-batch
     checkpoint: dict[str, torch.Tensor] | None = None  # θ_{step+1} when a checkpoint follows
-    shifts: pa.Table | None = None  # TopK rows of this step
+    shifts: list[StepShifts] | None = None  # TopK rows of this step (tables made here)
     rng: list[list[tuple[str, bytes]]] = field(default_factory=list)  # per forward: states
     tokens: list[TokenBatch] = field(default_factory=list)  # micro-batches given tokens=
 
@@ -333,7 +334,8 @@ class BackgroundWriter:
         offset = self.store.example_rows.start if self.store.example_rows is not None else 0
         self.store.write_table_part("examples", _examples_table(records, offset), first,
                                     first + n - 1)
-        shifts = [r.shifts for r in records if r.shifts is not None and r.shifts.num_rows]
+        shifts = [table for r in records for part in r.shifts or ()
+                  if (table := part.table()).num_rows]
         if shifts:
             self.store.write_table_part("shifts", pa.concat_tables(shifts), first, first + n - 1)
         if any(r.rng for r in records):

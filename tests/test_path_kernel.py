@@ -588,7 +588,7 @@ def test_automatic_stride_merges_smooth_steps_and_stays_complete(run_dir):
     train(run_dir, model, OPTIMIZERS["adamw"](model.parameters()), steps=60, clip=0.5)
     run = attrib.open_run(run_dir)
     auto = attrib.analyze.path_kernel(run, mlp, probe_points(), stride="auto", by=("step",),
-                                      progress=False)
+                                      tol=(1e-6, 1e-9), progress=False)
     assert_complete(auto)
     loose = attrib.analyze.path_kernel(run, mlp, probe_points(), stride="auto", tol=(1e-2, 1e-6),
                                        progress=False)

@@ -52,6 +52,8 @@ GBAR_BUDGET_BYTES = 128 << 20
 # (per step, functorch's per-call overhead was most of the time: 15 of the demo's 84 s),
 # within this many bytes of gradients per call
 SIMILARITY_STEPS, SIMILARITY_BUDGET_BYTES = 16, 64 << 20
+TRIM_BYTES = 32 << 20  # a block whose ḡ held this much hands freed heap back (malloc_trim
+# walks the heap: 20 ms a call, 1.3 s of the demo's path kernel, whose blocks hold 11 MB)
 AUTO = "auto"  # stride=: merge steps into a segment while the fixed rule meets their share
 AUTO_STRIDE = 32  # the longest segment stride="auto" tries
 HELPFUL_SIGN = {"loss": -1, "margin": 1}  # the sign of a change of f that helps the model
@@ -221,8 +223,8 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     f_initial = f_at(model, theta_0, inputs, labels, target)
     f_final = f_at(model, theta_final, inputs, labels, target)
     integrator = Integrator(model, names, inputs, labels, target, quadrature,
-                            tolerance=(tol[0] * np.abs(f_final - f_initial) + tol[1])
-                            / run.n_steps, max_nodes=max_nodes)
+                            tolerance=tol[0] * np.abs(f_final - f_initial) + tol[1],
+                            steps=run.n_steps, max_nodes=max_nodes)
 
     stored = {"length": stride, "theta": torch.zeros(len(labels), dtype=dtype)}
 
@@ -265,8 +267,10 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     train_gradient = ((lambda theta: targets.gradients(model, theta, inputs, labels, "loss"))
                       if similarity else None)
     recursion = _Recursion(run, kind, len(labels), dtype, rows, train_gradient, step_stages)
+    # one ḡ per segment: a block of `stride`-step segments holds 1/stride of a ḡ per step
     per_step = len(labels) * sum(v.numel() for v in theta_0.values()) * 8
-    steps = BLOCK_STEPS or min(run.meta["steps_per_chunk"], max(1, GBAR_BUDGET_BYTES // per_step))
+    steps = BLOCK_STEPS or min(run.meta["steps_per_chunk"],
+                               max(1, GBAR_BUDGET_BYTES // per_step) * stride)
     block = max(1, steps // stride) * stride
     with progress_bar(total=run.n_steps, progress=progress, desc="path-kernel influences",
               unit="step") as bar:
@@ -276,8 +280,10 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
             gbars, thetas, gaps = forward(first, stop, theta_stop)
             recursion.steps(first, gbars, thetas, gaps)
             theta_stop = thetas[0]
+            held = len({id(g) for g in gbars}) * per_step
             del gbars, thetas, gaps
-            release_freed_memory()
+            if held >= TRIM_BYTES:
+                release_freed_memory()
             bar.update(stop - first)
     recursion.carry_in()
     rounding, starts = recursion.rounding(integrator.along), sorted(integrator.nodes)

@@ -81,16 +81,23 @@ _FIELDS = ("row", "a", "b", "fa", "fb", "error", "over")
 class Integrator:
     """One segment at a time: `segment` returns ḡ per test point and adds its measured error to
     `error`; `nodes[start]` is the mean number of gradient evaluations per test point.
-    `tolerance` is per test point and step."""
+    `tolerance` is per test point, for all `steps` steps of the run.
+
+    A segment's share of a test point's tolerance is what the segments before it left unspent,
+    spread over the steps still to come (never less than the even split, `steps` / N of it):
+    while every segment meets its share the errors add up to at most the tolerance, and a test
+    point the fixed rule integrates well on most segments leaves room on the few that cross
+    many kinks, which then need fewer evaluations."""
 
     def __init__(self, model: torch.nn.Module, names: list[str], inputs, labels,
-                 target: targets.Target, spec: int | str, tolerance: np.ndarray,
+                 target: targets.Target, spec: int | str, tolerance: np.ndarray, steps: int,
                  max_nodes: int = MAX_NODES) -> None:
         self.model, self.names, self.inputs, self.labels = model, names, inputs, labels
         self.target, self.max_nodes = target, max_nodes
         self.rule = quadrature_rule(spec)
         self.adaptive = spec == ADAPTIVE
         self.tolerance = torch.from_numpy(np.asarray(tolerance, dtype=np.float64))
+        self.steps, self.steps_left = steps, steps
         self.error = torch.zeros(len(labels), dtype=torch.float64)
         self.nodes: dict[int, float] = {}
         # per parameter and test point: Σ over segments of ḡ·Δθ, what the terms must add up to
@@ -100,9 +107,9 @@ class Integrator:
     def segment(self, start_step: int, theta: dict[str, torch.Tensor],
                 delta: dict[str, torch.Tensor], steps: int = 1, trial: bool = False
                 ) -> dict[str, torch.Tensor] | None:
-        """ḡ over a segment of `steps` steps, whose share of the tolerance is `steps` times the
-        per-step one. With `trial`, None (and nothing recorded) when the fixed rule misses
-        the share for any test point: the caller then tries a shorter segment."""
+        """ḡ over a segment of `steps` steps (its share: see the class). With `trial`, None
+        (and nothing recorded) when the fixed rule misses the share for any test point: the
+        caller then tries a shorter segment."""
         self.points.on(theta, delta)
         self.delta = torch.cat([delta[n].reshape(-1) for n in self.names])
         n = len(self.labels)
@@ -113,7 +120,9 @@ class Integrator:
         # no share below what rounding f in the analysis dtype can resolve: in float32 the
         # rule would otherwise bisect noise (58 evaluations per segment on a smooth MLP)
         floor = ROUNDING_FLOOR * torch.finfo(f0.dtype).eps * (f0.abs() + f1.abs())
-        self._share = torch.maximum(self.tolerance * steps, floor.double().cpu())
+        even = self.tolerance * steps / self.steps
+        unspent = (self.tolerance - self.error).clamp_min(0) * steps / max(self.steps_left, 1)
+        self._share = torch.maximum(torch.maximum(even, unspent), floor.double().cpu())
         if trial and (error > self._share).any():
             return None
         failing = torch.nonzero(error > self._share).flatten() if self.adaptive else []
@@ -128,6 +137,7 @@ class Integrator:
             self._refine(whole)
             used += self._spent
         self.error += error
+        self.steps_left -= steps
         self.nodes[start_step] = float(used.mean())
         gbar = self._unflatten(gbar)
         for name in self.names:
@@ -202,10 +212,11 @@ class Integrator:
         """Each test point's segment cut where a kink that can matter lies (at most as many as
         the budget lets the parts be integrated); rows without such kinks keep `whole`."""
         rows = whole.row
-        ends = [self.points.kinks(rows, torch.full((len(rows),), float(t))) for t in (0, 1)]
-        if ends[0] is None or ends[0][0].shape != ends[1][0].shape:
+        ends = self.points.kinks(torch.cat([rows, rows]), torch.cat(  # both ends in one call
+            [torch.zeros(len(rows)), torch.ones(len(rows))]))
+        if ends is None:
             return whole
-        (z0, s0), (z1, s1) = ends
+        (z0, z1), (s0, s1) = ends[0].chunk(2), ends[1].chunk(2)
         at, column, t, jump = crossings(z0, z1, s0, s1)
         wanted = jump > SPLIT_FRACTION * self._share[rows[at]].to(jump)
         at, column, t, jump = at[wanted], column[wanted], t[wanted], jump[wanted]

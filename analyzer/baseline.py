@@ -4,15 +4,23 @@ A stage's effect compares training with the stage skipped against training witho
 from states that share everything before the stage. Retraining that baseline costs a forward
 and backward pass per step. Where the training replay retraces the recording bit for bit, the
 baseline *is* the recording, and the trajectory replay (`run.replay`: one optimizer step per
-step, from the recorded gradients, no forward pass) rebuilds any of its states exactly. So the
-baseline is retrained over a verification window from the first state asked for; when the
-window ends on the recorded θ and optimizer state bit for bit, the recording serves every later
-state. Otherwise (another dtype, device or kernel, nondeterminism) the baseline stays retrained
-throughout, and the drift between replay and recording cancels between a stage's two ends.
+step, from the recorded gradients, no forward pass) rebuilds any of its states exactly.
+
+So the recording stands in only when everything says the retraining would retrace it: the
+rebuilt gradients equal the recorded ones bit for bit at the checked steps (first, middle,
+last: the caller's gradient check), no parameter was changed outside the optimizer (the
+recorded fingerprints), no step after the first window was clipped or would be clipped by
+the threshold given, and two windows of VERIFY_STEPS retrained steps, one from the first state
+asked for and one ending at the run's last step, end on the recorded θ and optimizer state bit
+for bit. Otherwise (another dtype, device, kernel, data or threshold; nondeterminism) the
+baseline stays retrained throughout, and drift between replay and recording cancels between a
+stage's two ends.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from attrib.analyzer.dynamics import Dynamics
@@ -30,13 +38,16 @@ class Baseline:
     counts the retrained steps: N − first, less what the recording stands in for."""
 
     def __init__(self, run: Run, batches: TrainingBatches, threshold: float | None, first: int,
-                 points: set[int], bar=None) -> None:
+                 points: set[int], bar=None, gradients_exact: bool = False) -> None:
         self.run, self.batches, self.threshold, self.bar = run, batches, threshold, bar
         self.dynamics = Dynamics(run)
         named = dict(batches.model.named_parameters())
         self.params = [named[n].detach().clone().requires_grad_(True) for n in run.param_names]
         self.optimizer = build_optimizer(run, self.params)
-        self.exact = _replayable_exactly(run, batches.dtype)
+        self.verify_until = min(first + VERIFY_STEPS, run.n_steps)
+        self.exact = (gradients_exact and _replayable_exactly(run, batches.dtype)
+                      and not _edited(run, first)
+                      and not _clipped(run, self.verify_until, threshold))
         if self.exact:  # the recorded state, bit for bit, for the window to start from
             run.replay.seek(first)
             restore(self.params, self.optimizer[0], snapshot(run.replay.params,
@@ -44,9 +55,7 @@ class Baseline:
         else:
             load_state(run, self.optimizer[0], self.params, first, batches.dtype)
         self.position, self.points, self.kept = first, points, {}
-        self.verify_until = min(first + VERIFY_STEPS, run.n_steps)
         self.recorded = False  # whether the recording stands in (after a verified window)
-        self.verified_steps = 0
 
     def state(self, t: int) -> Snapshot:
         """θ and the optimizer state before step t."""
@@ -81,18 +90,31 @@ class Baseline:
             if self.bar is not None:
                 self.bar.update(1)
             if self.exact and self.position == self.verify_until:
-                self.verified_steps = self.position
-                self.recorded = self._matches_recording()
+                self.recorded = (_equal(self._recorded(self.position),
+                                        snapshot(self.params, self.optimizer[0]))
+                                 and self._last_window_matches())
                 if self.recorded and self.bar is not None and self.bar.total:
                     self.bar.total -= self.run.n_steps - self.position
                     self.bar.refresh()
 
-    def _matches_recording(self) -> bool:
-        """Whether the retrained θ and optimizer state equal the recorded ones bit for bit."""
-        self.run.replay.seek(self.position)
-        recorded = snapshot(self.run.replay.params, self.run.replay.optimizer)
-        retrained = snapshot(self.params, self.optimizer[0])
-        return _equal(recorded, retrained)
+    def _recorded(self, t: int) -> Snapshot:
+        self.run.replay.seek(t)
+        return snapshot(self.run.replay.params, self.run.replay.optimizer)
+
+    def _last_window_matches(self) -> bool:
+        """The last VERIFY_STEPS steps retrained from the recorded state before them end on
+        the recorded state after the last step (what a late difference would change)."""
+        n = self.run.n_steps
+        start = max(self.position, n - VERIFY_STEPS)
+        if start >= n:
+            return True
+        params = [p.detach().clone().requires_grad_(True) for p in self.params]
+        optimizer = build_optimizer(self.run, params)
+        restore(params, optimizer[0], self._recorded(start))
+        for s in range(start, n):
+            replay_step(self.run, self.batches, self.dynamics, optimizer, params, s,
+                        self.threshold)
+        return _equal(self._recorded(n), snapshot(params, optimizer[0]))
 
 
 def _replayable_exactly(run: Run, dtype: torch.dtype) -> bool:
@@ -102,6 +124,27 @@ def _replayable_exactly(run: Run, dtype: torch.dtype) -> bool:
         return False
     replay = run.replay
     return all(replay.recorded) and all(p.dtype == dtype for p in replay.params)
+
+
+def _edited(run: Run, first: int) -> bool:
+    """Whether θ changed outside the optimizer between any two steps from `first` on: the
+    fingerprint training took after a step differs from the one before the next."""
+    prints = run.fingerprints(first)
+    after, before = prints[:-1, 1], prints[1:, 0]
+    both = ~(np.isnan(after) | np.isnan(before))
+    return bool((after[both] != before[both]).any())
+
+
+def _clipped(run: Run, start: int, threshold: float | None) -> bool:
+    """Whether a step from `start` on was clipped, or would be under `threshold`: clipping
+    rescales by a threshold the analysis may only know to rounding, and a clipped step the
+    windows did not cover is where the retraining could leave the recording."""
+    steps = run.steps.filter(pc.greater_equal(run.steps["step"], start))
+    clipped = steps.column("clip_factor").to_numpy(zero_copy_only=False) < 1
+    if threshold is not None:
+        norms = steps.column("grad_norm").to_numpy(zero_copy_only=False)
+        clipped |= norms > threshold * (1 - 1e-6)
+    return bool(clipped.any())
 
 
 def _equal(a: Snapshot, b: Snapshot) -> bool:

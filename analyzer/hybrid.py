@@ -81,9 +81,10 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
                    adjoint: dict[str, torch.Tensor], evaluate: Callable[[dict], np.ndarray],
                    window: int | str = "auto", tol: float = AUTO_TOL,
                    max_grad_norm: float | str | None = "recorded",
-                   progress: bool = True) -> HybridResult:
+                   progress: bool = True, gradients_exact: bool = False) -> HybridResult:
     """Δf_S for every stage by the hybrid estimator (see the module docstring). `adjoint`:
-    ∇f at θ_N per test point; `evaluate(θ)`: f at the test points.
+    ∇f at θ_N per test point; `evaluate(θ)`: f at the test points; `gradients_exact`: see
+    replay_effects.
 
     The auto window can only stop at a window whose linearisation check passes, so λ is kept
     from the window before the first such one on; a stage where none passes before the run's
@@ -100,7 +101,7 @@ def hybrid_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
     replay = _Replays(run, batches, threshold, min(s.start for s in stages),
                       {s.start for s in stages} | {s.stop + w for s, ws in zip(stages, windows)
-                                                   for w in ws})
+                                                   for w in ws}, gradients_exact)
     done: dict[int, tuple[np.ndarray, dict]] = {}
     if window == "auto":
         with progress_bar(total=sum(ws[-1] for ws in windows), progress=progress,
@@ -150,10 +151,11 @@ class _Replays:
     state before each stage."""
 
     def __init__(self, run: Run, batches: TrainingBatches, threshold: float | None, first: int,
-                 points: set[int]) -> None:
+                 points: set[int], gradients_exact: bool) -> None:
         self.run, self.batches, self.threshold = run, batches, threshold
         self.dynamics = Dynamics(run)
-        self.base = Baseline(run, batches, threshold, first, points)
+        self.base = Baseline(run, batches, threshold, first, points,
+                             gradients_exact=gradients_exact)
         named = dict(batches.model.named_parameters())
         self.skip = [named[n].detach().clone().requires_grad_(True) for n in run.param_names]
         self.skip_optimizer = build_optimizer(run, self.skip)

@@ -34,8 +34,11 @@ class ReplayResult:
 
 def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
                    evaluate: Callable[[dict], np.ndarray], max_grad_norm: float | str | None
-                   = "recorded", progress: bool = True) -> ReplayResult:
-    """Δf_S for every stage by retraining (see the module docstring)."""
+                   = "recorded", progress: bool = True, gradients_exact: bool = False
+                   ) -> ReplayResult:
+    """Δf_S for every stage by retraining (see the module docstring). `gradients_exact`: the
+    rebuilt gradients matched the recorded ones bit for bit where checked (a condition for the
+    recording to stand in for the baseline)."""
     model = batches.model
     named = dict(model.named_parameters())
     params = [named[n] for n in run.param_names]
@@ -46,7 +49,8 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     total = sum(n - s.stop for s in stages) + n - first
     with torch.random.fork_rng(devices=[]), progress_bar(total=total, progress=progress,
                                                          desc="replay", unit="step") as bar:
-        baseline = Baseline(run, batches, threshold, first, {s.start for s in stages}, bar)
+        baseline = Baseline(run, batches, threshold, first, {s.start for s in stages}, bar,
+                            gradients_exact)
         skipped = []
         for stage in stages:
             restore(params, optimizer, baseline.state(stage.start))

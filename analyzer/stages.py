@@ -137,12 +137,13 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
             theta_n = {n: t.to(dtype) for n, t in run.reconstruct(run.n_steps).items()}
             hybrid = hybrid_effects(run, batches(), chosen, targets.gradients(
                 model, theta_n, inputs, labels, target), evaluate, window, window_tol,
-                max_grad_norm, progress)
+                max_grad_norm, progress, notes["gradient_check"] == 0)
             effects, notes["hybrid"] = hybrid.effects, hybrid.diagnostics
         else:
             check_supported(run, "replay")
-            replayed = replay_effects(run, batches(), chosen, evaluate, max_grad_norm,
-                                      progress)
+            rebuilt = batches()
+            replayed = replay_effects(run, rebuilt, chosen, evaluate, max_grad_norm,
+                                      progress, notes["gradient_check"] == 0)
             effects = replayed.effects
             notes["replay_drift"], notes["max_grad_norm"] = replayed.drift, \
                 replayed.max_grad_norm

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -323,6 +324,7 @@ class BackgroundWriter:
         first, n = records[0].step, len(records)
         if first != self.committed_steps:
             raise RecordingError(f"step {first} arrived, expected step {self.committed_steps}")
+        shifts = _shift_tables(records)  # before any write: a failure there loses nothing
         written = self.store.append_steps(first, {p: b[:n].numpy()
                                                   for p, b in block.buffers.items()})
         for record in records:
@@ -334,8 +336,6 @@ class BackgroundWriter:
         offset = self.store.example_rows.start if self.store.example_rows is not None else 0
         self.store.write_table_part("examples", _examples_table(records, offset), first,
                                     first + n - 1)
-        shifts = [table for r in records for part in r.shifts or ()
-                  if (table := part.table()).num_rows]
         if shifts:
             self.store.write_table_part("shifts", pa.concat_tables(shifts), first, first + n - 1)
         if any(r.rng for r in records):
@@ -442,3 +442,21 @@ def _rng_table(records: list[StepRecord], ranks: distributed.Ranks | None) -> pa
     rows = [{"step": r.step, "forward": k, "device": device, "state": state, "rank": rank}
             for r in records for k, states in enumerate(r.rng) for device, state in states]
     return pa.Table.from_pylist(rows, schema=fmt.RNG)
+
+
+def _shift_tables(records: list[StepRecord]) -> list[pa.Table]:
+    """The block's TopK rows. A step whose rows can't be tabled is left out with a warning
+    (the step's trajectory and other rows are still written): it used to fail at the step,
+    on the training thread, where the recorder's failure policy stopped recording."""
+    tables = []
+    for record in records:
+        for part in record.shifts or ():
+            try:
+                table = part.table()
+            except Exception as e:
+                warnings.warn(f"attrib: the TopK shifts of step {record.step} could not be "
+                              f"written ({e!r}); that step has no shifts rows", stacklevel=2)
+                continue
+            if table.num_rows:
+                tables.append(table)
+    return tables

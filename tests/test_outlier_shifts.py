@@ -228,3 +228,34 @@ def test_top_shifts_per_step_equals_sorting_each_step(planted_run):
                                           r["flat_index"]))[:3]
     assert [(r["step"], r["example_id"], r["flat_index"]) for r in got] == \
         [(r["step"], r["example_id"], r["flat_index"]) for r in expected]
+
+
+def test_shifts_a_step_cannot_table_are_left_out_and_nothing_else(tmp_path, monkeypatch):
+    """The writer thread builds the TopK table: a step whose rows fail there is warned about
+    and has no shifts rows; every step, its trajectory and the other steps' shifts are kept."""
+    from attrib.recorder import shifts
+
+    table = shifts.StepShifts.table
+
+    def failing(self):
+        if self.step == 3:
+            raise ValueError("planted")
+        return table(self)
+
+    monkeypatch.setattr(shifts.StepShifts, "table", failing)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with pytest.warns(UserWarning, match="TopK shifts of step 3 could not be written"), \
+            attrib.Recorder(tmp_path / "run", model, opt, capture=[attrib.TopK(4)],
+                            steps_per_chunk=4) as rec:
+        for _ in range(6):
+            rec.examples(torch.arange(16))
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(tmp_path / "run")
+    assert run.n_steps == 6 and run.steps.num_rows == 6
+    steps = set(run.table("shifts").column("step").to_pylist())
+    assert steps == {0, 1, 2, 4, 5}

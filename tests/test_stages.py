@@ -190,6 +190,55 @@ def test_the_recording_stands_in_for_the_baseline_only_where_retraining_retraces
                                    atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # skipped steps
+@pytest.mark.filterwarnings("ignore:attrib:UserWarning")  # the edit, warned at its step
+@pytest.mark.parametrize("case", ["as trained", "clipped after the window",
+                                  "edited after the window"])
+def test_the_recording_stands_in_only_where_nothing_lets_retraining_leave_it(
+        run_dir, monkeypatch, case):
+    """A step clipped after the verification window (the threshold is known only to rounding)
+    or θ edited outside the optimizer (retraining can't repeat the edit): the baseline stays
+    retrained, and the effects equal a wholly retrained baseline's. As trained, it stands in."""
+    from attrib.analyzer import baseline
+    from attrib.analyzer.stages import stage_report
+
+    inputs, labels = data()
+    model = mlp()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    g = torch.Generator().manual_seed(3)
+    with attrib.Recorder(run_dir, model, opt, checkpoint_every=10, steps_per_chunk=8) as rec:
+        for step in range(24):
+            if step == 14 and case.startswith("edited"):
+                with torch.no_grad():
+                    next(model.parameters())[0, 0] += 0.5
+            # a large batch, then a small one: gradient norms ≤ 0.43, then ≥ 0.97
+            ids = torch.randint(0, len(inputs), (64 if step < 12 else 2,), generator=g)
+            rec.examples(ids)
+            torch.nn.functional.cross_entropy(model(inputs[ids]), labels[ids]).backward()
+            if case.startswith("clipped"):  # bites only after the window
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.8)
+            opt.step()
+            opt.zero_grad()
+    run = attrib.open_run(run_dir)
+    clipped = run.steps.column("clip_factor").to_numpy() < 1
+    assert clipped[12:].all() if case.startswith("clipped") else not clipped.any()
+    test = (inputs[200:210], labels[200:210])
+
+    def effects(window: int):
+        monkeypatch.setattr(baseline, "VERIFY_STEPS", window)
+        report = stage_report(run, mlp, (inputs, labels), test, stages=STAGES,
+                              method="replay", dtype=torch.float32, progress=False,
+                              max_grad_norm=0.8 if case.startswith("clipped") else None)
+        return report.table.sort_by([("stage", "ascending"), ("test_id", "ascending")]), \
+            report.notes
+
+    short, notes = effects(4)
+    assert notes["baseline"] == ("recorded" if case == "as trained" else "retrained")
+    whole, _ = effects(10**6)
+    np.testing.assert_array_equal(short.column("effect").to_numpy(),
+                                  whole.column("effect").to_numpy())
+
+
 def test_frozen_equals_torch_sgd_fed_the_recorded_gradients(run_dir):
     """Frozen-gradient estimator vs torch.optim.SGD (Nesterov, weight decay) fed every
     recorded gradient and LR except the stage's (before the stage it retraces the run)."""

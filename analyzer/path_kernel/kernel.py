@@ -267,7 +267,8 @@ def path_kernel(run: Run, model_fn: Callable[[], torch.nn.Module], test_set,
     train_gradient = ((lambda theta: targets.gradients(model, theta, inputs, labels, "loss"))
                       if similarity else None)
     recursion = _Recursion(run, kind, len(labels), dtype, rows, train_gradient, step_stages)
-    # one ḡ per segment: a block of `stride`-step segments holds 1/stride of a ḡ per step
+    # one ḡ per segment: a block of `stride`-step segments holds 1/stride of a ḡ per step (the
+    # similarity's training gradients are made SIMILARITY_STEPS at a time as the block is read)
     per_step = len(labels) * sum(v.numel() for v in theta_0.values()) * 8
     steps = BLOCK_STEPS or min(run.meta["steps_per_chunk"],
                                max(1, GBAR_BUDGET_BYTES // per_step) * stride)
@@ -411,30 +412,38 @@ class _Recursion:
             "v": ({n: run.state(n, "exp_avg_sq", first, stop).to(dtype) for n in self.names}
                   if self.kind != "sgd" else {}),
         }
-        as_training = self._training_gradients(thetas)
+        chunk: list[dict | None] = []  # the training gradients of steps lo … lo + len − 1
+        lo = at_once = self._similarity_steps()
         for s in range(stop - 1, first - 1, -1):
+            i = s - first
+            if not lo <= i < lo + len(chunk):
+                lo = i - i % at_once
+                chunk = self._training_gradients(thetas[lo: lo + at_once])
             theta_gaps, buffer_gaps = gaps[s - first]
             for name, gap in buffer_gaps.items():  # carried into steps s+1…: like a carry-in
                 if s + 1 < run.n_steps:
                     j = self.names.index(name)
                     self._emit("replay", self._buffer_term(j, s + 1, gap), s, name)
-            self.step(s, s - first, gbars[s - first], thetas[s - first],
-                      as_training[s - first])
+            self.step(s, i, gbars[i], thetas[i], chunk[i - lo])
             for name, gap in theta_gaps.items():  # ḡ_s · (stored − replayed θ_{s+1})
                 g = gbars[s - first][name]
                 self._emit("replay", g.reshape(g.shape[0], -1) @ gap.reshape(-1).to(dtype),
                            s, name)
         self.block = {}
 
+    def _similarity_steps(self) -> int:
+        """Steps whose training gradients one vmapped call makes (within the budget)."""
+        per_step = sum(t.numel() for t in self.memory.values()) * self.dtype.itemsize
+        return max(1, min(SIMILARITY_STEPS, SIMILARITY_BUDGET_BYTES // max(1, per_step)))
+
     def _training_gradients(self, thetas: list[dict]) -> list[dict | None]:
-        """Per step of a block, the test points' gradients as training examples at θ_s (the
+        """Per step of `thetas`, the test points' gradients as training examples at θ_s (the
         similarity's ∇ℓ(x'; θ_s)), None without similarity: several steps per vmapped call,
         whose batched products may round differently from one call per step (1e-15 relative
         in float64, 1e-6 in float32)."""
         if self.train_gradient is None:
             return [None] * len(thetas)
-        per_step = sum(t.numel() for t in self.memory.values()) * self.dtype.itemsize
-        at_once = max(1, min(SIMILARITY_STEPS, SIMILARITY_BUDGET_BYTES // max(1, per_step)))
+        at_once = self._similarity_steps()
         out: list[dict | None] = []
         for lo in range(0, len(thetas), at_once):
             part = [{n: t.to(self.dtype) for n, t in theta.items()}

@@ -49,9 +49,7 @@ class Baseline:
                       and not _edited(run, first)
                       and not _clipped(run, self.verify_until, threshold))
         if self.exact:  # the recorded state, bit for bit, for the window to start from
-            run.replay.seek(first)
-            restore(self.params, self.optimizer[0], snapshot(run.replay.params,
-                                                             run.replay.optimizer))
+            restore(self.params, self.optimizer[0], self._recorded(first))
         else:
             load_state(run, self.optimizer[0], self.params, first, batches.dtype)
         self.position, self.points, self.kept = first, points, {}
@@ -60,8 +58,7 @@ class Baseline:
     def state(self, t: int) -> Snapshot:
         """θ and the optimizer state before step t."""
         if self.recorded:
-            self.run.replay.seek(t)
-            return snapshot(self.run.replay.params, self.run.replay.optimizer)
+            return self._recorded(t)
         self._retrain_to(t)
         if self.recorded:
             return self.state(t)
@@ -73,11 +70,7 @@ class Baseline:
         """θ_N of the baseline."""
         if not self.recorded:
             self._retrain_to(self.run.n_steps)
-        if self.recorded:
-            self.run.replay.seek(self.run.n_steps)
-            values = self.run.replay.params
-        else:
-            values = self.params
+        values = self._recorded(self.run.n_steps)[0] if self.recorded else self.params
         return {n: p.detach().clone() for n, p in zip(self.run.param_names, values)}
 
     def _retrain_to(self, t: int) -> None:
@@ -98,6 +91,7 @@ class Baseline:
                     self.bar.refresh()
 
     def _recorded(self, t: int) -> Snapshot:
+        """The recording's θ and optimizer state before step t (the trajectory replay's)."""
         self.run.replay.seek(t)
         return snapshot(self.run.replay.params, self.run.replay.optimizer)
 

@@ -126,7 +126,8 @@ def locate(offset_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t: t
            z0: torch.Tensor, z1: torch.Tensor, tolerance: torch.Tensor | float = LOCATE_TOL
            ) -> torch.Tensor:
     """Crossings in (0, 1), refined from first guesses t by Illinois steps until each moves by
-    less than LOCATE_TOL; offset_at(which, t) gives the offsets of crossings `which` at t (a
+    less than `tolerance`, returned at the last t evaluated (so a caller can keep what that
+    forward pass gave); offset_at(which, t) gives the offsets of crossings `which` at t (a
     forward pass each). A cut δ from its kink leaves an error ~ jump·δ, and along a long
     segment the offsets are far from linear (0.33 interpolated against 0.25 on the demo's
     loss spike), so the linear guess alone is not enough."""
@@ -140,7 +141,7 @@ def locate(offset_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t: t
         for whole, part in zip(bracket, narrowed):
             whole[moving] = part
         settled = ((moved - t[moving]).abs() <= _at(tolerance, moving)) | (z_t == 0)
-        t[moving] = torch.where(z_t == 0, t[moving], moved)
+        t[moving] = torch.where(settled, t[moving], moved)  # a settled one: where evaluated
         moving = moving[~settled]
         if not len(moving):
             break

@@ -90,8 +90,9 @@ class PathPoints:
     def kinks(self, rows: torch.Tensor, ts: torch.Tensor, slopes: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per pair, every kinked activation's input minus its levels (pairs, K), and with
-        `slopes` ∂f/∂(activation output) lined up with them; None where the model has no
-        activation the recorder sees (or vmap can't batch it)."""
+        `slopes` ∂f/∂(activation output) lined up with them, without f at the pair (the
+        forward pass has it); None where the model has no activation the recorder sees (or
+        vmap can't batch it)."""
         shapes, levels = self._probe_shapes(), []
         if not shapes:
             return None
@@ -110,9 +111,10 @@ class PathPoints:
                 found.append(KinkRecorder.flat_slopes(list(d), levels))
             else:
                 with torch.no_grad():
-                    z = vmap(one, in_dims=(None, 0, 0, 0))(None, t, x, y)[1]
+                    f, z = vmap(one, in_dims=(None, 0, 0, 0))(None, t, x, y)
+                found.append(f)
             offsets.append(z)
-        return torch.cat(offsets), (torch.cat(found) if slopes else None)
+        return torch.cat(offsets), torch.cat(found)
 
     def _probe_shapes(self) -> list[torch.Size]:
         """The kinked activations' input shapes for one test point (once per analysis); empty

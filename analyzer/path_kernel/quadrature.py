@@ -228,15 +228,20 @@ class Integrator:
         if not len(at):
             return whole
 
+        seen_t, seen_f = torch.full_like(t, torch.nan), whole.fa.new_zeros(len(at))
+
         def offsets(pairs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            z = self.points.kinks(rows[at[pairs]], t, slopes=False)[0]
+            z, f = self.points.kinks(rows[at[pairs]], t, slopes=False)
+            seen_t[pairs], seen_f[pairs] = t, f.to(seen_f)  # f there, for the cut
             return z[torch.arange(len(pairs)), column[pairs]]
 
         # a cut δ from its kink leaves an error of about jump·δ: located to LOCATE_SHARE of
         # the share, no closer (each refinement is a forward pass for every kink still moving)
         close = (LOCATE_SHARE * self._share[rows[at]].to(jump) / jump).clamp_min(LOCATE_TOL)
         t = locate(offsets, t, z0[at, column], z1[at, column], close)
-        f_t = self.points.values(rows[at], t)
+        f_t, unseen = seen_f, seen_t != t  # those that ran out of steps: f not yet known
+        if unseen.any():
+            f_t[unseen] = self.points.values(rows[at[unseen]], t[unseen])
         cut = torch.zeros(len(rows), dtype=torch.bool)
         cut[at] = True
         pieces = []

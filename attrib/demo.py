@@ -118,7 +118,7 @@ def run_demo(out: Path, quick: bool = False, p: int | None = None,
     echo(render.stage_summary(effects, None))
 
     # the adaptive rule, cut at each pair's ReLU kinks: complete to 1e-4 on the default run
-    # at ~1.6x the time of the fixed 2-node rule, whose worst gap is >100% (demo_completeness.py)
+    # at ~1.5x the time of the fixed 2-node rule, whose worst gap is >100% (demo_completeness.py)
     settings = {"target": "loss", "by": ("example", "layer"), "stride": 5 if quick else 10,
                 "quadrature": "adaptive", "tol": (1e-4, 1e-6), "max_nodes": MAX_NODES}
     result = attrib.analyze.path_kernel(run, model_fn, test, similarity=True, stages=found,

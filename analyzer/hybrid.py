@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from attrib.analyzer.baseline import Baseline
-from attrib.analyzer.dynamics import Dynamics
 from attrib.analyzer.linear_response import Adjoint, AdjointSweep
 from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.retraining import clip_threshold, replay_step, state_norm
@@ -153,9 +152,9 @@ class _Replays:
     def __init__(self, run: Run, batches: TrainingBatches, threshold: float | None, first: int,
                  points: set[int], gradients_exact: bool) -> None:
         self.run, self.batches, self.threshold = run, batches, threshold
-        self.dynamics = Dynamics(run)
         self.base = Baseline(run, batches, threshold, first, points,
                              gradients_exact=gradients_exact)
+        self.dynamics = self.base.dynamics
         named = dict(batches.model.named_parameters())
         self.skip = [named[n].detach().clone().requires_grad_(True) for n in run.param_names]
         self.skip_optimizer = build_optimizer(run, self.skip)
@@ -163,14 +162,10 @@ class _Replays:
         # name → its index in the optimizer's state_dict (groups may reorder the tensors)
         self.index = {name: order.index(id(p)) for name, p in zip(run.param_names, self.skip)}
 
-    def baseline(self, t: int) -> Snapshot:
-        """The baseline's state before step t (t one of `points`)."""
-        return self.base.state(t)
-
     def _windows(self, stage: Stage, tried: list[int], bar):
         """(window, baseline state, skipped state) at each window of `tried`, replaying the
         run from before the stage with the stage skipped."""
-        restore(self.skip, self.skip_optimizer[0], self.baseline(stage.start))
+        restore(self.skip, self.skip_optimizer[0], self.base.state(stage.start))
         s = stage.stop
         for w in tried:
             while s < stage.stop + w:
@@ -178,7 +173,7 @@ class _Replays:
                             self.skip, s, self.threshold)
                 s += 1
                 bar.update(1)
-            yield w, _state(self.baseline(s), self.index), _state(
+            yield w, _state(self.base.state(s), self.index), _state(
                 snapshot(self.skip, self.skip_optimizer[0]), self.index)
 
     def first_trusted(self, stage: Stage, tried: list[int], evaluate: Callable[[dict], np.ndarray],

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from attrib.analyzer.baseline import Baseline
-from attrib.analyzer.dynamics import Dynamics
 from attrib.analyzer.progress import progress_bar
 from attrib.analyzer.retraining import clip_threshold, replay_step, state_norm
 from attrib.analyzer.run import Run
@@ -45,12 +44,12 @@ def replay_effects(run: Run, batches: TrainingBatches, stages: list[Stage],
     threshold = clip_threshold(run) if max_grad_norm == "recorded" else max_grad_norm
     first, n = min(s.start for s in stages), run.n_steps
     optimizer, groups = build_optimizer(run, params)
-    dynamics = Dynamics(run)
     total = sum(n - s.stop for s in stages) + n - first
     with torch.random.fork_rng(devices=[]), progress_bar(total=total, progress=progress,
                                                          desc="replay", unit="step") as bar:
         baseline = Baseline(run, batches, threshold, first, {s.start for s in stages}, bar,
                             gradients_exact)
+        dynamics = baseline.dynamics  # the run's optimizer settings, read once
         skipped = []
         for stage in stages:
             restore(params, optimizer, baseline.state(stage.start))

@@ -81,8 +81,8 @@ def stage_report(run: Run, model_fn: Callable[[], torch.nn.Module], train_set, t
                  dtype: torch.dtype = torch.float64, progress: bool = True,
                  window: int | str = "auto", window_tol: float = AUTO_TOL) -> StageReport:
     """`stages()` with notes: replay drift (‖θ_N^{baseline} − θ_N‖ / ‖θ_N − θ_start‖), the
-    baseline replay compared against ("recorded": the retraining retraced the recording bit for
-    bit over its first steps, so the recording stood in; "retrained"), the clipping threshold
+    baseline replay compared against ("recorded": the recording stood in, where the retraining
+    retraces it bit for bit: analyzer/baseline.py; "retrained"), the clipping threshold
     replay applied, gradient check of the rebuilt losses, and per stage the hybrid's window and
     linearisation check (notes["hybrid"])."""
     with torch.random.fork_rng(devices=[]):  # replayed generator states stay in here
@@ -141,8 +141,7 @@ def _stage_report(run, model_fn, train_set, test_set, target, stages, method, lo
             effects, notes["hybrid"] = hybrid.effects, hybrid.diagnostics
         else:
             check_supported(run, "replay")
-            rebuilt = batches()
-            replayed = replay_effects(run, rebuilt, chosen, evaluate, max_grad_norm,
+            replayed = replay_effects(run, batches(), chosen, evaluate, max_grad_norm,
                                       progress, notes["gradient_check"] == 0)
             effects = replayed.effects
             notes["replay_drift"], notes["max_grad_norm"] = replayed.drift, \

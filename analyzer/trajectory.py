@@ -322,7 +322,7 @@ class Replay:
 
     def _interval_bytes(self, steps: int) -> int:
         """What a window of `steps` steps holds: θ at steps + 1 points, the state at `steps`."""
-        per_point = sum(p.numel() * torch.finfo(d).bits // 8 for p, d, r in
+        per_point = sum(p.numel() * d.itemsize for p, d, r in
                         zip(self.params, self.storage, self.recorded) if r)
         return per_point * (steps + 1 + steps * len(fmt.STEP_STATE[self.kind]))
 

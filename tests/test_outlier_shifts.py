@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import mlp, train
 
 import attrib
 
@@ -243,18 +244,10 @@ def test_shifts_a_step_cannot_table_are_left_out_and_nothing_else(tmp_path, monk
         return table(self)
 
     monkeypatch.setattr(shifts.StepShifts, "table", failing)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
-    with pytest.warns(UserWarning, match="TopK shifts of step 3 could not be written"), \
-            attrib.Recorder(tmp_path / "run", model, opt, capture=[attrib.TopK(4)],
-                            steps_per_chunk=4) as rec:
-        for _ in range(6):
-            rec.examples(torch.arange(16))
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
+    model = mlp()
+    with pytest.warns(UserWarning, match="TopK shifts of step 3 could not be written"):
+        train(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1), steps=6,
+              clip=None, capture=[attrib.TopK(4)], steps_per_chunk=4)
     run = attrib.open_run(tmp_path / "run")
     assert run.n_steps == 6 and run.steps.num_rows == 6
     steps = set(run.table("shifts").column("step").to_pylist())

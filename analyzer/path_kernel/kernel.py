@@ -412,11 +412,11 @@ class _Recursion:
             "v": ({n: run.state(n, "exp_avg_sq", first, stop).to(dtype) for n in self.names}
                   if self.kind != "sgd" else {}),
         }
-        chunk: list[dict | None] = []  # the training gradients of steps lo … lo + len − 1
-        lo = at_once = self._similarity_steps()
+        at_once = self._similarity_steps()
+        lo, chunk = None, []  # the training gradients of block steps lo, lo + 1, …
         for s in range(stop - 1, first - 1, -1):
             i = s - first
-            if not lo <= i < lo + len(chunk):
+            if lo != i - i % at_once:  # the loop entered the next chunk (backwards)
                 lo = i - i % at_once
                 chunk = self._training_gradients(thetas[lo: lo + at_once])
             theta_gaps, buffer_gaps = gaps[s - first]
